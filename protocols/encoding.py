@@ -1,0 +1,210 @@
+"""Fixed-point encoding of float updates into the ring Z_(2^b), and back.
+
+Secure aggregation sums integers modulo 2^b, so each client clips its update to a public range
+[-c, c], scales it, rounds stochastically (unbiased: E[q] = x * scale), and the server decodes the
+ring sum with a centred lift. The scale is chosen so that the sum of up to `max_parties` encoded
+inputs, each at most `level` in absolute value, cannot wrap: max_parties * level <= 2^(b-1) - 1.
+Nothing larger than that can be represented, so a decoded sum is exact up to rounding.
+
+Weighted aggregation encodes w * x and w (the weight in one extra, last coordinate, with its own
+scale level / max_weight), so the server learns only sum(w_i x_i) and sum(w_i).
+
+Stochastic-rounding randomness is not secret (it only has to be independent of the data); it comes
+from an AES-CTR stream whose seed the caller may pass in, and which is otherwise drawn from the
+session's `SecretSource`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import InsecureParameterError, LocalProtocolError
+from .primitives.prg import CHUNK_WORDS, ring_dtype
+from .randomness import OsRandom, SecretSource
+
+__all__ = ["ChunkEncoder", "DecodedSum", "FixedPointEncoding"]
+
+_MIN_LEVEL = 2**8
+_MAX_EXACT_LEVEL = 2**52  # float64 represents every integer up to 2^53 exactly
+_U32_SCALE = 2.0**-32
+
+
+class DecodedSum(BaseModel):
+    """A decoded aggregate: sum(w_i x_i), sum(w_i), and the bound on the rounding error."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    weighted_sum: Any = Field(description="float64 vector, sum over included clients of w_i * x_i")
+    total_weight: float = Field(description="sum over included clients of w_i")
+    num_inputs: int = Field(description="number of inputs in the sum")
+    max_abs_error: float = Field(
+        description="bound on |decoded - exact sum of clipped inputs| per coordinate (rounding only)"
+    )
+
+    def mean(self) -> npt.NDArray[np.float64]:
+        """The weighted mean sum(w_i x_i) / sum(w_i)."""
+        if self.total_weight <= 0:
+            raise LocalProtocolError("total_weight is 0: no weighted mean exists")
+        return np.asarray(self.weighted_sum, dtype=np.float64) / self.total_weight
+
+
+class FixedPointEncoding(BaseModel):
+    """Public encoding parameters; every party must use the same ones (they enter the transcript).
+
+    Raises:
+        InsecureParameterError: if the ring cannot hold `max_parties` inputs at a useful precision.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    clip_range: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        description="public clipping bound c: each coordinate is clipped to [-c, c] before encoding"
+    )
+    max_parties: Annotated[int, Field(ge=1, le=1 << 16)] = Field(
+        description="n_max: most inputs ever summed; the ring is sized so their sum cannot wrap"
+    )
+    ring_bits: Literal[16, 32, 64] = Field(32, description="b: inputs and sums live in Z_(2^b)")
+    max_weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        1.0, description="largest aggregation weight a client may declare"
+    )
+
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
+        if self.level < _MIN_LEVEL:
+            raise InsecureParameterError(
+                f"ring_bits={self.ring_bits} leaves only {self.level} quantization levels per input for "
+                f"max_parties={self.max_parties}; raise ring_bits or lower max_parties"
+            )
+
+    @property
+    def level(self) -> int:
+        """Largest absolute encoded value of one input: max_parties * level < 2^(b-1)."""
+        bits: int = self.ring_bits
+        return min(((1 << (bits - 1)) - 1) // self.max_parties, _MAX_EXACT_LEVEL)
+
+    @property
+    def scale(self) -> float:
+        """Ring units per unit of w * x."""
+        return self.level / (self.clip_range * self.max_weight)
+
+    @property
+    def weight_scale(self) -> float:
+        """Ring units per unit of weight."""
+        return self.level / self.max_weight
+
+    def encoder(
+        self,
+        x: npt.NDArray[np.floating],
+        *,
+        weight: float = 1.0,
+        rounding_seed: bytes | None = None,
+        rng: SecretSource | None = None,
+    ) -> ChunkEncoder:
+        """Validate `x` and return a streaming encoder for it (see `encode` for the arguments).
+
+        The secure clients encode a chunk at a time, inside the masking loop, so the encoded vector
+        never makes a separate pass through memory.
+        """
+        x = np.asarray(x)
+        if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
+            raise LocalProtocolError(f"x must be a 1-D float vector, got shape {x.shape} dtype {x.dtype}")
+        if not bool(np.isfinite(x).all()):
+            raise LocalProtocolError("x contains NaN or infinity; fix the update before encoding")
+        if not (math.isfinite(weight) and 0 <= weight <= self.max_weight):
+            raise LocalProtocolError(f"weight={weight} must be finite and in [0, max_weight={self.max_weight}]")
+        seed = rounding_seed if rounding_seed is not None else (rng or OsRandom()).token_bytes(32)
+        if len(seed) != 32:
+            raise LocalProtocolError(f"rounding_seed must be 32 bytes, got {len(seed)}")
+        return ChunkEncoder(self, np.array(x, dtype=np.float64), weight, seed)
+
+    def encode(
+        self,
+        x: npt.NDArray[np.floating],
+        *,
+        weight: float = 1.0,
+        rounding_seed: bytes | None = None,
+        rng: SecretSource | None = None,
+    ) -> npt.NDArray[np.unsignedinteger]:
+        """Clip, weight, stochastically round and wrap `x` into a ring vector of length len(x) + 1.
+
+        Args:
+            x: the 1-D float update.
+            weight: aggregation weight in [0, max_weight].
+            rounding_seed: 32-byte seed of the rounding stream; drawn from `rng` when omitted.
+            rng: source for the rounding seed; `os.urandom` when omitted.
+
+        Raises:
+            LocalProtocolError: if `x` is not a finite 1-D float vector or `weight` is out of range.
+        """
+        stream = self.encoder(x, weight=weight, rounding_seed=rounding_seed, rng=rng)
+        out = np.empty(stream.length, dtype=ring_dtype(self.ring_bits))
+        for start in range(0, stream.length, CHUNK_WORDS):
+            stream.fill(out[start : start + CHUNK_WORDS], start)
+        return out
+
+    def decode(self, ring_sum: npt.NDArray[np.unsignedinteger], *, num_inputs: int) -> DecodedSum:
+        """Decode the ring sum of `num_inputs` encoded inputs (weight in the last coordinate).
+
+        Raises:
+            LocalProtocolError: if `num_inputs` exceeds `max_parties` (the sum may have wrapped) or
+                the vector has the wrong dtype.
+        """
+        if not 0 <= num_inputs <= self.max_parties:
+            raise LocalProtocolError(
+                f"num_inputs={num_inputs} exceeds max_parties={self.max_parties}: the sum may have wrapped"
+            )
+        if ring_sum.dtype != ring_dtype(self.ring_bits) or ring_sum.ndim != 1 or ring_sum.shape[0] < 1:
+            raise LocalProtocolError(f"ring_sum must be a non-empty 1-D {ring_dtype(self.ring_bits)} vector")
+        signed = ring_sum.view(ring_sum.dtype.str.replace("u", "i"))
+        values = signed[:-1].astype(np.float64) / self.scale
+        total_weight = float(signed[-1]) / self.weight_scale
+        return DecodedSum(
+            weighted_sum=values,
+            total_weight=total_weight,
+            num_inputs=num_inputs,
+            max_abs_error=num_inputs / self.scale,
+        )
+
+
+class ChunkEncoder:
+    """Encodes one input chunk by chunk; chunks must be requested in order (the rounding stream)."""
+
+    def __init__(self, encoding: FixedPointEncoding, x: npt.NDArray[np.float64], weight: float, seed: bytes):
+        self.encoding, self.x, self.weight, self.seed = encoding, x, weight, seed
+        self.length = x.shape[0] + 1
+        self._stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+        self._next = 0
+        self._ubuf = bytearray(CHUNK_WORDS * 4 + 15)
+        self._uwords = np.frombuffer(self._ubuf, dtype="<u4", count=CHUNK_WORDS)
+        self._work = np.empty(CHUNK_WORDS, dtype=np.float64)
+        self._noise = np.empty(CHUNK_WORDS, dtype=np.float64)
+        self._zeros = bytes(CHUNK_WORDS * 4)
+
+    def fill(self, out: npt.NDArray[np.unsignedinteger], start: int) -> None:
+        """Write the words [start, start + len(out)) into `out` (at most CHUNK_WORDS at a time)."""
+        if start != self._next or len(out) > CHUNK_WORDS:
+            raise LocalProtocolError("chunks must be encoded in order, at most CHUNK_WORDS at a time")
+        enc, d = self.encoding, self.x.shape[0]
+        signed = out.view(out.dtype.str.replace("u", "i"))
+        stop = min(start + len(out), d)
+        w = max(stop - start, 0)
+        if w:
+            y, u = self._work[:w], self._noise[:w]
+            np.clip(self.x[start:stop], -enc.clip_range, enc.clip_range, out=y)
+            y *= self.weight * enc.scale
+            self._stream.update_into(self._zeros[: w * 4], self._ubuf)
+            np.multiply(self._uwords[:w], _U32_SCALE, out=u)
+            y += u
+            np.floor(y, out=y)
+            signed[:w] = y  # |y| <= level, so the cast is exact; the view wraps mod 2^b
+        if start + len(out) > d:  # the weight word
+            word: bytes = self._stream.update(bytes(4))
+            u_w = int.from_bytes(word, "little") * _U32_SCALE
+            signed[d - start] = math.floor(self.weight * enc.weight_scale + u_w)
+        self._next = start + len(out)

@@ -1,0 +1,201 @@
+"""Versioned binary codec for the SecAgg messages: bytes in, typed message out, nothing pickled.
+
+Layout: `version (u8) | tag (u8) | fields`, fields in declaration order, all integers little-endian:
+
+    u32 / u64      fixed-width unsigned integers (party ids, ring bits / session round)
+    b16, b32       fixed-length byte strings (session id, public keys)
+    bytes          u32 length, then the bytes
+    ids            u32 count, then count u32 party ids
+    envelopes      u32 count, then per item: u32 peer, u32 length, bytes
+    entries        u32 count, then per item: u32 length, an AdvertiseKeys body (no version/tag)
+
+Every length and count is checked against the bytes that remain (and against MAX_PARTIES) before
+anything is allocated, so a hostile length field cannot make the decoder reserve memory. Any
+failure, including a value the message model rejects, is a `DecodeError` and nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import DecodeError
+from ._messages import (
+    MAX_PARTIES,
+    AdvertiseKeys,
+    EncryptedShares,
+    Envelope,
+    KeyRoster,
+    MaskedInput,
+    Message,
+    ShareBundle,
+    SurvivorSet,
+    SurvivorSignature,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+
+__all__ = ["WIRE_VERSION", "decode_message", "encode_message"]
+
+WIRE_VERSION = 1
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+
+_HEADER = (("session", "b16"), ("round", "u64"))
+_LAYOUT: dict[type[Any], tuple[tuple[str, str], ...]] = {
+    AdvertiseKeys: (
+        *_HEADER,
+        ("sender", "u32"),
+        ("share_public_key", "b32"),
+        ("mask_public_key", "b32"),
+        ("signature", "bytes"),
+    ),
+    KeyRoster: (*_HEADER, ("entries", "entries")),
+    EncryptedShares: (*_HEADER, ("sender", "u32"), ("boxes", "envelopes")),
+    ShareBundle: (*_HEADER, ("recipient", "u32"), ("boxes", "envelopes")),
+    MaskedInput: (*_HEADER, ("sender", "u32"), ("ring_bits", "u32"), ("data", "bytes")),
+    SurvivorSet: (*_HEADER, ("survivors", "ids")),
+    SurvivorSignature: (*_HEADER, ("sender", "u32"), ("signature", "bytes")),
+    UnmaskRequest: (*_HEADER, ("survivors", "ids"), ("signatures", "envelopes")),
+    UnmaskResponse: (
+        *_HEADER,
+        ("sender", "u32"),
+        ("self_mask_shares", "envelopes"),
+        ("mask_key_shares", "envelopes"),
+    ),
+}
+_BY_TAG: dict[int, type[Any]] = {cls.TAG: cls for cls in _LAYOUT}
+
+
+def _encode_fields(message: Any, out: list[bytes]) -> None:
+    for name, kind in _LAYOUT[type(message)]:
+        value = getattr(message, name)
+        if kind in ("b16", "b32"):
+            out.append(value)
+        elif kind == "u32":
+            out.append(struct.pack("<I", value))
+        elif kind == "u64":
+            out.append(struct.pack("<Q", value))
+        elif kind == "bytes":
+            out.append(struct.pack("<I", len(value)))
+            out.append(value)
+        elif kind == "ids":
+            out.append(struct.pack(f"<I{len(value)}I", len(value), *value))
+        elif kind == "envelopes":
+            out.append(struct.pack("<I", len(value)))
+            for env in value:
+                out.append(struct.pack("<II", env.peer, len(env.data)))
+                out.append(env.data)
+        else:  # entries
+            out.append(struct.pack("<I", len(value)))
+            for entry in value:
+                body: list[bytes] = []
+                _encode_fields(entry, body)
+                blob = b"".join(body)
+                out.append(struct.pack("<I", len(blob)))
+                out.append(blob)
+
+
+def encode_message(message: Message) -> bytes:
+    """Serialize a message to bytes."""
+    if type(message) not in _LAYOUT:
+        raise TypeError(f"not a SecAgg message: {type(message).__name__}")
+    out = [bytes((WIRE_VERSION, message.TAG))]
+    _encode_fields(message, out)
+    return b"".join(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def take(self, n: int, field: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise DecodeError(f"truncated message: field {field!r} needs {n} bytes", field=field)
+        chunk = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return chunk
+
+    def u32(self, field: str) -> int:
+        value: int = struct.unpack("<I", self.take(4, field))[0]
+        return value
+
+    def count(self, field: str, min_item_bytes: int) -> int:
+        n = self.u32(field)
+        if n > MAX_PARTIES or n * min_item_bytes > len(self.data) - self.pos:
+            raise DecodeError(f"field {field!r} declares {n} items, more than the message holds", field=field)
+        return n
+
+
+def _decode_fields(cls: type[Any], reader: _Reader) -> Any:
+    values: dict[str, Any] = {}
+    for name, kind in _LAYOUT[cls]:
+        if kind == "b16":
+            values[name] = reader.take(16, name)
+        elif kind == "b32":
+            values[name] = reader.take(32, name)
+        elif kind == "u32":
+            values[name] = reader.u32(name)
+        elif kind == "u64":
+            values[name] = struct.unpack("<Q", reader.take(8, name))[0]
+        elif kind == "bytes":
+            values[name] = reader.take(reader.u32(name), name)
+        elif kind == "ids":
+            n = reader.count(name, 4)
+            values[name] = struct.unpack(f"<{n}I", reader.take(4 * n, name))
+        elif kind == "envelopes":
+            n = reader.count(name, 8)
+            items = []
+            for _ in range(n):
+                peer = reader.u32(name)
+                items.append(Envelope(peer=peer, data=reader.take(reader.u32(name), name)))
+            values[name] = tuple(items)
+        else:  # entries
+            n = reader.count(name, 4)
+            entries = []
+            for _ in range(n):
+                sub = _Reader(reader.take(reader.u32(name), name))
+                entries.append(_decode_fields(AdvertiseKeys, sub))
+                if sub.pos != len(sub.data):
+                    raise DecodeError(f"trailing bytes in an item of {name!r}", field=name)
+            values[name] = tuple(entries)
+    return cls(**values)
+
+
+def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Parse bytes produced by `encode_message`.
+
+    Args:
+        data: the encoded message.
+        max_bytes: refuse anything longer (the host's bound on one message).
+
+    Raises:
+        DecodeError: for any malformed, truncated, oversized or invalid input.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise DecodeError(f"message of {len(data)} bytes exceeds max_bytes={max_bytes}")
+    if len(data) < 2:
+        raise DecodeError("message shorter than its 2-byte header")
+    if data[0] != WIRE_VERSION:
+        raise DecodeError(f"unsupported wire version {data[0]} (this implementation speaks {WIRE_VERSION})")
+    cls = _BY_TAG.get(data[1])
+    if cls is None:
+        raise DecodeError(f"unknown message tag {data[1]}")
+    reader = _Reader(bytes(data))
+    reader.pos = 2
+    try:
+        message = _decode_fields(cls, reader)
+    except ValidationError as exc:
+        raise DecodeError(f"invalid {cls.__name__}: {exc.errors()[0]['msg']}") from None
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, struct.error) as exc:  # defensive: nothing else may escape
+        raise DecodeError(f"invalid {cls.__name__}: {exc}") from None
+    if reader.pos != len(reader.data):
+        raise DecodeError(f"{len(reader.data) - reader.pos} trailing bytes after {cls.__name__}")
+    result: Message = message
+    return result

@@ -1,0 +1,205 @@
+"""The wire messages of SecAgg / SecAgg+ (Bonawitz et al. 2017, Bell et al. 2020).
+
+Messages are frozen pydantic models, validated on construction, never subclassed. Every message
+carries the session id and round number, so a message replayed from another session or round is
+recognisable before anything else is looked at; the stage is implied by the message type. The byte
+format lives in `_codec.py`. The flow, with U1 >= U2 >= U3 >= U4 the parties still alive:
+
+    client -> server   AdvertiseKeys        two fresh X25519 public keys (+ Ed25519 signature)
+    server -> client   KeyRoster            the AdvertiseKeys of U1
+    client -> server   EncryptedShares      Shamir shares of b_u and s_sk_u, one AEAD box per neighbour
+    server -> client   ShareBundle          the boxes addressed to that client (senders: U2)
+    client -> server   MaskedInput          y_u = x_u + PRG(b_u) + sum of signed pairwise masks
+    server -> client   SurvivorSet          U3 (consistency check; malicious-server setting only)
+    client -> server   SurvivorSignature    Ed25519 signature of U3 (malicious-server setting only)
+    server -> client   UnmaskRequest        U3 (+ the signatures of U4 on it)
+    client -> server   UnmaskResponse       b-shares of survivors, s_sk-shares of dropped neighbours
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..primitives.prg import ring_dtype
+
+__all__ = [
+    "MAX_PARTIES",
+    "AdvertiseKeys",
+    "EncryptedShares",
+    "Envelope",
+    "KeyRoster",
+    "MaskedInput",
+    "Message",
+    "ShareBundle",
+    "SurvivorSet",
+    "SurvivorSignature",
+    "UnmaskRequest",
+    "UnmaskResponse",
+]
+
+MAX_PARTIES = 1 << 16
+"""Upper bound on party ids and list lengths; the decoder refuses larger counts before allocating."""
+
+PartyId = Annotated[int, Field(ge=0, lt=MAX_PARTIES)]
+SessionId = Annotated[bytes, Field(min_length=16, max_length=16)]
+RoundNumber = Annotated[int, Field(ge=0, lt=1 << 63)]
+PublicKey = Annotated[bytes, Field(min_length=32, max_length=32)]
+Signature = Annotated[bytes, Field(max_length=64)]
+
+
+def _unique(values: tuple[int, ...], what: str) -> tuple[int, ...]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} must not repeat a party id")
+    return values
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    TAG: ClassVar[int]
+
+    session: SessionId
+    round: RoundNumber
+
+
+class Envelope(BaseModel):
+    """A (party id, bytes) pair: a share box, a share, or a signature, labelled with the other party."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    peer: PartyId
+    data: Annotated[bytes, Field(max_length=1 << 16)]
+
+
+def _unique_envelopes(values: tuple[Envelope, ...]) -> tuple[Envelope, ...]:
+    _unique(tuple(e.peer for e in values), "envelopes")
+    return values
+
+
+class AdvertiseKeys(_Base):
+    """Round 0: a party's two fresh public keys; signed with its identity key when one is configured."""
+
+    TAG: ClassVar[int] = 1
+    sender: PartyId
+    share_public_key: PublicKey = Field(description="X25519 key under which peers encrypt shares to sender")
+    mask_public_key: PublicKey = Field(description="X25519 key from which pairwise masks are agreed")
+    signature: Signature = Field(b"", description="Ed25519 over the transcript and both keys, or empty")
+
+    @field_validator("signature")
+    @classmethod
+    def _signature_length(cls, value: bytes) -> bytes:
+        if len(value) not in (0, 64):
+            raise ValueError("signature must be empty or 64 bytes")
+        return value
+
+
+class KeyRoster(_Base):
+    """Round 0 reply: every AdvertiseKeys the server accepted (the set U1)."""
+
+    TAG: ClassVar[int] = 2
+    entries: tuple[AdvertiseKeys, ...]
+
+    @field_validator("entries")
+    @classmethod
+    def _distinct(cls, value: tuple[AdvertiseKeys, ...]) -> tuple[AdvertiseKeys, ...]:
+        _unique(tuple(e.sender for e in value), "entries")
+        return value
+
+
+class EncryptedShares(_Base):
+    """Round 1: one AES-GCM box per neighbour holding its shares of b_sender and s_sk_sender."""
+
+    TAG: ClassVar[int] = 3
+    sender: PartyId
+    boxes: tuple[Envelope, ...] = Field(description="peer = recipient")
+
+    _boxes = field_validator("boxes")(_unique_envelopes)
+
+
+class ShareBundle(_Base):
+    """Round 1 reply: the boxes addressed to `recipient` (their senders form U2 in its neighbourhood)."""
+
+    TAG: ClassVar[int] = 4
+    recipient: PartyId
+    boxes: tuple[Envelope, ...] = Field(description="peer = sender")
+
+    _boxes = field_validator("boxes")(_unique_envelopes)
+
+
+class MaskedInput(_Base):
+    """Round 2: the masked, encoded input, little-endian words of Z_(2^ring_bits)."""
+
+    TAG: ClassVar[int] = 5
+    sender: PartyId
+    ring_bits: Annotated[int, Field(ge=16, le=64)]
+    data: bytes
+
+    @field_validator("ring_bits")
+    @classmethod
+    def _bits(cls, value: int) -> int:
+        ring_dtype(value)
+        return value
+
+    def vector(self) -> npt.NDArray[np.unsignedinteger]:
+        """A read-only view of the words (no copy)."""
+        dtype = ring_dtype(self.ring_bits)
+        if len(self.data) % dtype.itemsize:
+            raise ValueError("data length is not a whole number of words")
+        return np.frombuffer(self.data, dtype=dtype)
+
+
+class SurvivorSet(_Base):
+    """Consistency check (malicious setting): the server's claim of U3, for every client to sign."""
+
+    TAG: ClassVar[int] = 6
+    survivors: tuple[PartyId, ...]
+
+    _survivors = field_validator("survivors")(lambda v: _unique(v, "survivors"))
+
+
+class SurvivorSignature(_Base):
+    """Consistency check reply: sender's Ed25519 signature over the transcript and U3."""
+
+    TAG: ClassVar[int] = 7
+    sender: PartyId
+    signature: Annotated[bytes, Field(min_length=64, max_length=64)]
+
+
+class UnmaskRequest(_Base):
+    """Round 3: U3, and in the malicious setting the U4 signatures that every client checks on it."""
+
+    TAG: ClassVar[int] = 8
+    survivors: tuple[PartyId, ...]
+    signatures: tuple[Envelope, ...] = ()
+
+    _survivors = field_validator("survivors")(lambda v: _unique(v, "survivors"))
+    _signatures = field_validator("signatures")(_unique_envelopes)
+
+
+class UnmaskResponse(_Base):
+    """Round 3 reply: shares of b for surviving neighbours, of s_sk for dropped ones; never both."""
+
+    TAG: ClassVar[int] = 9
+    sender: PartyId
+    self_mask_shares: tuple[Envelope, ...]
+    mask_key_shares: tuple[Envelope, ...]
+
+    _a = field_validator("self_mask_shares")(_unique_envelopes)
+    _b = field_validator("mask_key_shares")(_unique_envelopes)
+
+
+Message = (
+    AdvertiseKeys
+    | KeyRoster
+    | EncryptedShares
+    | ShareBundle
+    | MaskedInput
+    | SurvivorSet
+    | SurvivorSignature
+    | UnmaskRequest
+    | UnmaskResponse
+)
+"""Any message of the protocol."""

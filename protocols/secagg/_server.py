@@ -1,0 +1,326 @@
+"""The server side of SecAgg / SecAgg+ as a sans-IO state machine.
+
+The host delivers client messages with `receive()` and decides, from its own clock, when a stage is
+over; `close_stage()` then returns the messages to send, addressed by party id. The server keeps
+one running ring accumulator, adding each masked input as it arrives, so its memory is O(d) however
+many clients there are; the unmask step rebuilds the masks with the same streaming PRG.
+
+Safety rules enforced here: a message from the wrong session, round or stage, a duplicate, or a
+masked input from a party already declared dropped is rejected with the state unchanged; every
+stage needs at least t parties (and the consistency check its quorum) or the round aborts with
+nothing revealed; a rebuilt mask key must match the public key it claims to be.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..encoding import DecodedSum
+from ..errors import AbortError, IntegrityError, InvalidTransitionError, RemoteProtocolError
+from ..primitives.kdf import LABEL_PAIRWISE_MASK, derive_key
+from ..primitives.keys import ed25519_verify, x25519_agree, x25519_public
+from ..primitives.prg import MaskAccumulator, ring_dtype
+from ..primitives.shamir import SHARE_BYTES, reconstruct
+from ._graph import NeighbourGraph
+from ._messages import (
+    AdvertiseKeys,
+    EncryptedShares,
+    Envelope,
+    KeyRoster,
+    MaskedInput,
+    Message,
+    ShareBundle,
+    SurvivorSet,
+    SurvivorSignature,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from ._params import SecAggParams
+from ._transcript import advertise_statement, survivors_statement, transcript_hash
+
+__all__ = ["AggregateResult", "SecAggServer", "ServerState"]
+
+Outgoing = list[tuple[int, Message]]
+
+
+class ServerState(enum.Enum):
+    """The stage whose messages the server is collecting."""
+
+    COLLECT_KEYS = 0
+    COLLECT_SHARES = 1
+    COLLECT_MASKED = 2
+    COLLECT_SIGNATURES = 3
+    COLLECT_UNMASK = 4
+    DONE = 5
+    ABORTED = 6
+
+
+class AggregateResult(BaseModel):
+    """What the server learns: the sum over `included`, and who dropped. Nothing per client."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    decoded: DecodedSum
+    ring_sum: Any = Field(description="the exact sum in Z_(2^b), weight in the last word")
+    included: tuple[int, ...] = Field(description="parties whose inputs are in the sum (U3)")
+    dropped: tuple[int, ...] = Field(description="parties that advertised keys but are not in the sum")
+    insecure: bool = Field(description="True when the parameters missed the security bound")
+
+
+class SecAggServer:
+    """The aggregator's session for one round (see module docstring)."""
+
+    def __init__(self, params: SecAggParams, *, session: bytes, round_number: int, context: bytes = b"") -> None:
+        self.params = params
+        self.session = session
+        self.round_number = round_number
+        self.transcript = transcript_hash(
+            session=session, round_number=round_number, params_digest=params.digest(), context=context
+        )
+        self.graph = NeighbourGraph(params.num_parties, params.neighbours, self.transcript)
+        self.state = ServerState.COLLECT_KEYS
+        self._keys: dict[int, AdvertiseKeys] = {}
+        self._boxes: dict[int, tuple[Envelope, ...]] = {}
+        self._masked: set[int] = set()
+        self._signatures: dict[int, bytes] = {}
+        self._responses: dict[int, UnmaskResponse] = {}
+        self._acc: npt.NDArray[np.unsignedinteger] | None = None
+        self._result: AggregateResult | None = None
+        self._u2: set[int] = set()
+        self._u3: tuple[int, ...] = ()
+
+    # -- host-facing API -------------------------------------------------------------------------
+
+    def receive(self, message: Message) -> None:
+        """Accept one client message for the current stage.
+
+        Raises:
+            RemoteProtocolError: wrong session, round or stage, unknown or dropped sender, duplicate,
+                or malformed content; nothing changed.
+            IntegrityError: a signature failed to verify; nothing changed.
+            InvalidTransitionError: the round is over.
+        """
+        if self.state in (ServerState.DONE, ServerState.ABORTED):
+            raise InvalidTransitionError(f"the round is over ({self.state.name})")
+        if message.session != self.session or message.round != self.round_number:
+            raise RemoteProtocolError(
+                "message from another session or round",
+                field="round" if message.session == self.session else "session",
+            )
+        handler = _RECEIVERS.get((self.state, type(message)))
+        if handler is None:
+            raise RemoteProtocolError(
+                f"{type(message).__name__} is not expected in state {self.state.name}", field="stage"
+            )
+        handler(self, message)
+
+    def close_stage(self) -> Outgoing:
+        """End the current stage (the host's deadline passed or everyone answered).
+
+        Returns:
+            (recipient, message) pairs to deliver.
+
+        Raises:
+            AbortError: fewer than t parties (or the quorum) answered; the round is over, nothing
+                is revealed.
+        """
+        closer = _CLOSERS.get(self.state)
+        if closer is None:
+            raise InvalidTransitionError(f"no stage to close in state {self.state.name}")
+        return closer(self)
+
+    def result(self) -> AggregateResult:
+        """The aggregate, once the round is DONE."""
+        if self._result is None:
+            raise InvalidTransitionError(f"no result in state {self.state.name}")
+        return self._result
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _abort(self, reason: str) -> AbortError:
+        self.state = ServerState.ABORTED
+        self._acc = None
+        self._boxes.clear()
+        self._responses.clear()
+        return AbortError(reason)
+
+    def _require(self, count: int, needed: int, stage: str) -> None:
+        if count < needed:
+            raise self._abort(f"{stage}: {count} parties answered, {needed} needed; round aborted")
+
+    def _new_sender(self, sender: int, allowed: set[int] | dict[int, Any], seen: Any) -> None:
+        if sender not in allowed:
+            raise RemoteProtocolError(f"party {sender} is not in this stage's set", peer_id=sender, field="sender")
+        if sender in seen:
+            raise RemoteProtocolError(f"duplicate message from party {sender}", peer_id=sender, field="sender")
+
+    # -- stage 0: keys -----------------------------------------------------------------------------
+
+    def _on_keys(self, m: AdvertiseKeys) -> None:
+        self._new_sender(m.sender, set(range(self.params.num_parties)), self._keys)
+        if self.params.identity_keys is not None:
+            statement = advertise_statement(self.transcript, m.sender, m.share_public_key, m.mask_public_key)
+            ed25519_verify(self.params.identity_keys[m.sender], m.signature, statement, peer_id=m.sender)
+        self._keys[m.sender] = m
+
+    def _close_keys(self) -> Outgoing:
+        self._require(len(self._keys), self.params.threshold, "key advertisement")
+        roster = KeyRoster(
+            session=self.session,
+            round=self.round_number,
+            entries=tuple(self._keys[p] for p in sorted(self._keys)),
+        )
+        self.state = ServerState.COLLECT_SHARES
+        return [(p, roster) for p in sorted(self._keys)]
+
+    # -- stage 1: shares ---------------------------------------------------------------------------
+
+    def _on_shares(self, m: EncryptedShares) -> None:
+        self._new_sender(m.sender, self._keys, self._boxes)
+        allowed = self.graph.neighbours_of(m.sender) & set(self._keys)
+        if any(env.peer not in allowed for env in m.boxes):
+            raise RemoteProtocolError("share box for a non-neighbour", peer_id=m.sender, field="boxes")
+        self._boxes[m.sender] = m.boxes
+
+    def _close_shares(self) -> Outgoing:
+        self._require(len(self._boxes), self.params.threshold, "share exchange")
+        inbox: dict[int, list[Envelope]] = {p: [] for p in self._boxes}
+        for sender in sorted(self._boxes):
+            for env in self._boxes[sender]:
+                if env.peer in inbox:
+                    inbox[env.peer].append(Envelope(peer=sender, data=env.data))
+        self._boxes.clear()
+        self._acc = np.zeros(self.params.dimension + 1, dtype=ring_dtype(self.params.encoding.ring_bits))
+        self._u2 = set(inbox)
+        self.state = ServerState.COLLECT_MASKED
+        return [
+            (p, ShareBundle(session=self.session, round=self.round_number, recipient=p, boxes=tuple(inbox[p])))
+            for p in sorted(inbox)
+        ]
+
+    # -- stage 2: masked inputs --------------------------------------------------------------------
+
+    def _on_masked(self, m: MaskedInput) -> None:
+        self._new_sender(m.sender, self._u2, self._masked)
+        if m.ring_bits != self.params.encoding.ring_bits:
+            raise RemoteProtocolError(f"ring_bits={m.ring_bits}", peer_id=m.sender, field="ring_bits")
+        words = len(m.data) // ring_dtype(m.ring_bits).itemsize
+        if len(m.data) % ring_dtype(m.ring_bits).itemsize or words != self.params.dimension + 1:
+            raise RemoteProtocolError(
+                f"masked input has {words} words, expected {self.params.dimension + 1}",
+                peer_id=m.sender,
+                field="data",
+            )
+        assert self._acc is not None
+        np.add(self._acc, m.vector(), out=self._acc)
+        self._masked.add(m.sender)
+
+    def _close_masked(self) -> Outgoing:
+        self._require(len(self._masked), self.params.threshold, "masked input collection")
+        self._u3 = tuple(sorted(self._masked))
+        if self.params.malicious:
+            self.state = ServerState.COLLECT_SIGNATURES
+            request: Message = SurvivorSet(session=self.session, round=self.round_number, survivors=self._u3)
+        else:
+            self.state = ServerState.COLLECT_UNMASK
+            request = UnmaskRequest(session=self.session, round=self.round_number, survivors=self._u3)
+        return [(p, request) for p in self._u3]
+
+    # -- consistency check (malicious setting) -----------------------------------------------------
+
+    def _on_signature(self, m: SurvivorSignature) -> None:
+        self._new_sender(m.sender, set(self._u3), self._signatures)
+        assert self.params.identity_keys is not None
+        statement = survivors_statement(self.transcript, self._u3)
+        ed25519_verify(self.params.identity_keys[m.sender], m.signature, statement, peer_id=m.sender)
+        self._signatures[m.sender] = m.signature
+
+    def _close_signatures(self) -> Outgoing:
+        self._require(len(self._signatures), self.params.consistency_quorum, "consistency check")
+        signatures = tuple(Envelope(peer=p, data=s) for p, s in sorted(self._signatures.items()))
+        request = UnmaskRequest(
+            session=self.session, round=self.round_number, survivors=self._u3, signatures=signatures
+        )
+        self.state = ServerState.COLLECT_UNMASK
+        return [(p, request) for p in sorted(self._signatures)]
+
+    # -- stage 3: unmasking ------------------------------------------------------------------------
+
+    def _on_unmask(self, m: UnmaskResponse) -> None:
+        allowed = set(self._signatures) if self.params.malicious else set(self._u3)
+        self._new_sender(m.sender, allowed, self._responses)
+        alive = set(self._u3)
+        holds = self.graph.neighbours_of(m.sender) | {m.sender}
+        for env in m.self_mask_shares:
+            if env.peer not in alive or env.peer not in holds or len(env.data) != SHARE_BYTES:
+                raise RemoteProtocolError("bad self-mask share", peer_id=m.sender, field="self_mask_shares")
+        for env in m.mask_key_shares:
+            if env.peer in alive or env.peer not in self._u2 or env.peer not in holds or len(env.data) != SHARE_BYTES:
+                raise RemoteProtocolError("bad mask-key share", peer_id=m.sender, field="mask_key_shares")
+        self._responses[m.sender] = m
+
+    def _collect(self, owner: int, kind: str) -> bytes:
+        shares = {
+            r: env.data for r, resp in self._responses.items() for env in getattr(resp, kind) if env.peer == owner
+        }
+        self._require(len(shares), self.params.threshold, f"unmasking party {owner}")
+        try:
+            return reconstruct(shares, self.params.threshold)
+        except ValueError:
+            raise self._abort(f"shares of party {owner} are inconsistent") from None
+
+    def _close_unmask(self) -> Outgoing:
+        assert self._acc is not None
+        alive = set(self._u3)
+        dropped = sorted(self._u2 - alive)
+        plus: list[bytes] = []
+        minus = [self._collect(u, "self_mask_shares") for u in self._u3]
+        for v in dropped:
+            mask_sk = self._collect(v, "mask_key_shares")
+            if x25519_public(mask_sk) != self._keys[v].mask_public_key:
+                raise self._abort(f"rebuilt mask key of party {v} does not match its public key")
+            for u in sorted(self.graph.neighbours_of(v) & alive):
+                try:
+                    secret = x25519_agree(mask_sk, self._keys[u].mask_public_key, peer_id=u)
+                except IntegrityError:
+                    raise self._abort(f"party {u} advertised a low-order key") from None
+                seed = derive_key(
+                    secret, label=LABEL_PAIRWISE_MASK, transcript=self.transcript, a=min(u, v), b=max(u, v)
+                )
+                # u added +mask when u < v and -mask when u > v; undo it.
+                (minus if u < v else plus).append(seed)
+        MaskAccumulator(self.params.encoding.ring_bits).apply(self._acc, plus=plus, minus=minus)
+        decoded = self.params.encoding.decode(self._acc, num_inputs=len(self._u3))
+        self._result = AggregateResult(
+            decoded=decoded,
+            ring_sum=self._acc,
+            included=self._u3,
+            dropped=tuple(sorted(set(self._keys) - alive)),
+            insecure=self.params.insecure,
+        )
+        self._responses.clear()
+        self.state = ServerState.DONE
+        return []
+
+
+_RECEIVERS: dict[tuple[ServerState, type[Any]], Callable[[SecAggServer, Any], None]] = {
+    (ServerState.COLLECT_KEYS, AdvertiseKeys): SecAggServer._on_keys,
+    (ServerState.COLLECT_SHARES, EncryptedShares): SecAggServer._on_shares,
+    (ServerState.COLLECT_MASKED, MaskedInput): SecAggServer._on_masked,
+    (ServerState.COLLECT_SIGNATURES, SurvivorSignature): SecAggServer._on_signature,
+    (ServerState.COLLECT_UNMASK, UnmaskResponse): SecAggServer._on_unmask,
+}
+_CLOSERS: dict[ServerState, Callable[[SecAggServer], Outgoing]] = {
+    ServerState.COLLECT_KEYS: SecAggServer._close_keys,
+    ServerState.COLLECT_SHARES: SecAggServer._close_shares,
+    ServerState.COLLECT_MASKED: SecAggServer._close_masked,
+    ServerState.COLLECT_SIGNATURES: SecAggServer._close_signatures,
+    ServerState.COLLECT_UNMASK: SecAggServer._close_unmask,
+}
+"""The server's transition tables: what each stage accepts, and how it ends."""
