@@ -20,6 +20,8 @@ Accounting:
       (stub fit included) minus the grid's message copying (transport stand-in).
     * upload: bytes of the serialised masked arrays (``np.save`` blobs) in each
       surviving node's collect-masked-vectors reply, divided by ``d``.
+    * Flower's Shamir helpers spin up a ThreadPoolExecutor per call, but the work is
+      pure-Python (GIL-bound), so all timings are effectively single-core.
 
 Fixed choices (documented because they change Flower's numbers):
     * ``max_weight = 1.0``: every node reports ``num_examples = 1``. Flower scales
@@ -67,9 +69,7 @@ def _flwr() -> SimpleNamespace:
         from flwr.server.workflow.constant import Key as WorkflowKey
         from flwr.supercore.task_identity import TaskIdentity
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "The Flower anchor needs flwr; install it with `pip install -e .[flower]`."
-        ) from exc
+        raise ImportError("The Flower anchor needs flwr; install it with `pip install -e .[flower]`.") from exc
     return SimpleNamespace(
         compat=compat,
         ArrayRecord=ArrayRecord,
@@ -134,9 +134,7 @@ class _SimNode:
         self.update = update
         # The mod keeps its protocol state in ctxt.state between stages, so the
         # context must outlive individual messages, exactly as on a real node.
-        self.context = fl.Context(
-            run_id=_RUN_ID, node_id=node_id, node_config={}, state=fl.RecordDict(), run_config={}
-        )
+        self.context = fl.Context(run_id=_RUN_ID, node_id=node_id, node_config={}, state=fl.RecordDict(), run_config={})
         self.call_s = 0.0  # wall time of all calls into the mod (stub fit included)
         self.fit_s = 0.0  # wall time of the stub fit alone
         self.upload_bytes = 0
@@ -232,9 +230,7 @@ def _legacy_context(fl: SimpleNamespace, grid: _InMemoryGrid, n: int) -> tuple[A
     strategy = fl.FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n, min_available_clients=n)
     captured: dict[str, Any] = {}
 
-    def aggregate_fit(
-        server_round: int, results: list[Any], failures: list[Any]
-    ) -> tuple[Any, dict[str, Any]]:
+    def aggregate_fit(server_round: int, results: list[Any], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
         # Every FitRes carries the same reconstructed vector; keep it as-is.
         captured["parameters"] = results[0][1].parameters if results else None
         captured["num_results"] = len(results)
@@ -242,9 +238,7 @@ def _legacy_context(fl: SimpleNamespace, grid: _InMemoryGrid, n: int) -> tuple[A
 
     strategy.aggregate_fit = aggregate_fit
     base = fl.Context(run_id=_RUN_ID, node_id=0, node_config={}, state=fl.RecordDict(), run_config={})
-    ctx = fl.LegacyContext(
-        base, config=fl.ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager
-    )
+    ctx = fl.LegacyContext(base, config=fl.ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager)
     ctx.state.config_records[fl.MAIN_CONFIGS_RECORD] = fl.ConfigRecord({fl.WorkflowKey.CURRENT_ROUND: 1})
     ctx.state.array_records[fl.MAIN_PARAMS_RECORD] = fl.ArrayRecord()
     return ctx, captured
@@ -294,10 +288,7 @@ def run_flower_secaggplus(
 
     # Client index i <-> node id i + 2: Flower reserves node id 1 for the SuperLink (server).
     node_ids = [i + 2 for i in range(n)]
-    nodes = {
-        nid: _SimNode(fl, nid, np.asarray(x, dtype=np.float64))
-        for nid, x in zip(node_ids, inputs, strict=True)
-    }
+    nodes = {nid: _SimNode(fl, nid, np.asarray(x, dtype=np.float64)) for nid, x in zip(node_ids, inputs, strict=True)}
     grid = _InMemoryGrid(fl, nodes, {node_ids[i] for i in drop_after_share_keys})
     with _as_serverapp(fl):
         context, captured = _legacy_context(fl, grid, n)

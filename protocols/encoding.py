@@ -121,7 +121,8 @@ class FixedPointEncoding(BaseModel):
         seed = rounding_seed if rounding_seed is not None else (rng or OsRandom()).token_bytes(32)
         if len(seed) != 32:
             raise LocalProtocolError(f"rounding_seed must be 32 bytes, got {len(seed)}")
-        return ChunkEncoder(self, np.array(x, dtype=np.float64), weight, seed)
+        # No copy: the caller must not modify `x` until the masked input has been produced.
+        return ChunkEncoder(self, np.asarray(x, dtype=np.float64), weight, seed)
 
     def encode(
         self,

@@ -38,7 +38,7 @@ class DeterministicRandom:
     """A reproducible AES-256-CTR stream keyed by SHA-256(seed). For tests only: never for real keys."""
 
     def __init__(self, seed: bytes | int) -> None:
-        raw = seed if isinstance(seed, bytes) else seed.to_bytes(16, "little", signed=False)
+        raw = seed if isinstance(seed, bytes) else seed.to_bytes(16, "little", signed=True)
         key = hashlib.sha256(b"secure-fedllm/v1/deterministic-random" + raw).digest()
         self._stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
 

@@ -18,6 +18,7 @@ from .keys import (
     ed25519_sign,
     ed25519_verify,
     x25519_agree,
+    x25519_agree_all,
     x25519_generate,
     x25519_public,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "seal",
     "split",
     "x25519_agree",
+    "x25519_agree_all",
     "x25519_generate",
     "x25519_public",
 ]

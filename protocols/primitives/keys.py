@@ -20,6 +20,7 @@ __all__ = [
     "ed25519_sign",
     "ed25519_verify",
     "x25519_agree",
+    "x25519_agree_all",
     "x25519_generate",
     "x25519_public",
 ]
@@ -43,6 +44,22 @@ def x25519_agree(private: bytes, peer_public: bytes, *, peer_id: int | None = No
         return X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError:
         raise IntegrityError(peer_id=peer_id) from None
+
+
+def x25519_agree_all(private: bytes, peer_publics: dict[int, bytes]) -> dict[int, bytes]:
+    """Shared secrets with many peers (the private key is parsed once); low-order keys raise.
+
+    Raises:
+        IntegrityError: naming the first peer whose key is invalid or of low order.
+    """
+    key = X25519PrivateKey.from_private_bytes(private)
+    out = {}
+    for peer, public in peer_publics.items():
+        try:
+            out[peer] = key.exchange(X25519PublicKey.from_public_bytes(public))
+        except ValueError:
+            raise IntegrityError(peer_id=peer) from None
+    return out
 
 
 def ed25519_public(private: bytes) -> bytes:

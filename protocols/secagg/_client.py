@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..primitives.aead import open_sealed, seal
 from ..primitives.kdf import LABEL_PAIRWISE_MASK, LABEL_SHARE_ENCRYPTION, derive_key
-from ..primitives.keys import ed25519_public, ed25519_sign, ed25519_verify, x25519_agree, x25519_generate
+from ..primitives.keys import ed25519_public, ed25519_sign, ed25519_verify, x25519_agree_all, x25519_generate
 from ..primitives.prg import MaskAccumulator, ring_dtype
 from ..primitives.shamir import SHARE_BYTES, split
 from ..randomness import OsRandom, SecretSource
@@ -256,11 +256,11 @@ class SecAggClient:
         self_mask_seed = self._rng.token_bytes(32)
         b_shares = split(self_mask_seed, holders, params.threshold, self._rng)
         s_shares = split(self._s["mask_sk"], holders, params.threshold, self._rng)
+        peers = [p for p in holders if p != me]
+        secrets = x25519_agree_all(self._s["share_sk"], {p: keys[p].share_public_key for p in peers})
         boxes = []
-        for peer in holders:
-            if peer == me:
-                continue
-            secret = x25519_agree(self._s["share_sk"], keys[peer].share_public_key, peer_id=peer)
+        for peer in peers:
+            secret = secrets[peer]
             key = derive_key(secret, label=LABEL_SHARE_ENCRYPTION, transcript=self.transcript, a=me, b=peer)
             plaintext = _BOX_PLAINTEXT.pack(me, peer, b_shares[peer], s_shares[peer])
             box = seal(key, plaintext, aad=box_aad(self.transcript, me, peer), rng=self._rng)
@@ -285,8 +285,11 @@ class SecAggClient:
         for env in bundle.boxes:
             if env.peer not in expected:
                 raise RemoteProtocolError(f"share box from non-neighbour {env.peer}", peer_id=env.peer)
-            secret = x25519_agree(self._s["share_sk"], roster[env.peer][0], peer_id=env.peer)
-            key = derive_key(secret, label=LABEL_SHARE_ENCRYPTION, transcript=self.transcript, a=env.peer, b=me)
+        box_secrets = x25519_agree_all(self._s["share_sk"], {e.peer: roster[e.peer][0] for e in bundle.boxes})
+        for env in bundle.boxes:
+            key = derive_key(
+                box_secrets[env.peer], label=LABEL_SHARE_ENCRYPTION, transcript=self.transcript, a=env.peer, b=me
+            )
             plaintext = open_sealed(key, env.data, aad=box_aad(self.transcript, env.peer, me), peer_id=env.peer)
             sender, recipient, b_share, s_share = _BOX_PLAINTEXT.unpack(plaintext)
             if (sender, recipient) != (env.peer, me):
@@ -296,10 +299,8 @@ class SecAggClient:
             raise self._abort(f"only {len(held)} share holders remain for threshold {params.threshold}")
         plus: list[bytes] = [self._s["self_mask_seed"]]
         minus: list[bytes] = []
-        for peer in sorted(held):
-            if peer == me:
-                continue
-            secret = x25519_agree(self._s["mask_sk"], roster[peer][1], peer_id=peer)
+        mask_secrets = x25519_agree_all(self._s["mask_sk"], {p: roster[p][1] for p in sorted(held) if p != me})
+        for peer, secret in mask_secrets.items():
             lo, hi = min(me, peer), max(me, peer)
             seed = derive_key(secret, label=LABEL_PAIRWISE_MASK, transcript=self.transcript, a=lo, b=hi)
             (plus if me < peer else minus).append(seed)

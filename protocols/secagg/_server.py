@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..encoding import DecodedSum
 from ..errors import AbortError, IntegrityError, InvalidTransitionError, RemoteProtocolError
 from ..primitives.kdf import LABEL_PAIRWISE_MASK, derive_key
-from ..primitives.keys import ed25519_verify, x25519_agree, x25519_public
+from ..primitives.keys import ed25519_verify, x25519_agree_all, x25519_public
 from ..primitives.prg import MaskAccumulator, ring_dtype
 from ..primitives.shamir import SHARE_BYTES, reconstruct
 from ._graph import NeighbourGraph
@@ -285,11 +285,12 @@ class SecAggServer:
             mask_sk = self._collect(v, "mask_key_shares")
             if x25519_public(mask_sk) != self._keys[v].mask_public_key:
                 raise self._abort(f"rebuilt mask key of party {v} does not match its public key")
-            for u in sorted(self.graph.neighbours_of(v) & alive):
-                try:
-                    secret = x25519_agree(mask_sk, self._keys[u].mask_public_key, peer_id=u)
-                except IntegrityError:
-                    raise self._abort(f"party {u} advertised a low-order key") from None
+            neighbours = sorted(self.graph.neighbours_of(v) & alive)
+            try:
+                secrets = x25519_agree_all(mask_sk, {u: self._keys[u].mask_public_key for u in neighbours})
+            except IntegrityError as exc:
+                raise self._abort(f"party {exc.peer_id} advertised a low-order key") from None
+            for u, secret in secrets.items():
                 seed = derive_key(
                     secret, label=LABEL_PAIRWISE_MASK, transcript=self.transcript, a=min(u, v), b=max(u, v)
                 )

@@ -1,0 +1,177 @@
+"""Shared helpers for the protocol tests: deterministic SecAgg rounds driven by hand.
+
+`HandRound` plays the host and the network for n `SecAggClient`s and one `SecAggServer`, without
+encoding to bytes (the codec has its own tests), so a test can stop at any stage, tamper with a
+message, or deliver it twice. Every party draws from its own `DeterministicRandom`, so two
+`HandRound`s built with the same arguments exchange identical messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from protocols import (
+    STAGE_OF,
+    AggregateResult,
+    DeterministicRandom,
+    FixedPointEncoding,
+    SecAggClient,
+    SecAggParams,
+    SecAggServer,
+)
+from protocols.primitives import ed25519_public
+from protocols.secagg import Message
+
+SESSION = bytes(range(16))
+OTHER_SESSION = bytes(range(1, 17))
+
+
+def identity_private_keys(n: int, seed: int = 0) -> list[bytes]:
+    """Deterministic Ed25519 private keys (tests only)."""
+    source = DeterministicRandom(b"identity/%d" % seed)
+    return [source.token_bytes(32) for _ in range(n)]
+
+
+def public_keys(private: Sequence[bytes]) -> tuple[bytes, ...]:
+    return tuple(ed25519_public(k) for k in private)
+
+
+def party_rng(seed: int, party: int) -> DeterministicRandom:
+    """The SecretSource of `party` in a round seeded with `seed` (run_round's rng_for)."""
+    return DeterministicRandom(b"party/%d/%d" % (seed, party))
+
+
+def rounding_seed(seed: int, party: int) -> bytes:
+    """The rounding seed `party` draws: set_input is the first draw from its SecretSource."""
+    return party_rng(seed, party).token_bytes(32)
+
+
+def semi_honest_params(n: int = 6, *, dimension: int = 8, ring_bits: int = 32, **kw: object) -> SecAggParams:
+    encoding = FixedPointEncoding(clip_range=1.0, max_parties=n, ring_bits=ring_bits)
+    return SecAggParams.secagg(n, dimension=dimension, clip_range=1.0, encoding=encoding, **kw)
+
+
+def malicious_params(
+    n: int = 8, *, dimension: int = 8, threshold: int = 5, dropout_rate: float = 0.25, seed: int = 0
+) -> tuple[SecAggParams, list[bytes]]:
+    """SecAgg with identity keys: n=8, n_C=1, d_max=2, t=5, quorum=max(9 // 2 + 1, 5)=5 by default."""
+    private = identity_private_keys(n, seed)
+    params = SecAggParams.secagg(
+        n,
+        dimension=dimension,
+        clip_range=1.0,
+        threshold=threshold,
+        dropout_rate=dropout_rate,
+        identity_keys=public_keys(private),
+    )
+    return params, private
+
+
+def random_inputs(n: int, d: int, clip: float, seed: int) -> list[npt.NDArray[np.float64]]:
+    gen = np.random.default_rng(seed)
+    return [gen.uniform(-clip, clip, d) for _ in range(n)]
+
+
+class HandRound:
+    """n clients and a server of one round, driven message by message."""
+
+    def __init__(
+        self,
+        params: SecAggParams,
+        *,
+        seed: int = 0,
+        identity_keys: Sequence[bytes] | None = None,
+        contexts: Mapping[int, bytes] | None = None,
+        server_context: bytes = b"",
+        session: bytes = SESSION,
+        round_number: int = 0,
+        inputs: Sequence[npt.NDArray[np.float64]] | None = None,
+    ) -> None:
+        n = params.num_parties
+        self.params = params
+        self.seed = seed
+        self.session = session
+        self.round_number = round_number
+        clip = params.encoding.clip_range
+        self.inputs = list(inputs) if inputs is not None else random_inputs(n, params.dimension, clip, seed)
+        contexts = dict(contexts or {})
+        self.clients = [
+            SecAggClient(
+                params,
+                party_id=p,
+                session=session,
+                round_number=round_number,
+                context=contexts.get(p, server_context),
+                identity_key=None if identity_keys is None else identity_keys[p],
+                rng=party_rng(seed, p),
+            )
+            for p in range(n)
+        ]
+        self.server = SecAggServer(params, session=session, round_number=round_number, context=server_context)
+        self.pending: dict[int, Message] = {}
+        self.closes = 0
+
+    # -- single steps ----------------------------------------------------------------------------
+
+    def advertise(self, parties: Iterable[int] | None = None) -> dict[int, Message]:
+        """set_input + advertise_keys for `parties` (all by default)."""
+        out: dict[int, Message] = {}
+        for p in parties if parties is not None else range(self.params.num_parties):
+            self.clients[p].set_input(self.inputs[p])
+            out[p] = self.clients[p].advertise_keys()
+        return out
+
+    def submit(self, messages: Mapping[int, Message], drop: Iterable[int] = ()) -> None:
+        skip = set(drop)
+        for p in sorted(messages):
+            if p not in skip:
+                self.server.receive(messages[p])
+
+    def close(self) -> dict[int, Message]:
+        self.pending = dict(self.server.close_stage())
+        self.closes += 1
+        return self.pending
+
+    def respond(self, drop: Iterable[int] = ()) -> dict[int, Message]:
+        skip = set(drop)
+        return {p: self.clients[p].handle(m) for p, m in sorted(self.pending.items()) if p not in skip}
+
+    # -- whole stretches -------------------------------------------------------------------------
+
+    def advance(self, closes: int) -> dict[int, Message]:
+        """Everybody honest and alive until the server has closed `closes` stages; returns its output."""
+        if self.closes == 0:
+            self.submit(self.advertise())
+            self.close()
+        while self.closes < closes:
+            self.submit(self.respond())
+            self.close()
+        return self.pending
+
+    def run(self, drop_at: Mapping[int, int] | None = None) -> AggregateResult:
+        """The rest of the round, parties going silent as `run_round`'s drop_at says."""
+        drop_at = dict(drop_at or {})
+        gone = {p for p, s in drop_at.items() if s <= 0}
+        if self.closes == 0:
+            self.submit(self.advertise(), drop=gone)
+            self.close()
+        while self.pending:
+            replies: dict[int, Message] = {}
+            for p, m in sorted(self.pending.items()):
+                if p in gone:
+                    continue
+                reply = self.clients[p].handle(m)
+                if drop_at.get(p, 99) <= STAGE_OF[type(reply)]:
+                    gone.add(p)
+                    continue
+                replies[p] = reply
+            self.submit(replies)
+            self.close()
+        return self.server.result()
+
+    def state_blob(self, party: int) -> bytes:
+        """Everything the client holds (its exported state), to check that a rejection changed nothing."""
+        return self.clients[party].export_state()
