@@ -31,7 +31,7 @@ from .randomness import OsRandom, SecretSource
 __all__ = ["ChunkEncoder", "DecodedSum", "FixedPointEncoding"]
 
 _MIN_LEVEL = 2**8
-_MAX_EXACT_LEVEL = 2**52  # float64 represents every integer up to 2^53 exactly
+_EXACT_SUM = 2**53  # float64 represents every integer up to 2^53 exactly: sums must stay below it
 _U32_SCALE = 2.0**-32
 
 
@@ -86,7 +86,7 @@ class FixedPointEncoding(BaseModel):
     def level(self) -> int:
         """Largest absolute encoded value of one input: max_parties * level < 2^(b-1)."""
         bits: int = self.ring_bits
-        return min(((1 << (bits - 1)) - 1) // self.max_parties, _MAX_EXACT_LEVEL)
+        return min((1 << (bits - 1)) - 1, _EXACT_SUM) // self.max_parties
 
     @property
     def scale(self) -> float:
@@ -121,8 +121,8 @@ class FixedPointEncoding(BaseModel):
         seed = rounding_seed if rounding_seed is not None else (rng or OsRandom()).token_bytes(32)
         if len(seed) != 32:
             raise LocalProtocolError(f"rounding_seed must be 32 bytes, got {len(seed)}")
-        # No copy: the caller must not modify `x` until the masked input has been produced.
-        return ChunkEncoder(self, np.asarray(x, dtype=np.float64), weight, seed)
+        # A private copy: the masked input is computed later, and must be of the x validated now.
+        return ChunkEncoder(self, np.array(x, dtype=np.float64), weight, seed)
 
     def encode(
         self,
@@ -185,6 +185,8 @@ class ChunkEncoder:
         self._uwords = np.frombuffer(self._ubuf, dtype="<u4", count=CHUNK_WORDS)
         self._work = np.empty(CHUNK_WORDS, dtype=np.float64)
         self._noise = np.empty(CHUNK_WORDS, dtype=np.float64)
+        self._floor = np.empty(CHUNK_WORDS, dtype=np.float64)
+        self._bits = np.empty(CHUNK_WORDS, dtype=np.bool_)
         self._zeros = bytes(CHUNK_WORDS * 4)
 
     def fill(self, out: npt.NDArray[np.unsignedinteger], start: int) -> None:
@@ -201,11 +203,17 @@ class ChunkEncoder:
             y *= self.weight * enc.scale
             self._stream.update_into(self._zeros[: w * 4], self._ubuf)
             np.multiply(self._uwords[:w], _U32_SCALE, out=u)
-            y += u
-            np.floor(y, out=y)
-            signed[:w] = y  # |y| <= level, so the cast is exact; the view wraps mod 2^b
+            # q = floor(y) + [u < y - floor(y)]: unbiased, and never beyond +-level (y - floor(y)
+            # is exact in float64, unlike y + u, which could round up past an integer).
+            f = self._floor[:w]
+            np.floor(y, out=f)
+            y -= f
+            np.less(u, y, out=self._bits[:w])
+            f += self._bits[:w]
+            signed[:w] = f  # |f| <= level, so the cast is exact; the view wraps mod 2^b
         if start + len(out) > d:  # the weight word
             word: bytes = self._stream.update(bytes(4))
             u_w = int.from_bytes(word, "little") * _U32_SCALE
-            signed[d - start] = math.floor(self.weight * enc.weight_scale + u_w)
+            y_w = self.weight * enc.weight_scale
+            signed[d - start] = math.floor(y_w) + (u_w < y_w - math.floor(y_w))
         self._next = start + len(out)

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 
 __all__ = ["CHUNK_WORDS", "MaskAccumulator", "expand_mask", "ring_dtype"]
 
-CHUNK_WORDS = 16384
-"""Words per streaming chunk: 64 KiB of 32-bit words, which keeps the working set in L2."""
+CHUNK_WORDS = 32768
+"""Words per streaming chunk: 128 KiB of 32-bit words, which keeps the working set in L2 (measured best)."""
 
 _ZERO_IV = bytes(16)
 

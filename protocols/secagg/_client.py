@@ -39,6 +39,7 @@ from ..primitives.keys import ed25519_public, ed25519_sign, ed25519_verify, x255
 from ..primitives.prg import MaskAccumulator, ring_dtype
 from ..primitives.shamir import SHARE_BYTES, split
 from ..randomness import OsRandom, SecretSource
+from ._client_state import dump_client_state, load_client_state
 from ._graph import NeighbourGraph
 from ._messages import (
     AdvertiseKeys,
@@ -54,8 +55,7 @@ from ._messages import (
     UnmaskResponse,
 )
 from ._params import SecAggParams
-from ._state import dump_client_state, load_client_state
-from ._transcript import advertise_statement, box_aad, survivors_statement, transcript_hash
+from ._transcript import advertise_statement, box_aad, check_round_identity, survivors_statement, transcript_hash
 
 __all__ = ["ClientState", "SecAggClient"]
 
@@ -100,8 +100,7 @@ class SecAggClient:
     ) -> None:
         if not 0 <= party_id < params.num_parties:
             raise LocalProtocolError(f"party_id={party_id} is outside 0..{params.num_parties - 1}")
-        if len(session) != 16:
-            raise LocalProtocolError(f"session must be 16 bytes, got {len(session)}")
+        check_round_identity(session, round_number)
         if params.malicious:
             assert params.identity_keys is not None
             if identity_key is None or ed25519_public(identity_key) != params.identity_keys[party_id]:
@@ -145,6 +144,7 @@ class SecAggClient:
             session=self.session,
             round=self.round_number,
             sender=self.party_id,
+            transcript=self.transcript,
             share_public_key=share_pk,
             mask_public_key=mask_pk,
             signature=signature,
@@ -181,7 +181,7 @@ class SecAggClient:
     def export_state(self) -> bytes:
         """The session as bytes, for hosts that persist it between stages. The bytes are SECRET.
 
-        Restore with `SecAggClient.from_state`; always keep the latest blob (see `_state`).
+        Restore with `SecAggClient.from_state`; always keep the latest blob (see `_client_state`).
         """
         return dump_client_state(self)
 
@@ -239,7 +239,14 @@ class SecAggClient:
                 raise RemoteProtocolError("roster entry from another session or round", peer_id=entry.sender)
             if entry.sender >= params.num_parties:
                 raise RemoteProtocolError(f"roster names unknown party {entry.sender}", field="entries")
-            if entry.share_public_key in seen or entry.mask_public_key in seen:
+            if entry.transcript != self.transcript:
+                raise RemoteProtocolError(
+                    f"party {entry.sender} is in a round with other parameters or context",
+                    peer_id=entry.sender,
+                    field="transcript",
+                )
+            same = entry.share_public_key == entry.mask_public_key
+            if same or entry.share_public_key in seen or entry.mask_public_key in seen:
                 raise RemoteProtocolError("roster repeats a public key", peer_id=entry.sender, field="entries")
             seen.update((entry.share_public_key, entry.mask_public_key))
             if params.identity_keys is not None:
@@ -291,6 +298,8 @@ class SecAggClient:
                 box_secrets[env.peer], label=LABEL_SHARE_ENCRYPTION, transcript=self.transcript, a=env.peer, b=me
             )
             plaintext = open_sealed(key, env.data, aad=box_aad(self.transcript, env.peer, me), peer_id=env.peer)
+            if len(plaintext) != _BOX_PLAINTEXT.size:
+                raise IntegrityError(peer_id=env.peer)
             sender, recipient, b_share, s_share = _BOX_PLAINTEXT.unpack(plaintext)
             if (sender, recipient) != (env.peer, me):
                 raise IntegrityError(peer_id=env.peer)

@@ -47,6 +47,7 @@ _LAYOUT: dict[type[Any], tuple[tuple[str, str], ...]] = {
     AdvertiseKeys: (
         *_HEADER,
         ("sender", "u32"),
+        ("transcript", "b32"),
         ("share_public_key", "b32"),
         ("mask_public_key", "b32"),
         ("signature", "bytes"),

@@ -84,6 +84,7 @@ class AdvertiseKeys(_Base):
 
     TAG: ClassVar[int] = 1
     sender: PartyId
+    transcript: PublicKey = Field(description="the sender's 32-byte transcript hash, so mismatches surface at once")
     share_public_key: PublicKey = Field(description="X25519 key under which peers encrypt shares to sender")
     mask_public_key: PublicKey = Field(description="X25519 key from which pairwise masks are agreed")
     signature: Signature = Field(b"", description="Ed25519 over the transcript and both keys, or empty")

@@ -57,6 +57,7 @@ def _log2(x: float) -> float:
 def _hyper_tail(population: int, marked: int, draws: int, at_least: int) -> float:
     """P[X >= at_least] for X ~ Hypergeometric(population, marked, draws), computed exactly."""
     at_least = max(at_least, 0)
+    marked = min(max(marked, 0), population)
     total = math.comb(population, draws)
     hit = sum(
         math.comb(marked, j) * math.comb(population - marked, draws - j)
@@ -82,7 +83,7 @@ def _bounds(n: int, k: int, t: int, n_c: int, d_max: int, malicious: bool) -> tu
     security = min(1.0, n * leak + disconnect)
     # A dropped party's secret is held by its k neighbours, of whom up to d_max - 1 also dropped;
     # a surviving party's by itself and its k neighbours, of whom up to d_max dropped.
-    fail_dropped = _hyper_tail(n - 1, max(d_max - 1, 0), k, k - t + 1)
+    fail_dropped = _hyper_tail(n - 1, d_max - 1, k, k - t + 1) if d_max > 0 else 0.0
     fail_alive = _hyper_tail(n - 1, d_max, k, k - t + 2)
     correctness = min(1.0, n * max(fail_dropped, fail_alive))
     return _log2(security), _log2(correctness)
@@ -110,7 +111,16 @@ def derive_secagg_plus(
             the corruption bound); lower dropout_rate or corrupt_fraction.
     """
     n = num_parties
+    if not 0 <= dropout_rate < 1:
+        raise InsecureParameterError(f"dropout_rate={dropout_rate} must be in [0, 1)")
+    if not 0 <= corrupt_fraction < 0.5:
+        raise InsecureParameterError(f"corrupt_fraction={corrupt_fraction} must be in [0, 0.5)")
     n_c, d_max = _counts(n, dropout_rate, corrupt_fraction)
+    if n_c + d_max >= n:
+        raise InsecureParameterError(
+            f"{n_c} corrupted plus {d_max} dropped parties leave no honest survivor among num_parties={n}; "
+            "lower dropout_rate or corrupt_fraction"
+        )
     candidates = [k for k in range(2, n - 1, 2)] + [n - 1]
     for k in candidates:
         best = None
@@ -137,7 +147,7 @@ class SecAggParams(BaseModel):
     rather than filling thresholds by hand. The parameters' digest enters the round transcript.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="hex", val_json_bytes="hex")
 
     num_parties: Annotated[int, Field(ge=3, le=1 << 16)] = Field(description="n: enrolled parties, ids 0..n-1")
     dimension: Annotated[int, Field(ge=1, le=1 << 28)] = Field(description="d: length of each input vector")
@@ -209,18 +219,17 @@ class SecAggParams(BaseModel):
     ) -> SecAggParams:
         """SecAgg+ with (k, t) derived from n, dropout_rate and corrupt_fraction unless given."""
         n = num_parties
-        malicious = kw.get("identity_keys") is not None
-        k, t = derive_secagg_plus(
-            n,
-            dropout_rate=kw.get("dropout_rate", 0.1),
-            corrupt_fraction=kw.get("corrupt_fraction", 0.05),
-            malicious=malicious,
-        )
         if neighbours is not None:
             k = neighbours
             t = threshold if threshold is not None else max(2, (k + 1) * 2 // 3 + 1)
-        elif threshold is not None:
-            t = threshold
+        else:
+            k, t = derive_secagg_plus(
+                n,
+                dropout_rate=kw.get("dropout_rate", 0.1),
+                corrupt_fraction=kw.get("corrupt_fraction", 0.05),
+                malicious=kw.get("identity_keys") is not None,
+            )
+            t = threshold if threshold is not None else t
         encoding = kw.pop("encoding", None) or FixedPointEncoding(clip_range=clip_range, max_parties=n)
         return cls(num_parties=n, dimension=dimension, threshold=t, neighbours=k, encoding=encoding, **kw)
 

@@ -14,6 +14,7 @@ nothing revealed; a rebuilt mask key must match the public key it claims to be.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..encoding import DecodedSum
-from ..errors import AbortError, IntegrityError, InvalidTransitionError, RemoteProtocolError
+from ..errors import AbortError, DecodeError, IntegrityError, InvalidTransitionError, RemoteProtocolError
 from ..primitives.kdf import LABEL_PAIRWISE_MASK, derive_key
 from ..primitives.keys import ed25519_verify, x25519_agree_all, x25519_public
 from ..primitives.prg import MaskAccumulator, ring_dtype
@@ -42,7 +43,8 @@ from ._messages import (
     UnmaskResponse,
 )
 from ._params import SecAggParams
-from ._transcript import advertise_statement, survivors_statement, transcript_hash
+from ._server_state import dump_server_state, load_server_state
+from ._transcript import advertise_statement, check_round_identity, survivors_statement, transcript_hash
 
 __all__ = ["AggregateResult", "SecAggServer", "ServerState"]
 
@@ -77,6 +79,7 @@ class SecAggServer:
     """The aggregator's session for one round (see module docstring)."""
 
     def __init__(self, params: SecAggParams, *, session: bytes, round_number: int, context: bytes = b"") -> None:
+        check_round_identity(session, round_number)
         self.params = params
         self.session = session
         self.round_number = round_number
@@ -135,6 +138,28 @@ class SecAggServer:
             raise InvalidTransitionError(f"no stage to close in state {self.state.name}")
         return closer(self)
 
+    def export_state(self) -> bytes:
+        """The session as bytes, for hosts that do not keep this object between stages.
+
+        Holds the running sum and, during unmasking, Shamir shares: keep it confidential.
+        """
+        return dump_server_state(self)
+
+    @classmethod
+    def from_state(cls, data: bytes, params: SecAggParams, *, context: bytes = b"") -> SecAggServer:
+        """Rebuild a session from `export_state()`; params and context must be the original ones.
+
+        Raises:
+            DecodeError: malformed blob.
+            LocalProtocolError: the blob belongs to another session, round, params or context.
+        """
+        if len(data) < 26:
+            raise DecodeError("server state blob is truncated")
+        session, round_number = struct.unpack_from("<16sQ", data, 2)
+        server = cls(params, session=session, round_number=round_number, context=context)
+        load_server_state(server, data)
+        return server
+
     def result(self) -> AggregateResult:
         """The aggregate, once the round is DONE."""
         if self._result is None:
@@ -164,6 +189,12 @@ class SecAggServer:
 
     def _on_keys(self, m: AdvertiseKeys) -> None:
         self._new_sender(m.sender, set(range(self.params.num_parties)), self._keys)
+        if m.transcript != self.transcript:
+            raise RemoteProtocolError(
+                "the party's transcript differs: other parameters, context, session or round",
+                peer_id=m.sender,
+                field="transcript",
+            )
         if self.params.identity_keys is not None:
             statement = advertise_statement(self.transcript, m.sender, m.share_public_key, m.mask_public_key)
             ed25519_verify(self.params.identity_keys[m.sender], m.signature, statement, peer_id=m.sender)
@@ -269,11 +300,19 @@ class SecAggServer:
         shares = {
             r: env.data for r, resp in self._responses.items() for env in getattr(resp, kind) if env.peer == owner
         }
-        self._require(len(shares), self.params.threshold, f"unmasking party {owner}")
+        t = self.params.threshold
+        self._require(len(shares), t, f"unmasking party {owner}")
         try:
-            return reconstruct(shares, self.params.threshold)
+            secret = reconstruct(shares, t)
+            if len(shares) > t:
+                # A second, different t-subset must give the same secret: this catches any single
+                # faulty share (colluding clients could still craft consistent forgeries).
+                top = sorted(shares)[-t:]
+                if reconstruct({h: shares[h] for h in top}, t) != secret:
+                    raise ValueError("inconsistent")
         except ValueError:
             raise self._abort(f"shares of party {owner} are inconsistent") from None
+        return secret
 
     def _close_unmask(self) -> Outgoing:
         assert self._acc is not None

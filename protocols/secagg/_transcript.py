@@ -13,7 +13,9 @@ import hashlib
 import struct
 from collections.abc import Iterable
 
-__all__ = ["advertise_statement", "box_aad", "survivors_statement", "transcript_hash"]
+from ..errors import LocalProtocolError
+
+__all__ = ["advertise_statement", "box_aad", "check_round_identity", "survivors_statement", "transcript_hash"]
 
 PROTOCOL_ID = b"secure-fedllm/secagg/v1"
 
@@ -43,3 +45,15 @@ def survivors_statement(transcript: bytes, survivors: Iterable[int]) -> bytes:
 def box_aad(transcript: bytes, sender: int, recipient: int) -> bytes:
     """Associated data of the share box from `sender` to `recipient`."""
     return transcript + b"share-box" + struct.pack("<II", sender, recipient)
+
+
+def check_round_identity(session: bytes, round_number: int) -> None:
+    """Validate the host-chosen session id and round number before they enter the transcript.
+
+    Raises:
+        LocalProtocolError: naming the bad value and the fix.
+    """
+    if not isinstance(session, bytes) or len(session) != 16:
+        raise LocalProtocolError("session must be 16 bytes (draw it with os.urandom(16))")
+    if not 0 <= round_number < 1 << 63:
+        raise LocalProtocolError(f"round_number={round_number} must be in [0, 2^63)")

@@ -22,7 +22,7 @@ from protocols import (
     SecAggParams,
     SecAggServer,
 )
-from protocols.primitives import ed25519_public
+from protocols.primitives import ed25519_public, ring_dtype
 from protocols.secagg import Message
 
 SESSION = bytes(range(16))
@@ -73,6 +73,21 @@ def malicious_params(
 def random_inputs(n: int, d: int, clip: float, seed: int) -> list[npt.NDArray[np.float64]]:
     gen = np.random.default_rng(seed)
     return [gen.uniform(-clip, clip, d) for _ in range(n)]
+
+
+def expected_ring_sum(
+    params: SecAggParams,
+    inputs: Sequence[npt.NDArray[np.float64]],
+    included: tuple[int, ...],
+    seed: int,
+    weights: Sequence[float] | None = None,
+) -> npt.NDArray[np.unsignedinteger]:
+    """Sum of the encodings with the rounding seeds the clients draw (the first 32 bytes of their rng)."""
+    acc = np.zeros(params.dimension + 1, dtype=ring_dtype(params.encoding.ring_bits))
+    for p in included:
+        w = 1.0 if weights is None else weights[p]
+        np.add(acc, params.encoding.encode(inputs[p], weight=w, rounding_seed=rounding_seed(seed, p)), out=acc)
+    return acc
 
 
 class HandRound:

@@ -7,14 +7,14 @@ from collections.abc import Mapping
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from secagg_harness import (
     HandRound,
+    expected_ring_sum,
     malicious_params,
     party_rng,
     random_inputs,
-    rounding_seed,
     semi_honest_params,
 )
 
@@ -22,6 +22,7 @@ from protocols import (
     AbortError,
     DeterministicRandom,
     FixedPointEncoding,
+    InsecureParameterError,
     InvalidTransitionError,
     SecAggParams,
     SecAggServer,
@@ -64,21 +65,6 @@ def predict(
     if any(len(responders & nb[v]) < t for v in u2 - u3):
         return None
     return tuple(sorted(u3)), tuple(sorted(u1 - u3))
-
-
-def expected_ring_sum(
-    params: SecAggParams,
-    inputs: list[np.ndarray],
-    included: tuple[int, ...],
-    seed: int,
-    weights: list[float] | None = None,
-) -> np.ndarray:
-    """Sum of the encodings with the rounding seeds the clients draw (the first 32 bytes of their rng)."""
-    acc = np.zeros(params.dimension + 1, dtype=ring_dtype(params.encoding.ring_bits))
-    for p in included:
-        w = 1.0 if weights is None else weights[p]
-        np.add(acc, params.encoding.encode(inputs[p], weight=w, rounding_seed=rounding_seed(seed, p)), out=acc)
-    return acc
 
 
 def session_for(seed: int) -> bytes:
@@ -130,7 +116,7 @@ def round_cases(draw):
     return params, drop_at, seed
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(round_cases())
 def test_ring_sum_is_bit_exact_with_dropouts(case) -> None:
     params, drop_at, seed = case
@@ -146,10 +132,13 @@ def test_ring_sum_is_bit_exact_with_dropouts(case) -> None:
     def rng_for(p: int) -> DeterministicRandom:
         return party_rng(seed, p)
 
+    event("secagg+" if not params.complete else "secagg")
     if expected is None:
+        event("aborted")
         with pytest.raises(AbortError):
             run_round(params, inputs, drop_at=drop_at, session=session, rng_for=rng_for)
         return
+    event("completed")
     included, dropped = expected
     result = run_round(params, inputs, drop_at=drop_at, session=session, rng_for=rng_for).result
     assert result.included == included
@@ -164,8 +153,60 @@ def test_ring_sum_is_bit_exact_with_dropouts(case) -> None:
     ).result
     assert plain.included == included
     assert np.array_equal(plain.ring_sum, result.ring_sum)
-    if params.encoding.ring_bits != 64:  # 64-bit decoding: see test_primitives' xfail on the error bound
-        check_decoded(params, result, inputs, included)
+    check_decoded(params, result, inputs, included)
+
+
+@st.composite
+def malicious_cases(draw):
+    plus = draw(st.booleans())
+    n = draw(st.integers(12 if plus else 5, 24))
+    rate = draw(st.sampled_from([0.1, 0.2, 0.3]))
+    private = [DeterministicRandom(b"id/%d" % p).token_bytes(32) for p in range(n)]
+    public = tuple(ed25519_public(k) for k in private)
+    try:
+        if plus:
+            params = SecAggParams.secagg_plus(n, dimension=20, clip_range=1.0, dropout_rate=rate, identity_keys=public)
+        else:
+            params = SecAggParams.secagg(n, dimension=20, clip_range=1.0, dropout_rate=rate, identity_keys=public)
+    except InsecureParameterError:
+        assume(False)
+    drop_at = draw(st.dictionaries(st.integers(0, n - 1), st.integers(0, 4), max_size=n // 3 + 1))
+    return params, private, drop_at, draw(st.integers(0, 2**20))
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+)
+@given(case=malicious_cases())
+def test_malicious_ring_sum_is_bit_exact_with_dropouts(case) -> None:
+    params, private, drop_at, seed = case
+    n = params.num_parties
+    inputs = random_inputs(n, params.dimension, 1.0, seed)
+    session = session_for(seed)
+    expected = predict(params, SecAggServer(params, session=session, round_number=0).graph, drop_at)
+
+    def go():
+        return run_round(
+            params,
+            inputs,
+            drop_at=drop_at,
+            session=session,
+            identity_keys=private,
+            rng_for=lambda p: party_rng(seed, p),
+        )
+
+    if expected is None:
+        event("aborted")
+        with pytest.raises(AbortError):
+            go()
+        return
+    event("completed")
+    result = go().result
+    assert (result.included, result.dropped) == expected
+    assert np.array_equal(result.ring_sum, expected_ring_sum(params, inputs, expected[0], seed))
+    check_decoded(params, result, inputs, expected[0])
 
 
 def test_no_dropouts_sum_is_exact_and_nobody_dropped() -> None:
@@ -176,6 +217,19 @@ def test_no_dropouts_sum_is_exact_and_nobody_dropped() -> None:
     assert result.dropped == ()
     assert np.array_equal(result.ring_sum, expected_ring_sum(params, inputs, tuple(range(7)), 3))
     check_decoded(params, result, inputs, tuple(range(7)))
+
+
+def test_run_round_is_reproducible_with_deterministic_sources() -> None:
+    params = semi_honest_params(5, dimension=6)
+    inputs = random_inputs(5, 6, 1.0, seed=4)
+    a = run_round(params, inputs, drop_at={1: 2}, rng_for=lambda p: DeterministicRandom(p))
+    b = run_round(params, inputs, drop_at={1: 2}, rng_for=lambda p: DeterministicRandom(p))
+    assert np.array_equal(a.result.ring_sum, b.result.ring_sum)
+    assert a.upload_bytes == b.upload_bytes and a.download_bytes == b.download_bytes
+    assert a.upload_bytes[1] < a.upload_bytes[0]  # party 1 went silent after sharing
+    c = run_round(params, inputs, drop_at={1: 2}, rng_for=lambda p: DeterministicRandom(p + 100))
+    assert not np.array_equal(a.result.ring_sum, c.result.ring_sum)  # other masks' rounding seeds
+    assert a.result.included == c.result.included == (0, 2, 3, 4)
 
 
 def test_secagg_plus_sparse_graph_round() -> None:

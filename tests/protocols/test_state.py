@@ -14,7 +14,7 @@ from protocols import (
     SecAggParams,
     SecAggServer,
 )
-from protocols.secagg import ClientState, UnmaskRequest
+from protocols.secagg import ClientState, MaskedInput, UnmaskRequest
 
 N, D = 6, 40
 SESSION = bytes(range(16))
@@ -105,3 +105,39 @@ def test_restored_done_session_repeats_its_answer_and_refuses_another():
     with pytest.raises(AbortError):
         restored.handle(smaller)
     assert restored.state is ClientState.ABORTED
+
+
+def test_server_restored_between_every_stage_gives_the_identical_ring_sum():
+    params = _params()
+
+    def run(restore: bool) -> np.ndarray:
+        clients = [
+            SecAggClient(params, party_id=p, session=SESSION, round_number=4, rng=DeterministicRandom(p))
+            for p in range(N)
+        ]
+        server = SecAggServer(params, session=SESSION, round_number=4)
+        for client, x in zip(clients, _inputs(), strict=True):
+            client.set_input(x)
+            server.receive(client.advertise_keys())
+            if restore:
+                server = SecAggServer.from_state(server.export_state(), params)
+        while outgoing := server.close_stage():
+            for party, message in outgoing:
+                reply = clients[party].handle(message)
+                if party != 2 or not isinstance(reply, MaskedInput):  # party 2 drops before masking
+                    server.receive(reply)
+                if restore:
+                    server = SecAggServer.from_state(server.export_state(), params)
+        assert server.result().dropped == (2,)
+        return np.asarray(server.result().ring_sum)
+
+    assert np.array_equal(run(False), run(True))
+
+
+def test_server_state_from_another_context_is_refused():
+    params = _params()
+    server = SecAggServer(params, session=SESSION, round_number=0, context=b"a")
+    with pytest.raises(LocalProtocolError, match="another"):
+        SecAggServer.from_state(server.export_state(), params, context=b"b")
+    with pytest.raises(DecodeError):
+        SecAggServer.from_state(server.export_state()[:-3] + b"\x09\x00\x00", params, context=b"a")
