@@ -199,8 +199,12 @@ class ChunkEncoder:
         w = max(stop - start, 0)
         if w:
             y, u = self._work[:w], self._noise[:w]
-            np.clip(self.x[start:stop], -enc.clip_range, enc.clip_range, out=y)
-            y *= self.weight * enc.scale
+            # Scale, then clip to the scaled range; capping at `level` guards against the product
+            # c * factor landing one ulp above it.
+            factor = self.weight * enc.scale
+            bound = min(float(enc.level), enc.clip_range * factor)
+            np.multiply(self.x[start:stop], factor, out=y)
+            np.clip(y, -bound, bound, out=y)
             self._stream.update_into(self._zeros[: w * 4], self._ubuf)
             np.multiply(self._uwords[:w], _U32_SCALE, out=u)
             # q = floor(y) + [u < y - floor(y)]: unbiased, and never beyond +-level (y - floor(y)
@@ -214,6 +218,6 @@ class ChunkEncoder:
         if start + len(out) > d:  # the weight word
             word: bytes = self._stream.update(bytes(4))
             u_w = int.from_bytes(word, "little") * _U32_SCALE
-            y_w = self.weight * enc.weight_scale
+            y_w = min(self.weight * enc.weight_scale, float(enc.level))
             signed[d - start] = math.floor(y_w) + (u_w < y_w - math.floor(y_w))
         self._next = start + len(out)

@@ -61,7 +61,8 @@ def run_demo(config: DemoConfig, *, out: list[str] | None = None) -> dict[str, f
     drop_at = {int(p): 2 for p in rng.choice(n, size=dropped, replace=False)}  # silent after sharing keys
     lines.append(
         f"{config.protocol}: n={n} clients, d={d:,} parameters, k={params.neighbours} neighbours, "
-        f"t={params.threshold}, security failure <= 2^{params.failure_log2[0]:.0f}"
+        f"t={params.threshold}, security failure probability "
+        + ("0 (bounds hold outright)" if params.failure_log2[0] == -math.inf else f"<= 2^{params.failure_log2[0]:.0f}")
         + ("  [INSECURE]" if params.insecure else "")
     )
     lines.append(f"dropping {dropped} clients after key sharing: {sorted(drop_at)}")

@@ -19,6 +19,7 @@ from .keys import (
     ed25519_verify,
     x25519_agree,
     x25519_agree_all,
+    x25519_check_public,
     x25519_generate,
     x25519_public,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "split",
     "x25519_agree",
     "x25519_agree_all",
+    "x25519_check_public",
     "x25519_generate",
     "x25519_public",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "ed25519_verify",
     "x25519_agree",
     "x25519_agree_all",
+    "x25519_check_public",
     "x25519_generate",
     "x25519_public",
 ]
@@ -60,6 +61,18 @@ def x25519_agree_all(private: bytes, peer_publics: dict[int, bytes]) -> dict[int
         except ValueError:
             raise IntegrityError(peer_id=peer) from None
     return out
+
+
+_PROBE = bytes(range(1, 33))
+
+
+def x25519_check_public(public: bytes, *, peer_id: int | None = None) -> None:
+    """Refuse a low-order public key (any agreement with it is all-zero) before anyone uses it.
+
+    Raises:
+        IntegrityError: if the key is invalid or of low order.
+    """
+    x25519_agree(_PROBE, public, peer_id=peer_id)
 
 
 def ed25519_public(private: bytes) -> bytes:

@@ -72,6 +72,7 @@ class ClientState(enum.Enum):
     CONFIRMED = 4
     DONE = 5
     ABORTED = 6
+    CLOSED = 7
 
 
 class SecAggClient:
@@ -163,8 +164,8 @@ class SecAggClient:
             AbortError: the server misbehaved or too few parties remain; the session is over.
             InvalidTransitionError: the session is already over, or the input is missing.
         """
-        if self.state in (ClientState.ABORTED,):
-            raise InvalidTransitionError("the session was aborted")
+        if self.state in (ClientState.ABORTED, ClientState.CLOSED):
+            raise InvalidTransitionError(f"the session is over ({self.state.name})")
         if message.session != self.session or message.round != self.round_number:
             raise RemoteProtocolError(
                 f"message for session {message.session.hex()} round {message.round} does not belong to "
@@ -194,12 +195,18 @@ class SecAggClient:
         context: bytes = b"",
         identity_key: bytes | None = None,
         rng: SecretSource | None = None,
+        min_stage: ClientState | None = None,
     ) -> SecAggClient:
         """Rebuild a session from `export_state()`; params and context must be the original ones.
 
+        Persist the blob exported after `handle()` *before* sending its reply, and pass the stage
+        last persisted as `min_stage`: a session rolled back to an earlier stage could sign a
+        second survivor set or answer a second unmask request.
+
         Raises:
             DecodeError: malformed blob.
-            LocalProtocolError: the blob belongs to another party, session, round, params or context.
+            LocalProtocolError: the blob belongs to another party, session, round, params or context,
+                or is older than `min_stage`.
         """
         if len(data) < 30:
             raise DecodeError("state blob is truncated")
@@ -214,11 +221,15 @@ class SecAggClient:
             rng=rng,
         )
         load_client_state(client, data)
+        if min_stage is not None and client.state.value < min_stage.value:
+            raise LocalProtocolError(f"stale state: stage {client.state.name} is older than {min_stage.name}")
         return client
 
     def erase(self) -> None:
-        """Drop every secret this session holds (best effort: Python cannot zero immutable bytes)."""
+        """End the session and drop every secret it holds (best effort: Python cannot zero bytes)."""
         self._s.clear()
+        if self.state is not ClientState.ABORTED:
+            self.state = ClientState.CLOSED
 
     # -- transitions -------------------------------------------------------------------------------
 
@@ -333,6 +344,14 @@ class SecAggClient:
             raise RemoteProtocolError("survivor set omits this party", field="survivors")
         if any(p >= self.params.num_parties for p in alive):
             raise RemoteProtocolError("survivor set names an unknown party", field="survivors")
+        params = self.params
+        if len(alive) < params.threshold:
+            raise self._abort(f"survivor set of {len(alive)} is below threshold {params.threshold}")
+        if not params.complete and len(alive) < params.num_parties - params.max_dropped:
+            # SecAgg+'s graph stays connected only while fewer than k parties are removed (the
+            # bound in _params assumes at most n_C + d_max); a server that declares more parties
+            # dropped could cut out a small group and unmask its sum.
+            raise self._abort(f"survivor set of {len(alive)} implies more than d_max={params.max_dropped} dropouts")
         neighbours = self.graph.neighbours_of(self.party_id)
         if not (alive & neighbours) <= set(self._s["held"]):
             raise self._abort("survivor set names a neighbour whose shares never arrived")
@@ -342,7 +361,7 @@ class SecAggClient:
         if self._identity_key is None:
             raise RemoteProtocolError("no consistency check in the semi-honest setting", field="stage")
         alive = self._check_survivors(request.survivors)
-        signature = ed25519_sign(self._identity_key, survivors_statement(self.transcript, alive))
+        signature = ed25519_sign(self._identity_key, survivors_statement(self.transcript, self.party_id, alive))
         self._s["signed"] = alive
         self.state = ClientState.CONFIRMED
         return SurvivorSignature(
@@ -356,10 +375,10 @@ class SecAggClient:
         if self.params.identity_keys is not None:
             if alive != self._s["signed"]:
                 raise self._abort("unmask request names a survivor set other than the one this party signed")
-            statement = survivors_statement(self.transcript, alive)
             valid = 0
             for env in request.signatures:
                 if env.peer in alive:
+                    statement = survivors_statement(self.transcript, env.peer, alive)
                     try:
                         ed25519_verify(self.params.identity_keys[env.peer], env.data, statement)
                         valid += 1

@@ -6,11 +6,12 @@ randomness (HKDF of the round's transcript hash, so the server cannot choose it)
 neighbours are the k/2 nearest ring positions on either side. A party shares its secrets with, and
 masks against, its neighbours only. With k = n - 1 the graph is complete: plain SecAgg.
 
-Limitation: the permutation is a function of the transcript, which includes the session id. A
-server that picks session ids could try many and keep a graph that is bad for a target; each try
-succeeds with probability below 2^-40 (the bound in `_params`), so this costs it about 2^40 trials.
-Hosts that want the full bound should derive the session id from randomness the server does not
-control (a public beacon, or a hash of commitments from the clients).
+Limitation: the permutation is a function of the transcript (session id, round, parameters and
+context). A server that can choose those may try many and keep a graph that is bad for a target;
+each try succeeds with probability below 2^-40 (the bound in `_params`), so the statistical bound
+becomes a computational one of about 2^40 trials, within reach of a determined attacker. Hosts that
+need the statistical bound must put randomness the server cannot bias into the round context (a
+public beacon value, or a commit-reveal of client nonces), not a hash of a roster the server picks.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ and the largest t that meet sigma = 40 and eta = 30 under these union bounds ove
 * the honest survivors must stay connected: the Harary ring falls apart only if the removed set
   (corrupted and dropped, r = n_C + d_max) covers two runs of k/2 consecutive positions, probability
   at most n^2/2 * C(r, k) / C(n, k). A malicious server chooses who drops, so there we require
-  k > r outright.
+  k > r outright, and every SecAgg+ client refuses a survivor set smaller than n - d_max (otherwise
+  a server could declare a ring segment dropped and cut a small group out of the graph).
 
 Parameters outside these bounds raise `InsecureParameterError` unless `allow_insecure=True`, in
 which case every result carries `insecure=True`.
@@ -79,7 +80,7 @@ def _bounds(n: int, k: int, t: int, n_c: int, d_max: int, malicious: bool) -> tu
     elif malicious:
         disconnect = 1.0 if removed >= k else 0.0
     else:
-        disconnect = min(1.0, n * n / 2 * math.comb(removed, k) / math.comb(n, k))
+        disconnect = min(1.0, (n * n * math.comb(removed, k)) / (2 * math.comb(n, k)))
     security = min(1.0, n * leak + disconnect)
     # A dropped party's secret is held by its k neighbours, of whom up to d_max - 1 also dropped;
     # a surviving party's by itself and its k neighbours, of whom up to d_max dropped.
@@ -181,6 +182,8 @@ class SecAggParams(BaseModel):
             )
         if self.identity_keys is not None and len(self.identity_keys) != n:
             raise InsecureParameterError(f"identity_keys has {len(self.identity_keys)} keys; need num_parties={n}")
+        if self.identity_keys is not None and len(set(self.identity_keys)) != n:
+            raise InsecureParameterError("identity_keys repeats a key: every party needs its own identity key")
         _, correctness = self.failure_log2
         if correctness > -ETA and not self.allow_insecure:
             raise InsecureParameterError(
@@ -248,10 +251,10 @@ class SecAggParams(BaseModel):
         """Signatures on one survivor set a client needs before unmasking (malicious setting).
 
         A strict majority of honest-plus-corrupted parties, (n + n_C) // 2 + 1, so two different
-        survivor sets can never both reach it; in plain SecAgg at least t, as in Bonawitz et al.
+        survivor sets can never both reach it; and never fewer than t, as in Bonawitz et al.
         """
         majority = (self.num_parties + self.max_corrupt) // 2 + 1
-        return max(majority, self.threshold) if self.complete else majority
+        return max(majority, self.threshold)
 
     @property
     def max_corrupt(self) -> int:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..encoding import DecodedSum
 from ..errors import AbortError, DecodeError, IntegrityError, InvalidTransitionError, RemoteProtocolError
 from ..primitives.kdf import LABEL_PAIRWISE_MASK, derive_key
-from ..primitives.keys import ed25519_verify, x25519_agree_all, x25519_public
+from ..primitives.keys import ed25519_verify, x25519_agree_all, x25519_check_public, x25519_public
 from ..primitives.prg import MaskAccumulator, ring_dtype
 from ..primitives.shamir import SHARE_BYTES, reconstruct
 from ._graph import NeighbourGraph
@@ -198,6 +198,12 @@ class SecAggServer:
         if self.params.identity_keys is not None:
             statement = advertise_statement(self.transcript, m.sender, m.share_public_key, m.mask_public_key)
             ed25519_verify(self.params.identity_keys[m.sender], m.signature, statement, peer_id=m.sender)
+        taken = {k for e in self._keys.values() for k in (e.share_public_key, e.mask_public_key)}
+        fresh = {m.share_public_key, m.mask_public_key}
+        if len(fresh) != 2 or fresh & taken:
+            raise RemoteProtocolError("repeated public key", peer_id=m.sender, field="mask_public_key")
+        x25519_check_public(m.share_public_key, peer_id=m.sender)
+        x25519_check_public(m.mask_public_key, peer_id=m.sender)
         self._keys[m.sender] = m
 
     def _close_keys(self) -> Outgoing:
@@ -215,8 +221,12 @@ class SecAggServer:
     def _on_shares(self, m: EncryptedShares) -> None:
         self._new_sender(m.sender, self._keys, self._boxes)
         allowed = self.graph.neighbours_of(m.sender) & set(self._keys)
-        if any(env.peer not in allowed for env in m.boxes):
-            raise RemoteProtocolError("share box for a non-neighbour", peer_id=m.sender, field="boxes")
+        if {env.peer for env in m.boxes} != allowed:
+            # A box left out would let its sender drop later and have the server remove a mask
+            # that the left-out neighbour never added: a silently wrong sum.
+            raise RemoteProtocolError(
+                "share boxes must go to exactly the sender's neighbours in the roster", peer_id=m.sender, field="boxes"
+            )
         self._boxes[m.sender] = m.boxes
 
     def _close_shares(self) -> Outgoing:
@@ -268,7 +278,7 @@ class SecAggServer:
     def _on_signature(self, m: SurvivorSignature) -> None:
         self._new_sender(m.sender, set(self._u3), self._signatures)
         assert self.params.identity_keys is not None
-        statement = survivors_statement(self.transcript, self._u3)
+        statement = survivors_statement(self.transcript, m.sender, self._u3)
         ed25519_verify(self.params.identity_keys[m.sender], m.signature, statement, peer_id=m.sender)
         self._signatures[m.sender] = m.signature
 
@@ -305,8 +315,9 @@ class SecAggServer:
         try:
             secret = reconstruct(shares, t)
             if len(shares) > t:
-                # A second, different t-subset must give the same secret: this catches any single
-                # faulty share (colluding clients could still craft consistent forgeries).
+                # A second, different t-subset must give the same secret: with more than t shares
+                # this catches a single faulty one (with exactly t nothing can be checked, and
+                # colluding clients could still craft consistent forgeries).
                 top = sorted(shares)[-t:]
                 if reconstruct({h: shares[h] for h in top}, t) != secret:
                     raise ValueError("inconsistent")

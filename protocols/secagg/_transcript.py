@@ -36,10 +36,10 @@ def advertise_statement(transcript: bytes, sender: int, share_pk: bytes, mask_pk
     return transcript + b"advertise" + struct.pack("<I", sender) + share_pk + mask_pk
 
 
-def survivors_statement(transcript: bytes, survivors: Iterable[int]) -> bytes:
-    """What a party signs in the consistency check: the sorted survivor set U3."""
+def survivors_statement(transcript: bytes, signer: int, survivors: Iterable[int]) -> bytes:
+    """What party `signer` signs in the consistency check: the sorted survivor set U3."""
     ids = sorted(survivors)
-    return transcript + b"survivors" + struct.pack(f"<I{len(ids)}I", len(ids), *ids)
+    return transcript + b"survivors" + struct.pack(f"<II{len(ids)}I", signer, len(ids), *ids)
 
 
 def box_aad(transcript: bytes, sender: int, recipient: int) -> bytes:

@@ -212,3 +212,23 @@ def test_error_hierarchy() -> None:
     assert (err.peer_id, err.field, str(err)) == (3, "round", "bad")
     integrity = IntegrityError(peer_id=5)
     assert (integrity.peer_id, integrity.field, str(integrity)) == (5, None, "integrity check failed")
+
+
+def test_bounds_do_not_overflow_for_large_federations() -> None:
+    params = SecAggParams.secagg_plus(
+        20000, dimension=1, clip_range=1.0, neighbours=400, threshold=300, allow_insecure=True
+    )
+    assert params.failure_log2[0] <= 0
+
+
+def test_duplicate_identity_keys_are_refused() -> None:
+    key = b"\x01" * 32
+    with pytest.raises(InsecureParameterError, match="identity_keys"):
+        SecAggParams.secagg(5, dimension=1, clip_range=1.0, threshold=4, identity_keys=(key,) * 5)
+
+
+def test_consistency_quorum_is_never_below_threshold() -> None:
+    for n in (20, 50, 100):
+        params = SecAggParams.secagg_plus(n, dimension=1, clip_range=1.0)
+        assert params.consistency_quorum >= params.threshold
+        assert params.consistency_quorum >= (n + params.max_corrupt) // 2 + 1

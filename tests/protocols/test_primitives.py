@@ -464,3 +464,14 @@ def test_decoded_mean() -> None:
     empty = enc.decode(enc.encode(np.zeros(3), weight=0.0, rounding_seed=bytes(32)), num_inputs=1)
     with pytest.raises(LocalProtocolError):
         empty.mean()
+
+
+@pytest.mark.parametrize("max_parties", [1, 3, 7, 10, 33, 100, 1000])
+@pytest.mark.parametrize("clip", [1e-3, 7e-3, 0.3, 1.0, 8.0])
+def test_encoding_at_the_clip_range_never_exceeds_level(max_parties: int, clip: float) -> None:
+    """c * (w * scale) may land one ulp above `level`; the encoder must still stay within it."""
+    enc = FixedPointEncoding(clip_range=clip, max_parties=max_parties, max_weight=3.0)
+    for weight in (3.0, 1.0, 0.3):
+        q = enc.encode(np.array([clip, -clip, 2 * clip]), weight=weight, rounding_seed=bytes(32))
+        signed = q.view("<i4").astype(np.int64)
+        assert np.abs(signed).max() <= enc.level

@@ -57,6 +57,9 @@ def predict(
         return None
     if len(u3) < t:
         return None
+    # SecAgg+ clients refuse a survivor set implying more than d_max dropouts (graph connectivity)
+    if not params.complete and len(u3) < n - params.max_dropped:
+        return None
     if params.malicious and len(alive_after(3)) < params.consistency_quorum:
         return None
     responders = alive_after(4)

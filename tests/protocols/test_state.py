@@ -141,3 +141,13 @@ def test_server_state_from_another_context_is_refused():
         SecAggServer.from_state(server.export_state(), params, context=b"b")
     with pytest.raises(DecodeError):
         SecAggServer.from_state(server.export_state()[:-3] + b"\x09\x00\x00", params, context=b"a")
+
+
+def test_stale_state_is_refused_when_the_host_passes_min_stage():
+    params = _params()
+    client = SecAggClient(params, party_id=0, session=SESSION, round_number=0)
+    client.advertise_keys()
+    blob = client.export_state()
+    with pytest.raises(LocalProtocolError, match="stale"):
+        SecAggClient.from_state(blob, params, min_stage=ClientState.SHARED)
+    assert SecAggClient.from_state(blob, params, min_stage=ClientState.ADVERTISED).state is ClientState.ADVERTISED
