@@ -25,21 +25,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import (
-    AbortError,
-    DecodeError,
-    IntegrityError,
-    InvalidTransitionError,
-    LocalProtocolError,
-    RemoteProtocolError,
-)
+from ..errors import AbortError, IntegrityError, InvalidTransitionError, LocalProtocolError, RemoteProtocolError
 from ..primitives.aead import open_sealed, seal
 from ..primitives.kdf import LABEL_PAIRWISE_MASK, LABEL_SHARE_ENCRYPTION, derive_key
 from ..primitives.keys import ed25519_public, ed25519_sign, ed25519_verify, x25519_agree_all, x25519_generate
 from ..primitives.prg import MaskAccumulator, ring_dtype
 from ..primitives.shamir import SHARE_BYTES, split
 from ..randomness import OsRandom, SecretSource
-from ._client_state import dump_client_state, load_client_state
+from ._client_state import dump_client_state, load_client_state, peek_identity
 from ._graph import NeighbourGraph
 from ._messages import (
     AdvertiseKeys,
@@ -55,6 +48,7 @@ from ._messages import (
     UnmaskResponse,
 )
 from ._params import SecAggParams
+from ._roster import check_advertisement
 from ._transcript import advertise_statement, box_aad, check_round_identity, survivors_statement, transcript_hash
 
 __all__ = ["ClientState", "SecAggClient"]
@@ -208,9 +202,7 @@ class SecAggClient:
             LocalProtocolError: the blob belongs to another party, session, round, params or context,
                 or is older than `min_stage`.
         """
-        if len(data) < 30:
-            raise DecodeError("state blob is truncated")
-        party, session, round_number = struct.unpack_from("<I16sQ", data, 2)
+        party, session, round_number = peek_identity(data)
         client = cls(
             params,
             party_id=party,
@@ -220,9 +212,7 @@ class SecAggClient:
             identity_key=identity_key,
             rng=rng,
         )
-        load_client_state(client, data)
-        if min_stage is not None and client.state.value < min_stage.value:
-            raise LocalProtocolError(f"stale state: stage {client.state.name} is older than {min_stage.name}")
+        load_client_state(client, data, min_stage=None if min_stage is None else min_stage.value)
         return client
 
     def erase(self) -> None:
@@ -246,25 +236,15 @@ class SecAggClient:
         keys: dict[int, AdvertiseKeys] = {}
         seen: set[bytes] = set()
         for entry in roster.entries:
-            if entry.session != self.session or entry.round != self.round_number:
-                raise RemoteProtocolError("roster entry from another session or round", peer_id=entry.sender)
-            if entry.sender >= params.num_parties:
-                raise RemoteProtocolError(f"roster names unknown party {entry.sender}", field="entries")
-            if entry.transcript != self.transcript:
-                raise RemoteProtocolError(
-                    f"party {entry.sender} is in a round with other parameters or context",
-                    peer_id=entry.sender,
-                    field="transcript",
-                )
-            same = entry.share_public_key == entry.mask_public_key
-            if same or entry.share_public_key in seen or entry.mask_public_key in seen:
-                raise RemoteProtocolError("roster repeats a public key", peer_id=entry.sender, field="entries")
+            check_advertisement(
+                entry,
+                params=params,
+                transcript=self.transcript,
+                session=self.session,
+                round_number=self.round_number,
+                taken=seen,
+            )
             seen.update((entry.share_public_key, entry.mask_public_key))
-            if params.identity_keys is not None:
-                statement = advertise_statement(
-                    self.transcript, entry.sender, entry.share_public_key, entry.mask_public_key
-                )
-                ed25519_verify(params.identity_keys[entry.sender], entry.signature, statement, peer_id=entry.sender)
             keys[entry.sender] = entry
         if keys.get(me) != self._s["own"]:
             raise self._abort("the roster does not carry this party's own keys unchanged")

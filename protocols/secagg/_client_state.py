@@ -24,7 +24,7 @@ from ._codec import decode_message, encode_message
 if TYPE_CHECKING:
     from ._client import SecAggClient
 
-__all__ = ["dump_client_state", "load_client_state"]
+__all__ = ["dump_client_state", "load_client_state", "peek_identity"]
 
 STATE_VERSION = 1
 _HEAD = struct.Struct("<BBI16sQ32s")
@@ -98,7 +98,15 @@ def dump_client_state(client: SecAggClient) -> bytes:
     return b"".join(out)
 
 
-def load_client_state(client: SecAggClient, data: bytes) -> None:
+def peek_identity(data: bytes) -> tuple[int, bytes, int]:
+    """(party, session, round) of a blob, to build the session it restores into."""
+    if len(data) < _HEAD.size:
+        raise DecodeError("state blob is truncated")
+    _, _, party, session, round_number, _ = _HEAD.unpack_from(data)
+    return party, session, round_number
+
+
+def load_client_state(client: SecAggClient, data: bytes, *, min_stage: int | None = None) -> None:
     """Restore `client` (freshly built with the same params and context) from `dump_client_state`.
 
     Raises:
@@ -123,6 +131,8 @@ def load_client_state(client: SecAggClient, data: bytes) -> None:
         state = ClientState(stage)
     except ValueError:
         raise DecodeError(f"unknown stage {stage}") from None
+    if min_stage is not None and stage < min_stage:
+        raise LocalProtocolError(f"stale state: stage {state.name} is older than the host's last persisted stage")
     values: dict[str, Any] = {}
     pos = _HEAD.size
     while pos < len(data):

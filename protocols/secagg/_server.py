@@ -43,8 +43,9 @@ from ._messages import (
     UnmaskResponse,
 )
 from ._params import SecAggParams
+from ._roster import check_advertisement
 from ._server_state import dump_server_state, load_server_state
-from ._transcript import advertise_statement, check_round_identity, survivors_statement, transcript_hash
+from ._transcript import check_round_identity, survivors_statement, transcript_hash
 
 __all__ = ["AggregateResult", "SecAggServer", "ServerState"]
 
@@ -189,19 +190,14 @@ class SecAggServer:
 
     def _on_keys(self, m: AdvertiseKeys) -> None:
         self._new_sender(m.sender, set(range(self.params.num_parties)), self._keys)
-        if m.transcript != self.transcript:
-            raise RemoteProtocolError(
-                "the party's transcript differs: other parameters, context, session or round",
-                peer_id=m.sender,
-                field="transcript",
-            )
-        if self.params.identity_keys is not None:
-            statement = advertise_statement(self.transcript, m.sender, m.share_public_key, m.mask_public_key)
-            ed25519_verify(self.params.identity_keys[m.sender], m.signature, statement, peer_id=m.sender)
-        taken = {k for e in self._keys.values() for k in (e.share_public_key, e.mask_public_key)}
-        fresh = {m.share_public_key, m.mask_public_key}
-        if len(fresh) != 2 or fresh & taken:
-            raise RemoteProtocolError("repeated public key", peer_id=m.sender, field="mask_public_key")
+        check_advertisement(
+            m,
+            params=self.params,
+            transcript=self.transcript,
+            session=self.session,
+            round_number=self.round_number,
+            taken={k for e in self._keys.values() for k in (e.share_public_key, e.mask_public_key)},
+        )
         x25519_check_public(m.share_public_key, peer_id=m.sender)
         x25519_check_public(m.mask_public_key, peer_id=m.sender)
         self._keys[m.sender] = m
