@@ -13,6 +13,7 @@ then records `name id (u8) | length (u32) | value`. Every length is checked befo
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from ._codec import decode_message, encode_message
 if TYPE_CHECKING:
     from ._client import SecAggClient
 
-__all__ = ["dump_client_state", "load_client_state", "peek_identity"]
+__all__ = ["dump_client_state", "load_client_state", "pack_ids", "peek_identity", "unpack_ids"]
 
 STATE_VERSION = 1
 _HEAD = struct.Struct("<BBI16sQ32s")
@@ -32,15 +33,21 @@ _PAIR = struct.Struct(f"<I{SHARE_BYTES}s{SHARE_BYTES}s")
 _ROSTER = struct.Struct("<I32s32s")
 
 
-def _ids(values: Any) -> bytes:
+def pack_ids(values: Iterable[int]) -> bytes:
+    """A sorted id set as consecutive u32 (used by both state formats)."""
     ids = sorted(values)
     return struct.pack(f"<{len(ids)}I", *ids)
 
 
-def _read_ids(raw: bytes) -> frozenset[int]:
+def unpack_ids(raw: bytes) -> tuple[int, ...]:
+    """The inverse of `pack_ids`."""
     if len(raw) % 4:
         raise DecodeError("bad id list in state")
-    return frozenset(struct.unpack(f"<{len(raw) // 4}I", raw))
+    return struct.unpack(f"<{len(raw) // 4}I", raw)
+
+
+def _read_ids(raw: bytes) -> frozenset[int]:
+    return frozenset(unpack_ids(raw))
 
 
 def _held_out(held: dict[int, tuple[bytes, bytes]]) -> bytes:
@@ -71,8 +78,8 @@ _FIELDS: dict[str, tuple[int, Any, Any]] = {
     "own_shares": (5, lambda v: v[0] + v[1], lambda r: (r[:SHARE_BYTES], r[SHARE_BYTES:])),
     "roster": (6, _roster_out, _roster_in),
     "held": (7, _held_out, _held_in),
-    "signed": (8, _ids, _read_ids),
-    "answered": (9, _ids, _read_ids),
+    "signed": (8, pack_ids, _read_ids),
+    "answered": (9, pack_ids, _read_ids),
     "reply": (10, encode_message, decode_message),
     "input": (11, lambda v: v.seed + struct.pack("<d", v.weight) + v.x.tobytes(), None),  # see load
 }

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import DecodeError, LocalProtocolError
 from ..primitives.prg import ring_dtype
+from ._client_state import pack_ids, unpack_ids
 from ._codec import decode_message, encode_message
 from ._messages import EncryptedShares, Envelope, SurvivorSignature, UnmaskResponse
 
@@ -53,17 +54,6 @@ def _messages_in(raw: bytes) -> list[Any]:
     return out
 
 
-def _ids_out(ids: Iterable[int]) -> bytes:
-    values = sorted(ids)
-    return struct.pack(f"<{len(values)}I", *values)
-
-
-def _ids_in(raw: bytes) -> list[int]:
-    if len(raw) % 4:
-        raise DecodeError("bad id list in server state")
-    return list(struct.unpack(f"<{len(raw) // 4}I", raw))
-
-
 def dump_server_state(server: SecAggServer) -> bytes:
     """Serialize a server session (see the module docstring for what it contains)."""
     s = server
@@ -76,9 +66,9 @@ def dump_server_state(server: SecAggServer) -> bytes:
                 for p in sorted(s._boxes)
             ),
         ),
-        (3, _ids_out(s._u2)),
-        (4, _ids_out(s._masked)),
-        (5, _ids_out(s._u3)),
+        (3, pack_ids(s._u2)),
+        (4, pack_ids(s._masked)),
+        (5, pack_ids(s._u3)),
         (
             6,
             _messages_out(
@@ -141,9 +131,9 @@ def load_server_state(server: SecAggServer, data: bytes) -> None:
     server.state = state
     server._keys = {m.sender: m for m in keys}
     server._boxes = {m.sender: tuple(Envelope(peer=e.peer, data=e.data) for e in m.boxes) for m in boxes}
-    server._u2 = set(_ids_in(rec.get(3, b"")))
-    server._masked = set(_ids_in(rec.get(4, b"")))
-    server._u3 = tuple(_ids_in(rec.get(5, b"")))
+    server._u2 = set(unpack_ids(rec.get(3, b"")))
+    server._masked = set(unpack_ids(rec.get(4, b"")))
+    server._u3 = tuple(unpack_ids(rec.get(5, b"")))
     server._signatures = {m.sender: m.signature for m in signatures}
     server._responses = {m.sender: m for m in responses}
     if 8 in rec:
