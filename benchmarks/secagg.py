@@ -13,8 +13,8 @@ for n at 10% dropout and 5% corruption; k = n - 1 is full SecAgg. Flower's SecAg
 same inputs, the same k and the same threshold when `flwr` is installed, once at its default
 clipping/quantization and once at our clip range.
 
-Reported per row (medians over surviving clients): client_s (all client stages, training
-excluded), server_s (server stages, client time excluded), upload_bytes_per_param (all of a
+Reported per row (medians over surviving clients; for ours also over --repeats rounds): client_s
+(all client stages, training excluded), server_s (server stages, client time excluded), upload_bytes_per_param (all of a
 client's uploads over d), rel_l2_error (against the exact float sum of the survivors' inputs), and
 keystream_limit_s: the time AES-256-CTR takes to produce the client's mask bytes ((k + 1)
 vectors of d + 1 words) with `update_into` a preallocated buffer, the physical floor.
@@ -73,6 +73,15 @@ def machine() -> dict[str, Any]:
         "threads_used": 1,
     }
     try:
+        import subprocess
+
+        root = Path(__file__).resolve().parents[1]
+        info["commit"] = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        info["commit"] = None
+    try:
         with open("/proc/cpuinfo") as f:
             info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
@@ -105,15 +114,20 @@ def make_params(d: int, n: int, k: int) -> SecAggParams:
     return SecAggParams.secagg_plus(n, dimension=d, clip_range=7 * SIGMA, neighbours=k, allow_insecure=True)
 
 
-def run_ours(params: SecAggParams, inputs: list[np.ndarray], drop: set[int]) -> dict[str, Any]:
-    report = run_round(params, inputs, drop_at={p: 2 for p in drop}, clock=time.perf_counter)
-    survivors = report.result.included
+def run_ours(params: SecAggParams, inputs: list[np.ndarray], drop: set[int], repeats: int) -> dict[str, Any]:
+    """Median over `repeats` rounds of the per-round medians (our rounds are cheap to repeat)."""
+    reports = [run_round(params, inputs, drop_at={p: 2 for p in drop}, clock=time.perf_counter) for _ in range(repeats)]
+    survivors = reports[0].result.included
+    client = float(np.median([np.median([r.client_seconds[p] for p in survivors]) for r in reports]))
+    server = float(np.median([r.server_seconds for r in reports]))
+    report = reports[-1]
     truth = np.sum([inputs[p] for p in survivors], axis=0)
     err = np.linalg.norm(report.result.decoded.weighted_sum - truth) / np.linalg.norm(truth)
     d = params.dimension
     return {
-        "client_s": float(np.median([report.client_seconds[p] for p in survivors])),
-        "server_s": report.server_seconds,
+        "client_s": client,
+        "server_s": server,
+        "repeats": repeats,
         "upload_bytes_per_param": float(np.median([report.upload_bytes[p] for p in survivors])) / d,
         "rel_l2_error": float(err),
         "threshold": params.threshold,
@@ -156,6 +170,7 @@ def main() -> int:
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--configs", help="comma-separated d:n:k, k an integer, 'auto' or 'full'")
     parser.add_argument("--quick", action="store_true", help="small configs, for a smoke test")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of ours per config (median); Flower runs once")
     parser.add_argument("--no-flower", action="store_true", help="skip the Flower anchor")
     parser.add_argument(
         "--flower-skip",
@@ -175,7 +190,7 @@ def main() -> int:
         drop = set(range(0, n, 10)) if n >= 10 else {0}
         base = {"d": d, "n": n, "k": params.neighbours, "dropped": len(drop)}
         limit = keystream_seconds((params.neighbours + 1) * (d + 1) * 4)
-        row = {"impl": "ours", **base, **run_ours(params, inputs, drop), "keystream_limit_s": limit}
+        row = {"impl": "ours", **base, **run_ours(params, inputs, drop, args.repeats), "keystream_limit_s": limit}
         results.append(row)
         print(json.dumps(row), flush=True)
         if with_flower and text not in args.flower_skip.split(","):
