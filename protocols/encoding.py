@@ -106,23 +106,20 @@ class FixedPointEncoding(BaseModel):
         rounding_seed: bytes | None = None,
         rng: SecretSource | None = None,
     ) -> ChunkEncoder:
-        """Validate `x` and return a streaming encoder for it (see `encode` for the arguments).
+        """Validate the parameters and return a streaming encoder for `x` (see `encode`).
 
-        The secure clients encode a chunk at a time, inside the masking loop, so the encoded vector
-        never makes a separate pass through memory.
+        The encoder reads `x` as it goes, a chunk at a time (finiteness is checked per chunk), so
+        `x` must not change until encoding has finished.
         """
         x = np.asarray(x)
         if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
             raise LocalProtocolError(f"x must be a 1-D float vector, got shape {x.shape} dtype {x.dtype}")
-        if not bool(np.isfinite(x).all()):
-            raise LocalProtocolError("x contains NaN or infinity; fix the update before encoding")
         if not (math.isfinite(weight) and 0 <= weight <= self.max_weight):
             raise LocalProtocolError(f"weight={weight} must be finite and in [0, max_weight={self.max_weight}]")
         seed = rounding_seed if rounding_seed is not None else (rng or OsRandom()).token_bytes(32)
         if len(seed) != 32:
             raise LocalProtocolError(f"rounding_seed must be 32 bytes, got {len(seed)}")
-        # A private copy: the masked input is computed later, and must be of the x validated now.
-        return ChunkEncoder(self, np.array(x, dtype=np.float64), weight, seed)
+        return ChunkEncoder(self, x, weight, seed)
 
     def encode(
         self,
@@ -176,7 +173,7 @@ class FixedPointEncoding(BaseModel):
 class ChunkEncoder:
     """Encodes one input chunk by chunk; chunks must be requested in order (the rounding stream)."""
 
-    def __init__(self, encoding: FixedPointEncoding, x: npt.NDArray[np.float64], weight: float, seed: bytes):
+    def __init__(self, encoding: FixedPointEncoding, x: npt.NDArray[np.floating], weight: float, seed: bytes):
         self.encoding, self.x, self.weight, self.seed = encoding, x, weight, seed
         self.length = x.shape[0] + 1
         self._stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
@@ -203,7 +200,10 @@ class ChunkEncoder:
             # c * factor landing one ulp above it.
             factor = self.weight * enc.scale
             bound = min(float(enc.level), enc.clip_range * factor)
-            np.multiply(self.x[start:stop], factor, out=y)
+            chunk = self.x[start:stop]
+            if not np.isfinite(chunk).all():
+                raise LocalProtocolError("x contains NaN or infinity; fix the update before encoding")
+            np.multiply(chunk, factor, out=y)
             np.clip(y, -bound, bound, out=y)
             self._stream.update_into(self._zeros[: w * 4], self._ubuf)
             np.multiply(self._uwords[:w], _U32_SCALE, out=u)

@@ -14,7 +14,7 @@ unambiguous, and AES-NI makes AES-CTR the faster of the two on the machines we t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -69,13 +69,8 @@ class MaskAccumulator:
         *,
         plus: Iterable[bytes] = (),
         minus: Iterable[bytes] = (),
-        fill: Callable[[npt.NDArray[np.unsignedinteger], int], None] | None = None,
     ) -> None:
-        """Add the masks of `plus` and subtract those of `minus` from `acc`, in place.
-
-        If `fill` is given, each chunk of `acc` is first overwritten by `fill(chunk, start)` (the
-        client's encoder), so encoding and masking share one pass over the vector.
-        """
+        """Add the masks of `plus` and subtract those of `minus` from `acc`, in place."""
         if acc.dtype != self._dtype or acc.ndim != 1:
             raise ValueError(f"acc must be a 1-D {self._dtype} vector")
         streams = [(_keystream(s), True) for s in plus] + [(_keystream(s), False) for s in minus]
@@ -87,8 +82,6 @@ class MaskAccumulator:
             zeros = self._zeros if width == self._chunk_words else self._zeros[:nbytes]
             mask = self._view[:width]
             target = acc[start:stop]
-            if fill is not None:
-                fill(target, start)
             for stream, positive in streams:
                 stream.update_into(zeros, self._buffer)
                 if positive:

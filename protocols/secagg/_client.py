@@ -29,7 +29,7 @@ from ..errors import AbortError, IntegrityError, InvalidTransitionError, LocalPr
 from ..primitives.aead import open_sealed, seal
 from ..primitives.kdf import LABEL_PAIRWISE_MASK, LABEL_SHARE_ENCRYPTION, derive_key
 from ..primitives.keys import ed25519_public, ed25519_sign, ed25519_verify, x25519_agree_all, x25519_generate
-from ..primitives.prg import MaskAccumulator, ring_dtype
+from ..primitives.prg import MaskAccumulator
 from ..primitives.shamir import SHARE_BYTES, split
 from ..randomness import OsRandom, SecretSource
 from ._client_state import dump_client_state, load_client_state, peek_identity
@@ -123,7 +123,8 @@ class SecAggClient:
             raise InvalidTransitionError(f"set_input is not allowed in state {self.state.name}")
         if np.asarray(x).shape != (self.params.dimension,):
             raise LocalProtocolError(f"x must have shape ({self.params.dimension},), got {np.asarray(x).shape}")
-        self._s["input"] = self.params.encoding.encoder(x, weight=weight, rounding_seed=rounding_seed, rng=self._rng)
+        # Encoded now, so the session holds a snapshot of the update (4 bytes per coordinate).
+        self._s["input"] = self.params.encoding.encode(x, weight=weight, rounding_seed=rounding_seed, rng=self._rng)
 
     def advertise_keys(self) -> AdvertiseKeys:
         """Round 0: draw two fresh X25519 pairs and advertise their public halves."""
@@ -304,8 +305,8 @@ class SecAggClient:
             lo, hi = min(me, peer), max(me, peer)
             seed = derive_key(secret, label=LABEL_PAIRWISE_MASK, transcript=self.transcript, a=lo, b=hi)
             (plus if me < peer else minus).append(seed)
-        masked = np.empty(params.dimension + 1, dtype=ring_dtype(params.encoding.ring_bits))
-        MaskAccumulator(params.encoding.ring_bits).apply(masked, plus=plus, minus=minus, fill=self._s["input"].fill)
+        masked = self._s["input"]  # masked in place, a cache-sized chunk at a time
+        MaskAccumulator(params.encoding.ring_bits).apply(masked, plus=plus, minus=minus)
         for name in ("share_sk", "mask_sk", "self_mask_seed", "own_shares", "input"):
             del self._s[name]
         self._s["held"] = held

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DecodeError, LocalProtocolError
+from ..primitives.prg import ring_dtype
 from ..primitives.shamir import SHARE_BYTES
 from ._codec import decode_message, encode_message
 
@@ -81,7 +82,7 @@ _FIELDS: dict[str, tuple[int, Any, Any]] = {
     "signed": (8, pack_ids, _read_ids),
     "answered": (9, pack_ids, _read_ids),
     "reply": (10, encode_message, decode_message),
-    "input": (11, lambda v: v.seed + struct.pack("<d", v.weight) + v.x.tobytes(), None),  # see load
+    "input": (11, lambda v: v.tobytes(), None),  # decoded with the ring dtype, see load
 }
 _BY_ID = {fid: name for name, (fid, _, _) in _FIELDS.items()}
 
@@ -152,11 +153,10 @@ def load_client_state(client: SecAggClient, data: bytes, *, min_stage: int | Non
         name, raw = _BY_ID[fid], data[pos : pos + length]
         pos += length
         if name == "input":
-            if len(raw) < 40 or (len(raw) - 40) % 8:
+            dtype = ring_dtype(client.params.encoding.ring_bits)
+            if len(raw) != (client.params.dimension + 1) * dtype.itemsize:
                 raise DecodeError("bad input record in state")
-            (weight,) = struct.unpack_from("<d", raw, 32)
-            x = np.frombuffer(raw, dtype="<f8", offset=40)
-            values[name] = client.params.encoding.encoder(x, weight=weight, rounding_seed=raw[:32])
+            values[name] = np.frombuffer(raw, dtype=dtype).copy()
         else:
             values[name] = _FIELDS[name][2](raw)
     client.state = state

@@ -216,17 +216,17 @@ def test_mask_accumulator_matches_expand_mask(ring_bits: int, chunk_words: int, 
 
 @pytest.mark.parametrize("ring_bits", [16, 32, 64])
 @pytest.mark.parametrize(("chunk_words", "d"), [(7, 13), (7, 14), (7, 20), (64, 1000), (CHUNK_WORDS, 1999)])
-def test_fused_encode_and_mask_equals_encode_then_mask(ring_bits: int, chunk_words: int, d: int) -> None:
+def test_streaming_encoder_in_any_chunking_equals_encode(ring_bits: int, chunk_words: int, d: int) -> None:
     enc = FixedPointEncoding(clip_range=2.0, max_parties=10, ring_bits=ring_bits, max_weight=3.0)
     x = np.random.default_rng(d).uniform(-3, 3, d)
-    seed, seeds = hashlib.sha256(b"rounding").digest(), [hashlib.sha256(b"m%d" % i).digest() for i in range(3)]
-    fused = np.full(d + 1, 12345, dtype=ring_dtype(ring_bits))  # garbage: fill must overwrite it
+    seed = hashlib.sha256(b"rounding").digest()
+    streamed = np.full(d + 1, 12345, dtype=ring_dtype(ring_bits))  # garbage: fill must overwrite it
     encoder = enc.encoder(x, weight=2.5, rounding_seed=seed)
-    MaskAccumulator(ring_bits, chunk_words=chunk_words).apply(fused, plus=seeds[:2], minus=seeds[2:], fill=encoder.fill)
-    expected = enc.encode(x, weight=2.5, rounding_seed=seed)
-    expected += expand_mask(seeds[0], d + 1, ring_bits) + expand_mask(seeds[1], d + 1, ring_bits)
-    expected -= expand_mask(seeds[2], d + 1, ring_bits)
-    assert np.array_equal(fused, expected)
+    for start in range(0, d + 1, chunk_words):
+        encoder.fill(streamed[start : start + chunk_words], start)
+    assert np.array_equal(streamed, enc.encode(x, weight=2.5, rounding_seed=seed))
+    with pytest.raises(LocalProtocolError, match="in order"):
+        encoder.fill(streamed[:1], 0)
 
 
 def test_prg_rejects_bad_arguments() -> None:
