@@ -11,8 +11,8 @@ malicious server will not abort on its behalf (Bonawitz et al. 2017, section 4, 
   quorum of valid signatures, and it never reveals, for one peer, both the self-mask share and the
   mask-key share: the ledger of what it revealed is written before the reply is built.
 
-A message it cannot accept raises and leaves the state exactly as it was (the host may deliver a
-correct message later); a server caught misbehaving moves it to ABORTED for good.
+A message it cannot accept raises and leaves the state as it was; a server caught misbehaving
+moves it to ABORTED for good.
 """
 
 from __future__ import annotations

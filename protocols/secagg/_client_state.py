@@ -26,7 +26,15 @@ from ._codec import decode_message, encode_message
 if TYPE_CHECKING:
     from ._client import SecAggClient
 
-__all__ = ["dump_client_state", "load_client_state", "pack_ids", "peek_identity", "unpack_ids"]
+__all__ = [
+    "dump_client_state",
+    "load_client_state",
+    "pack_ids",
+    "pack_records",
+    "peek_identity",
+    "read_records",
+    "unpack_ids",
+]
 
 STATE_VERSION = 1
 _HEAD = struct.Struct("<BBI16sQ32s")
@@ -99,11 +107,29 @@ def dump_client_state(client: SecAggClient) -> bytes:
             client.transcript,
         )
     ]
-    for name, value in client._s.items():
-        fid, encode, _ = _FIELDS[name]
-        raw = encode(value)
-        out.append(struct.pack("<BI", fid, len(raw)) + raw)
+    out.append(pack_records([(_FIELDS[name][0], _FIELDS[name][1](value)) for name, value in client._s.items()]))
     return b"".join(out)
+
+
+def pack_records(records: list[tuple[int, bytes]]) -> bytes:
+    """Records as `id (u8) | length (u32) | value` (used by both state formats)."""
+    return b"".join(struct.pack("<BI", fid, len(raw)) + raw for fid, raw in records)
+
+
+def read_records(data: bytes, start: int, known: set[int]) -> dict[int, bytes]:
+    """The inverse of `pack_records`, from offset `start`; unknown or repeated ids are refused."""
+    out: dict[int, bytes] = {}
+    pos = start
+    while pos < len(data):
+        if pos + 5 > len(data):
+            raise DecodeError("state record header is truncated")
+        fid, length = struct.unpack_from("<BI", data, pos)
+        pos += 5
+        if fid not in known or fid in out or pos + length > len(data):
+            raise DecodeError("bad state record")
+        out[fid] = data[pos : pos + length]
+        pos += length
+    return out
 
 
 def peek_identity(data: bytes) -> tuple[int, bytes, int]:
@@ -142,16 +168,8 @@ def load_client_state(client: SecAggClient, data: bytes, *, min_stage: int | Non
     if min_stage is not None and stage < min_stage:
         raise LocalProtocolError(f"stale state: stage {state.name} is older than the host's last persisted stage")
     values: dict[str, Any] = {}
-    pos = _HEAD.size
-    while pos < len(data):
-        if pos + 5 > len(data):
-            raise DecodeError("state record header is truncated")
-        fid, length = struct.unpack_from("<BI", data, pos)
-        pos += 5
-        if fid not in _BY_ID or pos + length > len(data):
-            raise DecodeError("bad state record")
-        name, raw = _BY_ID[fid], data[pos : pos + length]
-        pos += length
+    for fid, raw in read_records(data, _HEAD.size, set(_BY_ID)).items():
+        name = _BY_ID[fid]
         if name == "input":
             dtype = ring_dtype(client.params.encoding.ring_bits)
             if len(raw) != (client.params.dimension + 1) * dtype.itemsize:

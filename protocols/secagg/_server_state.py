@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import DecodeError, LocalProtocolError
 from ..primitives.prg import ring_dtype
-from ._client_state import pack_ids, unpack_ids
+from ._client_state import pack_ids, pack_records, read_records, unpack_ids
 from ._codec import decode_message, encode_message
 from ._messages import EncryptedShares, Envelope, SurvivorSignature, UnmaskResponse
 
@@ -81,22 +81,7 @@ def dump_server_state(server: SecAggServer) -> bytes:
     if s._acc is not None:
         records.append((8, s._acc.tobytes()))
     head = _HEAD.pack(STATE_VERSION, s.state.value, s.session, s.round_number, s.transcript)
-    return head + b"".join(struct.pack("<BI", fid, len(raw)) + raw for fid, raw in records)
-
-
-def _records(data: bytes) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    pos = _HEAD.size
-    while pos < len(data):
-        if pos + 5 > len(data):
-            raise DecodeError("server state record header is truncated")
-        fid, length = struct.unpack_from("<BI", data, pos)
-        pos += 5
-        if not 1 <= fid <= 8 or fid in out or pos + length > len(data):
-            raise DecodeError("bad server state record")
-        out[fid] = data[pos : pos + length]
-        pos += length
-    return out
+    return head + pack_records(records)
 
 
 def load_server_state(server: SecAggServer, data: bytes) -> None:
@@ -119,7 +104,7 @@ def load_server_state(server: SecAggServer, data: bytes) -> None:
         state = ServerState(stage)
     except ValueError:
         raise DecodeError(f"unknown server stage {stage}") from None
-    rec = _records(data)
+    rec = read_records(data, _HEAD.size, set(range(1, 9)))
     keys = _messages_in(rec.get(1, b""))
     boxes = _messages_in(rec.get(2, b""))
     signatures = _messages_in(rec.get(6, b""))

@@ -8,7 +8,9 @@ message, or deliver it twice. Every party draws from its own `DeterministicRando
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -190,3 +192,11 @@ class HandRound:
     def state_blob(self, party: int) -> bytes:
         """Everything the client holds (its exported state), to check that a rejection changed nothing."""
         return self.clients[party].export_state()
+
+
+@contextmanager
+def unchanged(session: Any) -> Iterator[None]:
+    """The session's state and everything it holds are the same after the block."""
+    before = (session.state, session.export_state())
+    yield
+    assert (session.state, session.export_state()) == before

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -15,6 +13,7 @@ from secagg_harness import (
     expected_ring_sum,
     malicious_params,
     semi_honest_params,
+    unchanged,
 )
 
 from protocols import (
@@ -81,14 +80,6 @@ def with_entry(roster: KeyRoster, index: int, **changes: Any) -> KeyRoster:
     entries = list(roster.entries)
     entries[index] = entries[index].model_copy(update=changes)
     return roster.model_copy(update={"entries": tuple(entries)})
-
-
-@contextmanager
-def unchanged(session: Any) -> Iterator[None]:
-    """The session's state and everything it holds are the same after the block."""
-    before = (session.state, session.export_state())
-    yield
-    assert (session.state, session.export_state()) == before
 
 
 # -- share boxes ------------------------------------------------------------------------------------------
@@ -585,100 +576,6 @@ def test_set_input_is_a_snapshot_of_the_update() -> None:
     assert np.array_equal(result.ring_sum, expected_ring_sum(params, original, result.included, 24))
 
 
-# -- the whole transition table -----------------------------------------------------------------------------
-
-
-ACCEPTED = {
-    False: {
-        (ClientState.ADVERTISED, KeyRoster),
-        (ClientState.SHARED, ShareBundle),
-        (ClientState.MASKED, UnmaskRequest),
-        (ClientState.DONE, UnmaskRequest),
-    },
-    True: {
-        (ClientState.ADVERTISED, KeyRoster),
-        (ClientState.SHARED, ShareBundle),
-        (ClientState.MASKED, SurvivorSet),
-        (ClientState.CONFIRMED, UnmaskRequest),
-        (ClientState.DONE, UnmaskRequest),
-    },
-}
-
-
-def _reference_messages(malicious: bool) -> dict[type, Any]:
-    """One message of every type, all from one complete round of client 0's point of view."""
-    params, private = malicious_params(8) if malicious else (semi_honest_params(5), None)
-    hand = HandRound(params, seed=30, identity_keys=private)
-    sample: dict[type, Any] = {}
-    hand.submit(hand.advertise())
-    sample[AdvertiseKeys] = hand.clients[0]._s["own"]
-    while True:
-        pending = hand.close()
-        if not pending:
-            break
-        sample[type(pending[0])] = pending[0]
-        replies = hand.respond()
-        sample[type(replies[0])] = replies[0]
-        hand.submit(replies)
-    return sample
-
-
-def _client_in(state: ClientState, malicious: bool) -> SecAggClient:
-    params, private = malicious_params(8) if malicious else (semi_honest_params(5), None)
-    hand = HandRound(params, seed=30, identity_keys=private)
-    client = hand.clients[0]
-    if state is ClientState.IDLE:
-        return client
-    if state is ClientState.ABORTED:
-        hand.advance(1)
-        roster = hand.pending[0]
-        with pytest.raises(AbortError):
-            client.handle(roster.model_copy(update={"entries": roster.entries[1:]}))
-        return client
-    if state is ClientState.CLOSED:
-        client.erase()
-        return client
-    steps = {
-        ClientState.ADVERTISED: 0,
-        ClientState.SHARED: 1,
-        ClientState.MASKED: 2,
-        ClientState.CONFIRMED: 3,
-        ClientState.DONE: 4 if malicious else 3,
-    }[state]
-    hand.advance(1)
-    for _ in range(steps):
-        hand.submit(hand.respond())
-        hand.close()
-    assert client.state is state
-    return client
-
-
-@pytest.mark.parametrize("malicious", [False, True], ids=["semi-honest", "malicious"])
-def test_every_state_and_message_type(malicious: bool) -> None:
-    sample = _reference_messages(malicious)
-    assert set(sample) == set(MESSAGE_TYPES) - ({SurvivorSet, SurvivorSignature} if not malicious else set())
-    states = [s for s in ClientState if malicious or s is not ClientState.CONFIRMED]
-    for state, kind in itertools.product(states, MESSAGE_TYPES):
-        if kind not in sample:
-            continue
-        client = _client_in(state, malicious)
-        before = (client.state, client.export_state())
-        try:
-            reply = client.handle(sample[kind])
-        except AbortError:  # pragma: no cover - a correct message never aborts a session
-            pytest.fail(f"{state.name} x {kind.__name__} aborted")
-        except ProtocolError as exc:
-            assert (state, kind) not in ACCEPTED[malicious], f"{state.name} x {kind.__name__}: {exc!r}"
-            assert (client.state, client.export_state()) == before, f"{state.name} x {kind.__name__}"
-            if state in (ClientState.ABORTED, ClientState.CLOSED):
-                assert isinstance(exc, InvalidTransitionError)
-            else:
-                assert isinstance(exc, RemoteProtocolError) and exc.field == "stage"
-        else:
-            assert (state, kind) in ACCEPTED[malicious], f"{state.name} x {kind.__name__} was accepted"
-            assert reply is not None
-
-
 # -- the server's checks on shares and unmask responses -------------------------------------------------------
 
 
@@ -808,87 +705,3 @@ def test_bad_session_or_round_is_a_local_protocol_error(case: str) -> None:
             SecAggServer(params, session=bytes(16), round_number=-1)
         else:
             SecAggServer(params, session=b"short", round_number=0)
-
-
-# -- regressions from the security review ----------------------------------------------------------------------
-
-
-def _secagg_plus_params(n: int = 20) -> SecAggParams:
-    return SecAggParams.secagg_plus(n, dimension=4, clip_range=1.0, dropout_rate=0.1, corrupt_fraction=0.05)
-
-
-def test_secagg_plus_client_refuses_a_survivor_set_that_implies_too_many_dropouts() -> None:
-    """A server that declares a ring segment dropped could cut a small group out of the graph."""
-    params = _secagg_plus_params()
-    hand = HandRound(params, seed=41)
-    hand.advance(3)  # everyone has sent its masked input
-    client = hand.clients[0]
-    far = [p for p in range(params.num_parties) if p != 0 and p not in client.graph.neighbours_of(0)]
-    survivors = tuple(p for p in range(params.num_parties) if p not in far[: params.max_dropped + 1])
-    with pytest.raises(AbortError, match="d_max"):
-        client.handle(UnmaskRequest(session=hand.session, round=0, survivors=survivors))
-    assert client.state is ClientState.ABORTED
-    ok = tuple(p for p in range(params.num_parties) if p not in far[: params.max_dropped])
-    assert hand.clients[1].handle(UnmaskRequest(session=hand.session, round=0, survivors=ok))
-
-
-def test_client_refuses_a_survivor_set_below_threshold() -> None:
-    params = semi_honest_params(6, dropout_rate=0.5, threshold=3)
-    hand = HandRound(params, seed=42)
-    hand.advance(3)
-    with pytest.raises(AbortError, match="below threshold"):
-        hand.clients[0].handle(UnmaskRequest(session=hand.session, round=0, survivors=(0, 1)))
-
-
-def test_server_rejects_share_boxes_that_leave_out_a_neighbour() -> None:
-    """Otherwise the sender could drop and have the server remove a mask its neighbour never added."""
-    params = semi_honest_params(6)
-    hand = HandRound(params, seed=43)
-    hand.advance(1)
-    shares = hand.respond()
-    short = shares[0].model_copy(update={"boxes": shares[0].boxes[1:]})
-    with unchanged(hand.server), pytest.raises(RemoteProtocolError) as info:
-        hand.server.receive(short)
-    assert info.value.field == "boxes"
-
-
-def test_server_rejects_repeated_and_low_order_keys() -> None:
-    params = semi_honest_params(6)
-    hand = HandRound(params, seed=44)
-    keys = hand.advertise()
-    hand.server.receive(keys[0])
-    copied = keys[1].model_copy(update={"mask_public_key": keys[0].mask_public_key})
-    with unchanged(hand.server), pytest.raises(RemoteProtocolError, match="repeated"):
-        hand.server.receive(copied)
-    low_order = keys[1].model_copy(update={"mask_public_key": bytes(32)})
-    with unchanged(hand.server), pytest.raises(IntegrityError):
-        hand.server.receive(low_order)
-    hand.server.receive(keys[1])
-
-
-def test_a_signature_is_bound_to_its_signer() -> None:
-    """A survivor signature replayed under another party's id does not count toward the quorum."""
-    from protocols.primitives import ed25519_sign
-    from protocols.secagg._transcript import survivors_statement
-
-    params, private = malicious_params()
-    hand = HandRound(params, seed=45, identity_keys=private)
-    transcript = hand.server.transcript
-    survivors = tuple(range(8))
-    assert survivors_statement(transcript, 1, survivors) != survivors_statement(transcript, 2, survivors)
-    signature = ed25519_sign(private[1], survivors_statement(transcript, 1, survivors))
-    from protocols.primitives import ed25519_verify
-
-    with pytest.raises(IntegrityError):
-        ed25519_verify(params.identity_keys[2], signature, survivors_statement(transcript, 2, survivors))
-
-
-def test_erase_ends_the_session() -> None:
-    params = semi_honest_params(6)
-    hand = HandRound(params, seed=46)
-    hand.advance(1)
-    client = hand.clients[0]
-    client.erase()
-    assert client.state is ClientState.CLOSED
-    with pytest.raises(InvalidTransitionError):
-        client.handle(hand.pending[0])
