@@ -175,10 +175,7 @@ class SecAggClient:
         return handler(self, message)
 
     def export_state(self) -> bytes:
-        """The session as bytes, for hosts that persist it between stages. The bytes are SECRET.
-
-        Restore with `SecAggClient.from_state`; always keep the latest blob (see `_client_state`).
-        """
+        """The session as bytes (SECRET), for hosts that persist it; see `from_state` and `_client_state`."""
         return dump_client_state(self)
 
     @classmethod
@@ -390,6 +387,7 @@ class SecAggClient:
 
 
 _Handler = Callable[[SecAggClient, Any], Message]
+# The transition table: (state, message type) -> handler. Anything else is rejected.
 _TRANSITIONS: dict[tuple[ClientState, type[Any]], _Handler] = {
     (ClientState.ADVERTISED, KeyRoster): SecAggClient._on_roster,
     (ClientState.SHARED, ShareBundle): SecAggClient._on_bundle,
@@ -398,4 +396,3 @@ _TRANSITIONS: dict[tuple[ClientState, type[Any]], _Handler] = {
     (ClientState.CONFIRMED, UnmaskRequest): SecAggClient._on_unmask,
     (ClientState.DONE, UnmaskRequest): SecAggClient._on_repeat_unmask,
 }
-"""The client's transition table: (state, message type) -> handler. Anything else is rejected."""
