@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "SecureFedLLMError"]
+__all__ = ["ConfigError", "PrivacyBudgetExhaustedError", "SecureFedLLMError"]
 
 
 class SecureFedLLMError(Exception):
@@ -11,3 +11,17 @@ class SecureFedLLMError(Exception):
 
 class ConfigError(SecureFedLLMError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
+
+
+class PrivacyBudgetExhaustedError(SecureFedLLMError):
+    """A DP release would take a client past its epsilon budget; nothing was charged.
+
+    Attributes:
+        spent: epsilon already spent.
+        requested: epsilon the release would have reached.
+        budget: the client's budget.
+    """
+
+    def __init__(self, message: str, *, spent: float, requested: float, budget: float) -> None:
+        super().__init__(message)
+        self.spent, self.requested, self.budget = spent, requested, budget

@@ -1,0 +1,49 @@
+"""Target epsilon to noise multiplier, with a documented tolerance (one function, no side effects)."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .accountants import Accountant
+from .events import DPSGDEvent
+
+__all__ = ["noise_for_epsilon"]
+
+_MAX_NOISE = 1000.0
+
+
+def noise_for_epsilon(
+    target_epsilon: float,
+    *,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: Accountant,
+) -> float:
+    """The smallest noise multiplier, to within 1e-6, whose epsilon is at most the target.
+
+    Guarantee: epsilon(returned sigma) <= target_epsilon under `accountant` (bisection keeps the
+    upper end feasible), and sigma - 1e-6 would exceed it.
+
+    Raises:
+        ConfigError: if even sigma = 1000 cannot reach the target (the message gives that epsilon).
+    """
+    if target_epsilon <= 0:
+        raise ConfigError(f"privacy.target_epsilon={target_epsilon} must be positive")
+
+    def eps(sigma: float) -> float:
+        return accountant.epsilon([DPSGDEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)], delta)
+
+    best = eps(_MAX_NOISE)
+    if best > target_epsilon:
+        raise ConfigError(
+            f"privacy.target_epsilon={target_epsilon} is out of reach: even noise {_MAX_NOISE} gives epsilon "
+            f"{best:.3g} at q={sample_rate}, {steps} steps, delta={delta}; raise the target or lower q or steps"
+        )
+    low, high = 0.0, _MAX_NOISE
+    while high - low > 1e-6:
+        mid = (low + high) / 2
+        if eps(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high

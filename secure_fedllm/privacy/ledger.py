@@ -1,0 +1,100 @@
+"""A client's persistent privacy ledger: charged, written and synced before its update leaves.
+
+The ledger is the client's own record (a server cannot edit it): one event per joined round, the
+budget and delta it was opened with, and the accountant that reads it. `charge()` first computes
+the epsilon the history would reach; over budget it raises `PrivacyBudgetExhaustedError` and
+changes nothing (in memory or on disk). Writes go to a temporary file that is fsynced and renamed
+over the old one, so a crash leaves either the old ledger or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import PrivacyBudgetExhaustedError
+from .accountants import make_accountant
+from .events import DPSGDEvent
+
+__all__ = ["PrivacyLedger"]
+
+
+class PrivacyLedger:
+    """Per-client ledger backed by one JSON file."""
+
+    def __init__(self, path: str | Path, *, client: int, epsilon_budget: float, delta: float, accountant: str) -> None:
+        self.path = Path(path)
+        self.client, self.epsilon_budget, self.delta, self.accountant_name = client, epsilon_budget, delta, accountant
+        self._accountant = make_accountant(accountant)
+        self.rounds: list[int] = []
+        self.events: list[DPSGDEvent] = []
+
+    @classmethod
+    def open(cls, path: str | Path, **kw: Any) -> PrivacyLedger:
+        """Load the ledger at `path` if it exists (its settings win), else start an empty one."""
+        path = Path(path)
+        if not path.exists():
+            return cls(path, **kw)
+        data = json.loads(path.read_text())
+        ledger = cls(
+            path,
+            client=data["client"],
+            epsilon_budget=data["epsilon_budget"],
+            delta=data["delta"],
+            accountant=data["accountant"],
+        )
+        ledger.rounds = [int(e["round"]) for e in data["events"]]
+        ledger.events = [DPSGDEvent(**{k: v for k, v in e.items() if k != "round"}) for e in data["events"]]
+        return ledger
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far at the ledger's delta."""
+        return self._accountant.epsilon(self.events, self.delta)
+
+    def would_exceed(self, event: DPSGDEvent) -> bool:
+        """True if charging `event` would go past the budget (a client then sits the round out)."""
+        return self._accountant.epsilon([*self.events, event], self.delta) > self.epsilon_budget
+
+    def charge(self, round_number: int, event: DPSGDEvent) -> float:
+        """Record one joined round and persist it; returns the new epsilon.
+
+        Raises:
+            PrivacyBudgetExhaustedError: the event would exceed the budget; nothing changed.
+        """
+        if round_number in self.rounds:
+            raise ValueError(f"round {round_number} is already charged to client {self.client}")
+        prospective = self._accountant.epsilon([*self.events, event], self.delta)
+        if prospective > self.epsilon_budget:
+            raise PrivacyBudgetExhaustedError(
+                f"client {self.client}: round {round_number} would raise epsilon from {self.epsilon:.3f} to "
+                f"{prospective:.3f}, over the budget {self.epsilon_budget}; the client must sit this round out",
+                spent=self.epsilon,
+                requested=prospective,
+                budget=self.epsilon_budget,
+            )
+        self.rounds.append(round_number)
+        self.events.append(event)
+        self._write()
+        return prospective
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (also what `budget show` prints)."""
+        return {
+            "client": self.client,
+            "epsilon_budget": self.epsilon_budget,
+            "delta": self.delta,
+            "accountant": self.accountant_name,
+            "events": [{"round": r, **e.model_dump()} for r, e in zip(self.rounds, self.events, strict=True)],
+        }
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
