@@ -25,7 +25,19 @@ from protocols import (
     SecAggServer,
 )
 from protocols.primitives import ed25519_public, ring_dtype
-from protocols.secagg import Message
+from protocols.secagg import (
+    AdvertiseKeys,
+    EncryptedShares,
+    Envelope,
+    KeyRoster,
+    MaskedInput,
+    Message,
+    ShareBundle,
+    SurvivorSet,
+    SurvivorSignature,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 
 SESSION = bytes(range(16))
 OTHER_SESSION = bytes(range(1, 17))
@@ -200,3 +212,34 @@ def unchanged(session: Any) -> Iterator[None]:
     before = (session.state, session.export_state())
     yield
     assert (session.state, session.export_state()) == before
+
+
+MESSAGE_TYPES = (  # every message class, in protocol order
+    AdvertiseKeys,
+    KeyRoster,
+    EncryptedShares,
+    ShareBundle,
+    MaskedInput,
+    SurvivorSet,
+    SurvivorSignature,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+
+
+def flip(data: bytes, bit: int) -> bytes:
+    out = bytearray(data)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
+
+
+def with_box(bundle: ShareBundle, index: int, data: bytes) -> ShareBundle:
+    boxes = list(bundle.boxes)
+    boxes[index] = Envelope(peer=boxes[index].peer, data=data)
+    return bundle.model_copy(update={"boxes": tuple(boxes)})
+
+
+def with_entry(roster: KeyRoster, index: int, **changes: Any) -> KeyRoster:
+    entries = list(roster.entries)
+    entries[index] = entries[index].model_copy(update=changes)
+    return roster.model_copy(update={"entries": tuple(entries)})

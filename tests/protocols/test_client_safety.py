@@ -11,9 +11,12 @@ from secagg_harness import (
     OTHER_SESSION,
     HandRound,
     expected_ring_sum,
+    flip,
     malicious_params,
     semi_honest_params,
     unchanged,
+    with_box,
+    with_entry,
 )
 
 from protocols import (
@@ -38,7 +41,6 @@ from protocols.primitives import (
     x25519_generate,
 )
 from protocols.secagg import (
-    AdvertiseKeys,
     EncryptedShares,
     Envelope,
     KeyRoster,
@@ -50,37 +52,6 @@ from protocols.secagg import (
     UnmaskResponse,
 )
 from protocols.secagg._transcript import box_aad
-
-MESSAGE_TYPES = (
-    AdvertiseKeys,
-    KeyRoster,
-    EncryptedShares,
-    ShareBundle,
-    MaskedInput,
-    SurvivorSet,
-    SurvivorSignature,
-    UnmaskRequest,
-    UnmaskResponse,
-)
-
-
-def flip(data: bytes, bit: int) -> bytes:
-    out = bytearray(data)
-    out[bit // 8] ^= 1 << (bit % 8)
-    return bytes(out)
-
-
-def with_box(bundle: ShareBundle, index: int, data: bytes) -> ShareBundle:
-    boxes = list(bundle.boxes)
-    boxes[index] = Envelope(peer=boxes[index].peer, data=data)
-    return bundle.model_copy(update={"boxes": tuple(boxes)})
-
-
-def with_entry(roster: KeyRoster, index: int, **changes: Any) -> KeyRoster:
-    entries = list(roster.entries)
-    entries[index] = entries[index].model_copy(update=changes)
-    return roster.model_copy(update={"entries": tuple(entries)})
-
 
 # -- share boxes ------------------------------------------------------------------------------------------
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from secagg_harness import (
     HandRound,
@@ -21,48 +19,8 @@ from protocols import (
     SecAggParams,
 )
 from protocols.secagg import (
-    AdvertiseKeys,
-    EncryptedShares,
-    Envelope,
-    KeyRoster,
-    MaskedInput,
-    ShareBundle,
-    SurvivorSet,
-    SurvivorSignature,
     UnmaskRequest,
-    UnmaskResponse,
 )
-
-MESSAGE_TYPES = (
-    AdvertiseKeys,
-    KeyRoster,
-    EncryptedShares,
-    ShareBundle,
-    MaskedInput,
-    SurvivorSet,
-    SurvivorSignature,
-    UnmaskRequest,
-    UnmaskResponse,
-)
-
-
-def flip(data: bytes, bit: int) -> bytes:
-    out = bytearray(data)
-    out[bit // 8] ^= 1 << (bit % 8)
-    return bytes(out)
-
-
-def with_box(bundle: ShareBundle, index: int, data: bytes) -> ShareBundle:
-    boxes = list(bundle.boxes)
-    boxes[index] = Envelope(peer=boxes[index].peer, data=data)
-    return bundle.model_copy(update={"boxes": tuple(boxes)})
-
-
-def with_entry(roster: KeyRoster, index: int, **changes: Any) -> KeyRoster:
-    entries = list(roster.entries)
-    entries[index] = entries[index].model_copy(update=changes)
-    return roster.model_copy(update={"entries": tuple(entries)})
-
 
 # -- regressions from the security review ----------------------------------------------------------------------
 
