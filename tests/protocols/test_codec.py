@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from secagg_harness import HandRound, malicious_params, semi_honest_params
+from secagg_harness import MESSAGE_TYPES, HandRound, malicious_params, semi_honest_params
 
 from protocols import DecodeError, decode_message, encode_message
 from protocols.secagg import (
@@ -28,17 +28,7 @@ from protocols.secagg import (
     UnmaskResponse,
 )
 
-ALL_TYPES = (
-    AdvertiseKeys,
-    KeyRoster,
-    EncryptedShares,
-    ShareBundle,
-    MaskedInput,
-    SurvivorSet,
-    SurvivorSignature,
-    UnmaskRequest,
-    UnmaskResponse,
-)
+ALL_TYPES = MESSAGE_TYPES
 
 # -- strategies ------------------------------------------------------------------------------------------------
 
