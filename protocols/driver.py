@@ -59,8 +59,15 @@ class RoundReport:
 class _Network:
     """Routes encoded messages between the sessions, timing each side and counting bytes."""
 
-    def __init__(self, clients: list[Any], server: Any, drop_at: Mapping[int, int], clock: Callable[[], float]):
-        self.clients, self.server, self.drop_at, self.tick = clients, server, drop_at, clock
+    def __init__(
+        self,
+        clients: list[Any],
+        server: Any,
+        drop_at: Mapping[int, int],
+        clock: Callable[[], float],
+        tap: Callable[[int, bytes], None] | None = None,
+    ):
+        self.clients, self.server, self.drop_at, self.tick, self.tap = clients, server, drop_at, clock, tap
         n = len(clients)
         self.client_seconds = {p: 0.0 for p in range(n)}
         self.server_seconds = 0.0
@@ -76,6 +83,8 @@ class _Network:
         wire = None if party in self.gone else encode_message(message)
         self.client_seconds[party] += self.tick() - t
         self.up[party] += len(wire or b"")
+        if wire is not None and self.tap is not None:
+            self.tap(party, wire)
         return wire
 
     def to_server(self, wires: list[bytes | None]) -> None:
@@ -110,6 +119,8 @@ def run_round(
     identity_keys: Sequence[bytes] | None = None,
     rng_for: Callable[[int], SecretSource] | None = None,
     clock: Callable[[], float] | None = None,
+    tap: Callable[[int, bytes], None] | None = None,
+    rounding_seeds: Sequence[bytes] | None = None,
 ) -> RoundReport:
     """Run one round and return the server's result.
 
@@ -125,6 +136,9 @@ def run_round(
         identity_keys: per-party Ed25519 private keys (malicious setting).
         rng_for: party id -> its `SecretSource` (-1 is the session id's source); os.urandom by default.
         clock: a monotonic clock for timings.
+        tap: called with (party, bytes) for every message a client sends the server (an audit hook).
+        rounding_seeds: per-party 32-byte seeds of the stochastic rounding (default: from each party's
+            SecretSource); a client that must replay a bit-identical input after a crash passes its own.
 
     Raises:
         AbortError: the round aborted (too few survivors); nothing was revealed.
@@ -155,11 +169,12 @@ def run_round(
         if protocol == "secagg"
         else PlaintextServer(params, session=session, round_number=round_number)
     )
-    net = _Network(clients, server, drop_at or {}, clock or (lambda: 0.0))
+    net = _Network(clients, server, drop_at or {}, clock or (lambda: 0.0), tap)
     first = []
     for p, client in enumerate(clients):
         weight = 1.0 if weights is None else weights[p]
-        first.append(net.client_step(p, partial(_start, client, inputs[p], weight)))
+        seed = None if rounding_seeds is None else rounding_seeds[p]
+        first.append(net.client_step(p, partial(_start, client, inputs[p], weight, seed)))
     net.to_server(first)
     while wires := net.close_stage():
         net.to_server([net.to_client(p, wire) for p, wire in wires if p not in net.gone])
@@ -172,8 +187,8 @@ def run_round(
     )
 
 
-def _start(client: Any, x: npt.NDArray[np.floating], weight: float) -> Message:
-    client.set_input(x, weight=weight)
+def _start(client: Any, x: npt.NDArray[np.floating], weight: float, rounding_seed: bytes | None) -> Message:
+    client.set_input(x, weight=weight, rounding_seed=rounding_seed)
     if isinstance(client, SecAggClient):
         return client.advertise_keys()
     message: Message = client.start()

@@ -1,33 +1,46 @@
-"""Federated fine-tuning of LLMs with DP-SGD and secure aggregation: configuration, clients, runner.
+"""Federated fine-tuning of LLMs with LoRA, DP-SGD and secure aggregation.
 
-Builds on `protocols` for secure aggregation. This release ships the secure-aggregation demo
-(`secure-fedllm demo`) and the validated run configuration (`RunConfig`); LoRA + DP-SGD clients and
-the federation runner come next.
+One front door: `run(config)` trains a federation in process (clients run DP-SGD with Opacus on
+LoRA adapters, updates are summed by the secure-aggregation protocols of `protocols`) and returns a
+`RunResult` with the metrics, each client's epsilon and the saved adapter. `RunConfig` validates
+and serialises the configuration; `plan_budget` / `show_budget` answer privacy-budget questions.
 """
 
+from .budget import plan_budget, show_budget
 from .config import (
     DataConfig,
+    EvaluationConfig,
     FederationConfig,
     LoraConfig,
     ModelConfig,
     PrivacyConfig,
     RunConfig,
     SecureAggregationConfig,
+    TrainingConfig,
 )
 from .demo import SMOLLM2_QV_LORA_R16, DemoConfig, run_demo
-from .errors import ConfigError, SecureFedLLMError
+from .errors import ConfigError, PrivacyBudgetExhaustedError, SecureFedLLMError
+from .federation import PlanRefusedError, RunResult, run
 
 __all__ = [
     "SMOLLM2_QV_LORA_R16",
     "ConfigError",
     "DataConfig",
     "DemoConfig",
+    "EvaluationConfig",
     "FederationConfig",
     "LoraConfig",
     "ModelConfig",
+    "PlanRefusedError",
+    "PrivacyBudgetExhaustedError",
     "PrivacyConfig",
     "RunConfig",
+    "RunResult",
     "SecureAggregationConfig",
     "SecureFedLLMError",
+    "TrainingConfig",
+    "plan_budget",
+    "run",
     "run_demo",
+    "show_budget",
 ]

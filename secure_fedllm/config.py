@@ -23,12 +23,14 @@ from .errors import ConfigError
 
 __all__ = [
     "DataConfig",
+    "EvaluationConfig",
     "FederationConfig",
     "LoraConfig",
     "ModelConfig",
     "PrivacyConfig",
     "RunConfig",
     "SecureAggregationConfig",
+    "TrainingConfig",
 ]
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -89,6 +91,9 @@ class FederationConfig(_Section):
     rounds: Annotated[int, Field(ge=1)] = Field(3, description="federated rounds")
     local_steps: Annotated[int, Field(ge=1)] = Field(3, description="DP-SGD steps per client per round")
     dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="probability a client drops per stage")
+    weighting: Literal["uniform", "size"] = Field(
+        "uniform", description="aggregation weights: uniform, or proportional to publicly declared dataset sizes"
+    )
     seed: int = Field(0, description="seed of data generation, partitioning and client sampling (not of secrets)")
 
     @model_validator(mode="after")
@@ -116,6 +121,11 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "prv"] = Field("rdp", description="privacy accountant")
     max_participations: Annotated[int, Field(ge=1)] | None = Field(None, description="cap on rounds a client joins")
     expected_batch_size: Annotated[int, Field(ge=1)] = Field(32, description="expected Poisson batch size")
+    noise_seed: int | None = Field(
+        None,
+        description="unset: each client seeds its batch sampling and noise from os.urandom (private); an int "
+        "makes runs reproducible but the noise predictable to anyone who knows it (experiments only)",
+    )
 
     @model_validator(mode="after")
     def _user_field(self) -> PrivacyConfig:
@@ -129,13 +139,32 @@ class SecureAggregationConfig(_Section):
 
     protocol: Literal["none", "secagg", "secagg+"] = Field("secagg+", description="none sends updates in the clear")
     clip_range: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
-        0.05, description="public per-coordinate clipping bound of the encoded update"
+        0.1, description="public per-coordinate bound of the encoded update (>= local_steps * learning_rate for adam)"
     )
     threshold: Annotated[int, Field(ge=2)] | None = Field(None, description="Shamir threshold; derived if unset")
     dropout_rate: Annotated[float, Field(ge=0, lt=1)] = Field(0.1, description="dropouts the protocol tolerates")
     corrupt_fraction: Annotated[float, Field(ge=0, lt=0.5)] = Field(
         0.05, description="clients assumed to collude with the server"
     )
+
+
+class TrainingConfig(_Section):
+    """The local optimiser each client runs inside DP-SGD."""
+
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="inner optimiser of the DP optimiser")
+    learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(0.02, description="local step size")
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = Field(
+        "hooks", description="how Opacus computes per-example gradients (hooks measured fastest for LoRA)"
+    )
+
+
+class EvaluationConfig(_Section):
+    """The server's own held-out data and what it reports each round."""
+
+    heldout_records: Annotated[int, Field(ge=1)] = Field(64, description="held-out records (server-side)")
+    generations: Annotated[int, Field(ge=0)] = Field(2, description="sample generations printed per round")
+    max_new_tokens: Annotated[int, Field(ge=1)] = Field(24, description="tokens per sample generation")
+    batch_size: Annotated[int, Field(ge=1)] = Field(32, description="evaluation batch size")
 
 
 class RunConfig(_Section):
@@ -149,6 +178,20 @@ class RunConfig(_Section):
     federation: FederationConfig = FederationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _secure_cohort(self) -> RunConfig:
+        cohort = self.federation.clients_per_round or self.federation.clients
+        if self.secure_aggregation.protocol != "none" and cohort < 3:
+            raise ValueError(
+                f"secure_aggregation.protocol={self.secure_aggregation.protocol!r} needs at least 3 clients per "
+                f"round (got {cohort}): with two, each learns the other's update; add clients or set protocol='none'"
+            )
+        if self.privacy.unit == "user" and self.data.source == "synthetic" and self.privacy.user_field != "person_id":
+            raise ValueError("synthetic data groups records by privacy.user_field='person_id'")
+        return self
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

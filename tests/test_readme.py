@@ -23,4 +23,4 @@ def test_readme_has_exactly_two_setup_commands():
     text = README.read_text()
     quickstart = text.split("## Quickstart", 1)[1].split("##", 1)[0]
     commands = re.findall(r"^bash scripts/\w+\.sh", quickstart, flags=re.M)
-    assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    assert commands == ["bash scripts/run.sh", "bash scripts/test.sh"]

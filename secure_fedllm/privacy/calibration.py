@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from ..errors import ConfigError
 from .accountants import Accountant
 from .events import DPSGDEvent
@@ -29,7 +31,11 @@ def noise_for_epsilon(
     """
     if target_epsilon <= 0:
         raise ConfigError(f"privacy.target_epsilon={target_epsilon} must be positive")
+    return _calibrate(target_epsilon, delta, sample_rate, steps, accountant)
 
+
+@lru_cache(maxsize=256)
+def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: Accountant) -> float:
     def eps(sigma: float) -> float:
         return accountant.epsilon([DPSGDEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)], delta)
 

@@ -1,0 +1,107 @@
+"""Privacy budgets before and after a run: `budget plan` and `budget show`.
+
+`plan` answers the two questions asked before a run: which noise multiplier reaches a target
+epsilon over K joins of `steps` DP-SGD steps at sampling rate q, and which epsilon a given noise
+gives. `show` reads the ledgers a run wrote (they, not the metrics, are the record of what each
+client spent).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .errors import ConfigError
+from .privacy import DPSGDEvent, PrivacyLedger, make_accountant, noise_for_epsilon
+
+__all__ = ["plan_budget", "show_budget"]
+
+
+def plan_budget(
+    *,
+    sample_rate: float,
+    steps_per_round: int,
+    rounds: int,
+    delta: float,
+    epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+    accountant: str = "rdp",
+) -> dict[str, Any]:
+    """Target epsilon -> noise multiplier, or noise multiplier -> epsilon (exactly one of them given).
+
+    Raises:
+        ConfigError: neither or both given, or a value out of range.
+    """
+    if (epsilon is None) == (noise_multiplier is None):
+        raise ConfigError("give exactly one of --epsilon (to get the noise) or --noise (to get epsilon)")
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"sample rate {sample_rate} must be in (0, 1]; q = expected batch / records")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta {delta} must be in (0, 1)")
+    if steps_per_round < 1 or rounds < 1:
+        raise ConfigError("steps per round and rounds must be positive")
+    acc = make_accountant(accountant)
+    total_steps = steps_per_round * rounds
+    if epsilon is not None:
+        sigma = noise_for_epsilon(epsilon, delta=delta, sample_rate=sample_rate, steps=total_steps, accountant=acc)
+    else:
+        assert noise_multiplier is not None
+        if noise_multiplier < 0:
+            raise ConfigError("--noise must be non-negative")
+        sigma = noise_multiplier
+    per_round = [
+        acc.epsilon([DPSGDEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps_per_round * k)], delta)
+        if sigma > 0
+        else math.inf
+        for k in range(1, rounds + 1)
+    ]
+    return {
+        "accountant": accountant,
+        "sample_rate": sample_rate,
+        "steps_per_round": steps_per_round,
+        "rounds": rounds,
+        "delta": delta,
+        "noise_multiplier": sigma,
+        "epsilon": per_round[-1],
+        "epsilon_after_round": per_round,
+    }
+
+
+def show_budget(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Per client: epsilon spent, delta, rounds joined, remaining budget (from the ledgers).
+
+    Raises:
+        ConfigError: `run_dir` is not a run folder.
+    """
+    root = Path(run_dir)
+    if not (root / "config.toml").exists():
+        raise ConfigError(f"{root} is not a run folder (no config.toml)")
+    config = RunConfig.from_file(root / "config.toml")
+    out = []
+    for path in sorted((root / "ledger").glob("client-*.json")):
+        data = json.loads(path.read_text())
+        ledger = PrivacyLedger.open(
+            path,
+            client=data["client"],
+            epsilon_budget=data["epsilon_budget"],
+            delta=data["delta"],
+            accountant=data["accountant"],
+        )
+        spent = ledger.epsilon
+        out.append(
+            {
+                "client": ledger.client,
+                "epsilon": spent,
+                "delta": ledger.delta,
+                "budget": ledger.epsilon_budget,
+                "remaining": max(0.0, ledger.epsilon_budget - spent),
+                "rounds_joined": list(ledger.rounds),
+                "accountant": ledger.accountant_name,
+            }
+        )
+    if not out and config.privacy.mechanism != "none":
+        raise ConfigError(f"{root} has no ledgers yet (no round was joined)")
+    return out

@@ -1,0 +1,145 @@
+"""Where the records come from and how they are split between clients and the server's held-out set.
+
+Sources: the synthetic private-records generator (default; needs nothing outside the repository),
+an Alpaca-format JSON or JSON-lines file, or a local Hugging Face dataset folder (`save_to_disk`).
+The held-out records are the server's own: they are never part of any client's data, and only the
+server evaluates on them. The privacy unit of each record is kept: its person id under user-level
+DP, else the record itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from .synthetic import synthesize_federation
+
+__all__ = ["FederationData", "TextRecord", "load_alpaca", "load_federation_data", "partition"]
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    """An instruction record and its privacy unit (a person id, or the record's own id)."""
+
+    instruction: str
+    input: str
+    output: str
+    unit: str
+
+
+@dataclass
+class FederationData:
+    """Per-client records, the server's held-out records, and the canary manifest (synthetic only)."""
+
+    clients: list[list[TextRecord]]
+    heldout: list[TextRecord]
+    canaries: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_alpaca(path: str | Path) -> list[dict[str, Any]]:
+    """Alpaca-format records (instruction, input, output) from a JSON array or a JSON-lines file.
+
+    Raises:
+        ConfigError: the file is missing, malformed, or a record lacks `instruction`/`output`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data.path={str(path)!r} is not a file")
+    text = path.read_text()
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"data.path={str(path)!r}: not JSON or JSON lines ({exc})") from exc
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "instruction" not in row or "output" not in row:
+            raise ConfigError(f"data.path={str(path)!r}: record {i} needs 'instruction' and 'output' fields")
+    return list(rows)
+
+
+def _load_hf_folder(path: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConfigError("data.source='hf-folder' needs the `datasets` package: pip install datasets") from exc
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded["train"]
+    return [dict(row) for row in loaded]
+
+
+def partition(
+    rows: Sequence[dict[str, Any]], num_clients: int, *, how: str, seed: int, alpha: float = 0.5, by: str | None = None
+) -> list[list[int]]:
+    """Row indices per client, by `how`.
+
+    `iid` is a shuffled equal split, `dirichlet` draws client sizes from Dir(alpha) (at least one
+    row each: quantity skew), `field` sends all rows with the same value of `by` to one client.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(rows)).tolist()
+    if len(rows) < num_clients:
+        raise ConfigError(f"{len(rows)} records cannot be split over federation.clients={num_clients}")
+    if how == "iid":
+        return [sorted(order[c::num_clients]) for c in range(num_clients)]
+    if how == "dirichlet":
+        shares = rng.dirichlet([alpha] * num_clients)
+        sizes = np.maximum(1, np.floor(shares * (len(rows) - num_clients)).astype(int) + 1)
+        cuts = np.cumsum(sizes)[:-1]
+        return [sorted(part.tolist()) for part in np.split(np.array(order), cuts)]
+    if by is None:
+        raise ConfigError("partition='field' needs data.partition_field")
+    values = sorted({str(row.get(by)) for row in rows})
+    if len(values) < num_clients:
+        raise ConfigError(f"data.partition_field={by!r} has {len(values)} values; need >= {num_clients} clients")
+    owner = {v: i % num_clients for i, v in enumerate(random.Random(seed).sample(values, len(values)))}
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for i, row in enumerate(rows):
+        parts[owner[str(row.get(by))]].append(i)
+    return parts
+
+
+def load_federation_data(config: RunConfig) -> FederationData:
+    """Records for every client and the server's held-out set, as the config describes."""
+    data, fed = config.data, config.federation
+    heldout_n = config.evaluation.heldout_records
+    if data.source == "synthetic":
+        federation = synthesize_federation(fed.clients, data.records_per_client, seed=fed.seed)
+        server = synthesize_federation(1, heldout_n, seed=fed.seed + 1_000_003, canary_repeats=())
+        by_person = config.privacy.unit == "user"
+        clients = [[_synthetic(r, i, by_person) for i, r in enumerate(recs)] for recs in federation.clients]
+        heldout = [_synthetic(r, i, False) for i, r in enumerate(server.clients[0])]
+        return FederationData(clients, heldout, federation.manifest())
+    assert data.path is not None  # checked by DataConfig
+    rows = load_alpaca(data.path) if data.source == "alpaca" else _load_hf_folder(data.path)
+    if len(rows) <= heldout_n:
+        raise ConfigError(f"{len(rows)} records leave none for clients after evaluation.heldout_records={heldout_n}")
+    shuffled = np.random.default_rng(fed.seed).permutation(len(rows)).tolist()
+    server_rows = [rows[i] for i in shuffled[:heldout_n]]
+    client_rows = [rows[i] for i in shuffled[heldout_n:]]
+    parts = partition(
+        client_rows, fed.clients, how=data.partition, seed=fed.seed, alpha=data.dirichlet_alpha, by=data.partition_field
+    )
+    user_field = config.privacy.user_field if config.privacy.unit == "user" else None
+    clients = [[_row(client_rows[i], i, user_field) for i in part] for part in parts]
+    heldout = [_row(row, i, None, prefix="heldout-") for i, row in enumerate(server_rows)]
+    return FederationData(clients, heldout)
+
+
+def _synthetic(record: Any, index: int, by_person: bool) -> TextRecord:
+    unit = str(record.person_id) if by_person else f"record-{index}"
+    return TextRecord(record.instruction, record.input, record.output, unit=unit)
+
+
+def _row(row: dict[str, Any], index: int, user_field: str | None, prefix: str = "") -> TextRecord:
+    if user_field is not None and user_field not in row:
+        raise ConfigError(f"privacy.user_field={user_field!r} is missing from a record; name an existing field")
+    unit = str(row[user_field]) if user_field else f"record-{index}"
+    return TextRecord(str(row["instruction"]), str(row.get("input") or ""), str(row["output"]), unit=prefix + unit)

@@ -1,0 +1,153 @@
+"""What every party of a round agrees on, and each client's own privacy policy.
+
+The server announces a `RoundPlan`: the base-model, A0, adapter-config and manifest hashes, the
+encoding, and for each participant the DP-SGD settings it will run. Its digest is the protocol
+context, so it enters the transcript hash behind every key derivation and signature: a client that
+was shown a different plan (another base model, another A0, a lower noise for some client) derives
+different keys and the round aborts rather than mixing incompatible or weakened updates.
+
+`ClientPolicy` is what a client enforces whatever the server asks: a noise floor, a clipping
+ceiling, a sampling-rate ceiling, a step ceiling, a participation cap and its budget. The noise is
+calibrated per client for K = min(rounds, max_participations) joins at that client's own sampling
+rate q_i = expected_batch / N_i. Client sampling by the server is not counted as amplification: the
+server chooses, so a client cannot rely on being sampled at random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import RunConfig
+from ..errors import ConfigError, SecureFedLLMError
+from ..privacy import DPSGDEvent, make_accountant, noise_for_epsilon
+
+__all__ = ["Assignment", "ClientPolicy", "PlanRefusedError", "RoundPlan", "client_policy"]
+
+
+class PlanRefusedError(SecureFedLLMError):
+    """A client refused the server's plan: it asked for less privacy than the client's own floors."""
+
+
+class Assignment(BaseModel):
+    """One participant's DP-SGD settings and aggregation weight, as announced by the server."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    client: int
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    weight: float
+
+
+class RoundPlan(BaseModel):
+    """The public description of one round; its digest is the secure-aggregation context."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    round: int
+    base_sha256: str
+    a0_sha256: str
+    adapter_config_sha256: str
+    manifest_sha256: str
+    aggregation: str
+    protocol: str
+    clip_range: float
+    participants: tuple[Assignment, ...]
+
+    def digest(self) -> bytes:
+        """SHA-256 over the canonical JSON form."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(b"secure-fedllm/round-plan/v1|" + canonical.encode()).digest()
+
+
+class ClientPolicy(BaseModel):
+    """A client's own floors and budget; checked against every plan before it trains."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    client: int
+    private: bool
+    num_units: Annotated[int, Field(ge=1)]
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    max_participations: int
+    epsilon_budget: float
+    delta: float
+
+    def event(self) -> DPSGDEvent | None:
+        """What one joined round costs (None without DP)."""
+        if not self.private:
+            return None
+        return DPSGDEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps)
+
+    def check(self, assignment: Assignment) -> None:
+        """Refuse a plan that asks for less noise, a larger clip, a larger q or more steps than allowed.
+
+        Raises:
+            PlanRefusedError: naming the setting, the requested value and the client's limit.
+        """
+        rules = (
+            ("noise_multiplier", assignment.noise_multiplier < self.noise_multiplier, self.noise_multiplier, ">="),
+            ("max_grad_norm", assignment.max_grad_norm > self.max_grad_norm, self.max_grad_norm, "<="),
+            ("sample_rate", assignment.sample_rate > self.sample_rate, self.sample_rate, "<="),
+            ("steps", assignment.steps > self.steps, self.steps, "<="),
+        )
+        for name, broken, limit, sign in rules:
+            if broken:
+                raise PlanRefusedError(
+                    f"client {self.client} refuses round plan: {name}={getattr(assignment, name)} but its policy "
+                    f"requires {sign} {limit}"
+                )
+
+
+def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolicy:
+    """Derive client `client`'s policy from the run config and its own N_i.
+
+    Raises:
+        ConfigError: delta above 0.1 / N_i, or an epsilon out of reach.
+    """
+    privacy, fed = config.privacy, config.federation
+    q = min(1.0, privacy.expected_batch_size / num_units)
+    joins = min(fed.rounds, privacy.max_participations or fed.rounds)
+    delta_cap = 0.1 / num_units
+    delta = privacy.delta if privacy.delta is not None else delta_cap
+    if delta > delta_cap * (1 + 1e-12):
+        raise ConfigError(
+            f"privacy.delta={delta:g} exceeds 0.1/N_i = {delta_cap:.3g} for client {client} (N_i={num_units} "
+            "units): a mechanism that leaks one unit in full with probability delta would then be allowed; "
+            "lower privacy.delta or leave it unset"
+        )
+    if delta > num_units**-1.1:
+        warnings.warn(f"client {client}: delta={delta:g} is above N_i^-1.1 = {num_units**-1.1:.3g}", stacklevel=2)
+    if privacy.mechanism == "none":
+        sigma = 0.0
+    else:
+        sigma = noise_for_epsilon(
+            privacy.target_epsilon,
+            delta=delta,
+            sample_rate=q,
+            steps=joins * fed.local_steps,
+            accountant=make_accountant(privacy.accountant),
+        )
+    return ClientPolicy(
+        client=client,
+        private=privacy.mechanism != "none",
+        num_units=num_units,
+        noise_multiplier=sigma,
+        max_grad_norm=privacy.max_grad_norm,
+        sample_rate=q,
+        steps=fed.local_steps,
+        max_participations=joins,
+        epsilon_budget=privacy.target_epsilon if privacy.mechanism != "none" else math.inf,
+        delta=delta,
+    )

@@ -1,0 +1,165 @@
+"""`report.md` and its plots: what a run did, what it cost, and what its privacy numbers mean."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from ..config import RunConfig
+from .checkpoint import RunPaths
+from .plan import ClientPolicy
+
+__all__ = ["write_report"]
+
+
+def _plot_quality(paths: RunPaths, rows: Sequence[dict[str, Any]]) -> str:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    rounds = [r["round"] for r in rows]
+    ax1.plot(rounds, [r["eval_loss"] for r in rows], marker="o")
+    ax1.set(xlabel="round", ylabel="held-out loss", title="Held-out loss")
+    ax2.plot(rounds, [r["perplexity"] for r in rows], marker="o", color="tab:orange")
+    ax2.set(xlabel="round", ylabel="perplexity", title="Held-out perplexity")
+    fig.tight_layout()
+    fig.savefig(paths.root / "quality.png", dpi=110)
+    plt.close(fig)
+    return "quality.png"
+
+
+def _plot_epsilon(paths: RunPaths, rows: Sequence[dict[str, Any]], budget: float) -> str:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    clients = sorted(rows[0]["epsilon"], key=int)
+    for c in clients:
+        ax.plot([r["round"] for r in rows], [r["epsilon"][c] for r in rows], marker=".", label=f"client {c}")
+    if math.isfinite(budget):
+        ax.axhline(budget, color="grey", linestyle="--", label="budget")
+    ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per client")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths.root / "epsilon.png", dpi=110)
+    plt.close(fig)
+    return "epsilon.png"
+
+
+def _plot_costs(paths: RunPaths, rows: Sequence[dict[str, Any]]) -> str:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    phases = ["training", "protocol_client", "protocol_server", "evaluation"]
+    rounds = [r["round"] for r in rows]
+    bottom = [0.0] * len(rows)
+    for phase in phases:
+        values = [r.get("seconds", {}).get(phase, 0.0) for r in rows]
+        ax1.bar(rounds, values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax1.set(xlabel="round", ylabel="seconds", title="Time by phase")
+    ax1.legend(fontsize=7)
+    ax2.bar([x - 0.2 for x in rounds], [r.get("bytes", {}).get("upload", 0) / 1e6 for r in rows], 0.4, label="up")
+    ax2.bar([x + 0.2 for x in rounds], [r.get("bytes", {}).get("download", 0) / 1e6 for r in rows], 0.4, label="down")
+    ax2.set(xlabel="round", ylabel="MB (all clients)", title="Protocol bytes")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths.root / "costs.png", dpi=110)
+    plt.close(fig)
+    return "costs.png"
+
+
+def write_report(
+    paths: RunPaths,
+    config: RunConfig,
+    rows: Sequence[dict[str, Any]],
+    ledgers: Sequence[dict[str, Any]],
+    policies: Sequence[ClientPolicy],
+    sidecar: dict[str, Any],
+) -> None:
+    """Write report.md and quality.png, epsilon.png, costs.png into the run folder."""
+    plots = [
+        _plot_quality(paths, rows),
+        _plot_epsilon(paths, rows, config.privacy.target_epsilon),
+        _plot_costs(paths, rows),
+    ]
+    first, last = rows[0], rows[-1]
+    private = config.privacy.mechanism != "none"
+    lines = [
+        "# secure-fedllm run report",
+        "",
+        f"Model `{config.model.name}` (base SHA-256 `{sidecar['base_sha256'][:16]}...`), "
+        f"LoRA {config.lora.aggregation} r={config.lora.r} on {', '.join(config.lora.target_modules)}; "
+        f"{config.federation.clients} clients, "
+        f"{config.federation.rounds} rounds, secure aggregation `{config.secure_aggregation.protocol}`, "
+        f"privacy `{config.privacy.mechanism}` ({config.privacy.unit}-level).",
+        "",
+        "## Utility",
+        "",
+        f"Held-out perplexity {first['perplexity']:.3f} at round 0 (the base model) and {last['perplexity']:.3f} after "
+        f"round {last['round']}: ratio **{last['perplexity'] / first['perplexity']:.3f}**.",
+        "",
+        "| round | held-out loss | perplexity | joined | included | aborted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['round']} | {r['eval_loss']:.4f} | {r['perplexity']:.3f} | {r.get('participants', '-')} | "
+            f"{r.get('included', '-')} | {r.get('aborted') or ''} |"
+        )
+    lines += ["", f"![quality]({plots[0]})", "", "## Privacy", ""]
+    if private:
+        lines += [
+            "| client | N_i (units) | q_i | noise multiplier | delta | delta * N_i | rounds joined | epsilon spent |"
+            " budget |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for policy, ledger in zip(policies, ledgers, strict=True):
+            joined = [e["round"] for e in ledger.get("events", [])]
+            eps = last["epsilon"][str(policy.client)]
+            lines.append(
+                f"| {policy.client} | {policy.num_units} | {policy.sample_rate:.4f} | {policy.noise_multiplier:.4f} | "
+                f"{policy.delta:.3g} | {policy.delta * policy.num_units:.3g} | {joined} | {eps:.3f} | "
+                f"{policy.epsilon_budget} |"
+            )
+        lines += [
+            "",
+            f"Accountant `{config.privacy.accountant}`; noise calibrated per client for "
+            f"K = min(rounds, max_participations) = {policies[0].max_participations} joins at its own q_i; "
+            "a client is charged only for rounds it joins (sampling by the server gives no amplification).",
+            "",
+            "- Each client's epsilon is a property of its own DP-SGD noise: it holds even if secure aggregation fails, "
+            "and secure aggregation does not reduce it.",
+            f"- The released adapter carries the largest epsilon of its contributors: "
+            f"{sidecar['epsilon_max_over_contributors']:.3f} at delta {sidecar['delta_max_over_contributors']:.3g}.",
+            "- Tuning hyperparameters on private data spends privacy that this ledger does not count.",
+            "- The sampling and noise generators are torch's Mersenne Twister seeded from each client's private "
+            "seed: not a cryptographic RNG.",
+        ]
+        if config.privacy.noise_seed is not None:
+            lines.append("- **privacy.noise_seed is set: the noise is predictable to anyone who knows it.**")
+    else:
+        lines.append("**No differential privacy**: updates are protected in transit only; the adapter is not private.")
+    lines += ["", f"![epsilon]({plots[1]})", "", "## Cost", "", "| round | " + " | ".join(
+        ["training s", "protocol client s", "protocol server s", "evaluation s", "upload B", "download B", "clipped"]
+    ) + " |", "|---" * 8 + "|"]  # fmt: skip
+    for r in rows:
+        s, b = r.get("seconds", {}), r.get("bytes", {})
+        lines.append(
+            f"| {r['round']} | {s.get('training', 0):.1f} | {s.get('protocol_client', 0):.2f} | "
+            f"{s.get('protocol_server', 0):.2f} | {s.get('evaluation', 0):.1f} | {b.get('upload', 0):,} | "
+            f"{b.get('download', 0):,} | {r.get('clipped_coordinates', 0)} |"
+        )
+    lines += ["", f"![costs]({plots[2]})", "", "## Sample generations (last round)", ""]
+    for sample in last.get("samples", []):
+        lines += [
+            f"- **{sample['prompt']}**",
+            f"  - reference: {sample['reference']}",
+            f"  - generated: {sample['generated']}",
+        ]
+    lines += [
+        "",
+        "## Files",
+        "",
+        "`config.toml`, `metrics.jsonl`, `adapter/` (peft; `secure_fedllm_adapter.json` holds the base-model, A0 and "
+        "manifest hashes), `ledger/` (per-client privacy ledgers), `checkpoint/`.",
+    ]
+    paths.report.write_text("\n".join(lines) + "\n")

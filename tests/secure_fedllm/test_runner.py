@@ -1,0 +1,238 @@
+"""The federation end to end on a tiny random LLaMA: artefacts, privacy, resume, and what the server sees."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from protocols import decode_message
+from secure_fedllm import ConfigError, PrivacyBudgetExhaustedError, RunConfig, run
+from secure_fedllm.adapters import SIDECAR
+from secure_fedllm.config import ModelConfig
+from secure_fedllm.federation import aggregate_updates
+from secure_fedllm.models import load_base_model, model_fingerprint
+
+
+def tiny_config(model_dir, *extra: str) -> RunConfig:
+    return RunConfig().with_overrides(
+        [
+            f'model.name="{model_dir}"',
+            "federation.clients=3",
+            "federation.rounds=2",
+            "data.records_per_client=64",
+            "data.max_length=160",
+            "evaluation.heldout_records=16",
+            "evaluation.generations=1",
+            "evaluation.max_new_tokens=4",
+            "privacy.expected_batch_size=8",
+            "lora.r=4",
+            "privacy.noise_seed=11",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    config = tiny_config(tiny_model_dir)
+    return config, run(config, out=out, progress=False)
+
+
+def test_end_to_end_run_writes_every_artefact(finished, tiny_model_dir):
+    config, result = finished
+    rows = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert {"round", "eval_loss", "perplexity", "epsilon"} <= row.keys()
+        assert math.isclose(row["perplexity"], math.exp(row["eval_loss"]))
+        assert set(row["epsilon"]) == {"0", "1", "2"}
+    assert all(e == 0 for e in rows[0]["epsilon"].values())
+    assert all(0 < e <= 8.0 for e in rows[1]["epsilon"].values())
+    assert all(7.5 < e <= 8.0 for e in rows[2]["epsilon"].values())  # calibrated for K = 2 joins
+    assert rows[1]["included"] == [0, 1, 2] and rows[1]["protocol"]["insecure"] is False
+    assert RunConfig.from_file(result.out / "config.toml") == config
+    for name in ("report.md", "quality.png", "epsilon.png", "costs.png"):
+        assert (result.out / name).stat().st_size > 0
+    report = (result.out / "report.md").read_text()
+    assert "holds even if secure aggregation fails" in report and "not a cryptographic RNG" in report
+    assert len(list((result.out / "ledger").glob("client-*.json"))) == 3
+
+
+def test_saved_adapter_loads_with_peft_and_carries_a0_and_base_hash(finished, tiny_model_dir):
+    _, result = finished
+    sidecar = json.loads((result.adapter / SIDECAR).read_text())
+    base, _ = load_base_model(ModelConfig(name=str(tiny_model_dir)))
+    assert sidecar["base_sha256"] == model_fingerprint(base)
+    loaded = PeftModel.from_pretrained(base, result.adapter)
+    saved = load_file(str(result.adapter / "adapter_model.safetensors"))
+    a_tensors = [k for k in saved if "lora_A" in k]
+    assert a_tensors and all(saved[k].abs().sum() > 0 for k in a_tensors)  # A0 ships, non-zero
+    b_tensors = [k for k in saved if "lora_B" in k]
+    assert any(saved[k].abs().sum() > 0 for k in b_tensors)  # B trained
+    named = dict(loaded.named_parameters())
+    for key in a_tensors:
+        match = [v for n, v in named.items() if n.replace(".default", "").endswith(key.split("base_model.")[-1])]
+        assert match and torch.equal(match[0].detach(), saved[key])
+
+
+def test_resume_after_a_stop_and_a_crash_matches_an_uninterrupted_run(finished, tiny_model_dir, tmp_path):
+    config, reference = finished
+    out = tmp_path / "resumed"
+    first = run(config, out=out, progress=False, stop_after=1)
+    assert [r["round"] for r in first.metrics] == [0, 1]
+
+    def crash(round_number, client, wire):
+        if round_number == 2:  # every client trained and charged round 2, then the process dies
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run(resume=out, progress=False, tap=crash)
+    ledger = json.loads((out / "ledger" / "client-0000.json").read_text())
+    assert [e["round"] for e in ledger["events"]] == [1, 2]  # charged before its update left
+    resumed = run(resume=out, progress=False)  # replays round 2 bit for bit; no second charge
+    for client in range(3):
+        name = f"client-{client:04d}.json"
+        assert (out / "ledger" / name).read_text() == (reference.out / "ledger" / name).read_text()
+    ours = load_file(str(resumed.adapter / "adapter_model.safetensors"))
+    theirs = load_file(str(reference.adapter / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert [r["perplexity"] for r in resumed.metrics] == [r["perplexity"] for r in reference.metrics]
+
+
+def test_resume_refuses_a_different_config(finished, tiny_model_dir):
+    config, result = finished
+    with pytest.raises(ConfigError, match="differs"):
+        run(config.with_overrides(["federation.rounds=5"]), resume=result.out, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(config, out=result.out, progress=False)
+
+
+def test_clients_sit_out_once_their_participation_cap_is_reached(tiny_model_dir, tmp_path):
+    config = tiny_config(
+        tiny_model_dir, "federation.rounds=3", "privacy.max_participations=1", "evaluation.generations=0"
+    )
+    result = run(config, out=tmp_path / "capped", progress=False)
+    assert result.metrics[1]["included"] == [0, 1, 2]
+    for row in result.metrics[2:]:
+        assert row["aborted"] == "only 0 clients can join"
+        assert all("cap" in why for why in row["sat_out"].values())
+    assert result.metrics[1]["epsilon"] == result.metrics[3]["epsilon"]
+    assert all(7.5 < e <= 8.0 for e in result.epsilons.values())  # calibrated for one join
+
+
+def test_a_client_asked_past_its_budget_refuses_before_any_step(finished, tiny_model_dir, tmp_path):
+    from secure_fedllm.adapters import AdapterManifest, attach_lora, get_vector
+    from secure_fedllm.data import ChatTemplate, TokenizedDataset, load_federation_data
+    from secure_fedllm.federation import FederatedClient, RoundPlan, client_policy
+    from secure_fedllm.privacy import PrivacyLedger
+    from secure_fedllm.training import LocalTrainer
+
+    config, result = finished
+    base, tokenizer = load_base_model(config.model)
+    model = attach_lora(base, config.lora, a0_seed=1)
+    manifest = AdapterManifest.of(model, "ffa")
+    template = ChatTemplate(tokenizer, system_prompt="", max_length=config.data.max_length)
+    data = TokenizedDataset.build(load_federation_data(config).clients[0], template)
+    policy = client_policy(config, 0, data.num_units)
+    spent = json.loads((result.out / "ledger" / "client-0000.json").read_text())
+    ledger = PrivacyLedger.open(
+        tmp_path / "ledger.json", client=0, epsilon_budget=8.0, delta=policy.delta, accountant="rdp"
+    )
+    for event in spent["events"]:
+        ledger.charge(event["round"], policy.event())
+    client = FederatedClient(
+        0, data, policy=policy, ledger=ledger, secret_seed=b"s" * 32, learning_rate=0.1, optimizer="adam"
+    )
+    assert client.willing(3) is not None
+    plan = RoundPlan(
+        round=3,
+        base_sha256="b",
+        a0_sha256="a",
+        adapter_config_sha256="c",
+        manifest_sha256=manifest.digest(),
+        aggregation="ffa",
+        protocol="secagg+",
+        clip_range=0.05,
+        participants=(client.assignment(1.0),),
+    )
+    before = get_vector(model, manifest)
+    with pytest.raises(PrivacyBudgetExhaustedError, match="over the budget"):
+        client.train(LocalTrainer(model), model, manifest, before, plan)
+    assert (get_vector(model, manifest) == before).all()
+    assert json.loads((tmp_path / "ledger.json").read_text())["events"] == [
+        {"round": e["round"], **policy.event().model_dump()} for e in spent["events"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "weights"),
+    [
+        ("secagg+", [1.0] * 8),
+        ("secagg", [1.0] * 8),
+        ("secagg+", [1.0, 0.5, 0.25, 1.0, 0.75, 1.0, 0.3, 0.9]),
+    ],
+)
+def test_decoded_mean_is_within_the_quantization_bound_of_the_survivors_mean(protocol, weights):
+    from protocols import FixedPointEncoding
+
+    config = RunConfig().with_overrides(
+        [
+            f'secure_aggregation.protocol="{protocol}"',
+            "secure_aggregation.clip_range=0.05",
+            "secure_aggregation.dropout_rate=0.3",
+            "federation.clients=8",
+        ]
+    )
+    rng = np.random.default_rng(3)
+    n, d = 8, 4000
+    updates = [rng.normal(0, 0.02, d).astype(np.float32) for _ in range(n)]
+    outcome = aggregate_updates(config, updates, weights, round_number=1, context=b"ctx", drop_at={2: 2, 5: 2})
+    included = outcome.included
+    assert included == [0, 1, 3, 4, 6, 7]
+    clipped = [np.clip(updates[i].astype(np.float64), -0.05, 0.05) for i in included]
+    total = sum(weights[i] for i in included)
+    exact = sum(weights[i] * c for i, c in zip(included, clipped, strict=True)) / total
+    encoding = FixedPointEncoding(clip_range=0.05, max_parties=8)
+    step, weight_step = 1 / encoding.scale, 1 / encoding.weight_scale
+    # stochastic rounding: each of the m survivors is off by less than one step, in w*x and in w
+    m = len(included)
+    bound = (m * step + np.abs(exact) * m * weight_step) / total
+    assert outcome.mean is not None
+    assert (np.abs(outcome.mean - exact) <= bound).all()
+    if len(set(weights)) == 1:  # integer weights are encoded exactly: the bound is m * Delta / W
+        assert np.abs(outcome.mean - exact).max() <= m * step / total
+    assert outcome.clipped_coordinates == sum(int(np.count_nonzero(np.abs(u) > 0.05)) for u in updates) > 0
+
+
+@pytest.mark.parametrize(("protocol", "visible"), [("secagg+", False), ("none", True)])
+def test_no_message_to_the_server_carries_an_unmasked_update(protocol, visible):
+    config = RunConfig().with_overrides([f'secure_aggregation.protocol="{protocol}"', "federation.clients=5"])
+    rng = np.random.default_rng(0)
+    updates = [rng.uniform(-0.04, 0.04, 3000).astype(np.float32) for _ in range(5)]
+    seen: list[tuple[int, bytes]] = []
+    outcome = aggregate_updates(
+        config, updates, [1.0] * 5, round_number=1, context=b"c", drop_at={}, tap=lambda p, w: seen.append((p, w))
+    )
+    assert outcome.mean is not None
+    from protocols import FixedPointEncoding
+
+    scale = FixedPointEncoding(clip_range=config.secure_aggregation.clip_range, max_parties=5).scale
+    matches = []
+    for party, wire in seen:
+        message = decode_message(wire)
+        data = getattr(message, "data", None)
+        if data is None:
+            continue
+        words = np.frombuffer(data, dtype="<u4")[:3000].astype(np.int64)
+        plain = np.floor(updates[party].astype(np.float64) * scale).astype(np.int64) % (1 << 32)
+        distance = np.minimum((words - plain) % (1 << 32), (plain - words) % (1 << 32))
+        matches.append(float(np.mean(distance <= 1)))
+    assert len(matches) == 5
+    assert all(m > 0.99 for m in matches) if visible else all(m < 0.01 for m in matches)
