@@ -6,6 +6,8 @@ LoRA adapters, updates are summed by the secure-aggregation protocols of `protoc
 and serialises the configuration; `plan_budget` / `show_budget` answer privacy-budget questions.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .budget import plan_budget, show_budget
 from .config import (
     DataConfig,
@@ -20,7 +22,21 @@ from .config import (
 )
 from .demo import SMOLLM2_QV_LORA_R16, DemoConfig, run_demo
 from .errors import ConfigError, PrivacyBudgetExhaustedError, SecureFedLLMError
-from .federation import PlanRefusedError, RunResult, run
+
+if TYPE_CHECKING:
+    from .federation import PlanRefusedError, RunResult, run
+
+_LAZY = {"PlanRefusedError", "RunResult", "run"}
+
+
+def __getattr__(name: str) -> Any:
+    # torch, transformers and peft load only when the federation is used (the CLI's budget and
+    # config commands, and hosts embedding the config, stay fast).
+    if name in _LAZY:
+        from . import federation
+
+        return getattr(federation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "SMOLLM2_QV_LORA_R16",

@@ -153,8 +153,10 @@ class TrainingConfig(_Section):
 
     optimizer: Literal["adam", "sgd"] = Field("adam", description="inner optimiser of the DP optimiser")
     learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(0.02, description="local step size")
-    grad_sample_mode: Literal["hooks", "functorch", "ew"] = Field(
-        "hooks", description="how Opacus computes per-example gradients (hooks measured fastest for LoRA)"
+    grad_sample_mode: Literal["hooks", "functorch"] = Field(
+        "hooks",
+        description="how Opacus computes per-example gradients (hooks measured fastest for LoRA; Opacus' ew mode "
+        "cannot call Hugging Face models, which take keyword inputs)",
     )
 
 

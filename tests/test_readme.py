@@ -11,8 +11,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_python_example_runs(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README lost its example"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "from protocols" in b]
+    assert blocks, "README lost its embedding example"
     for name in re.findall(r"from protocols import ([\w, ]+)", blocks[0])[0].split(", "):
         assert name in protocols.__all__
     exec(compile(blocks[0], "README.md", "exec"), {})
@@ -24,3 +24,13 @@ def test_readme_has_exactly_two_setup_commands():
     quickstart = text.split("## Quickstart", 1)[1].split("##", 1)[0]
     commands = re.findall(r"^bash scripts/\w+\.sh", quickstart, flags=re.M)
     assert commands == ["bash scripts/run.sh", "bash scripts/test.sh"]
+
+
+def test_readme_api_example_uses_public_names():
+    import secure_fedllm
+
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "secure_fedllm" in b]
+    assert blocks
+    for name in re.findall(r"from secure_fedllm import ([\w, ]+)", blocks[0])[0].split(", "):
+        assert name in secure_fedllm.__all__
+    compile(blocks[0], "README.md", "exec")

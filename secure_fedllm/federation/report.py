@@ -74,6 +74,7 @@ def write_report(
     ledgers: Sequence[dict[str, Any]],
     policies: Sequence[ClientPolicy],
     sidecar: dict[str, Any],
+    data: Sequence[dict[str, int]] = (),
 ) -> None:
     """Write report.md and quality.png, epsilon.png, costs.png into the run folder."""
     plots = [
@@ -105,7 +106,27 @@ def write_report(
             f"| {r['round']} | {r['eval_loss']:.4f} | {r['perplexity']:.3f} | {r.get('participants', '-')} | "
             f"{r.get('included', '-')} | {r.get('aborted') or ''} |"
         )
-    lines += ["", f"![quality]({plots[0]})", "", "## Privacy", ""]
+    lines += ["", f"![quality]({plots[0]})", ""]
+    if data:
+        lines += [
+            "Data per client (records whose prompt alone fills data.max_length are dropped before N_i is "
+            "counted): "
+            + "; ".join(
+                f"client {d['client']}: {d['records']} records, {d['units']} units, {d['dropped']} dropped"
+                for d in data
+            )
+            + ".",
+            "",
+        ]
+    clipped = sum(r.get("clipped_coordinates", 0) for r in rows)
+    if clipped:
+        lines += [
+            f"**{clipped:,} update coordinates were clipped** at secure_aggregation.clip_range="
+            f"{config.secure_aggregation.clip_range}: raise it (Adam moves a coordinate by up to about "
+            "learning_rate per step) or lower the learning rate.",
+            "",
+        ]
+    lines += ["## Privacy", ""]
     if private:
         lines += [
             "| client | N_i (units) | q_i | noise multiplier | delta | delta * N_i | rounds joined | epsilon spent |"

@@ -166,7 +166,11 @@ def run(
         model.merge_and_unload().save_pretrained(paths.root / "merged")
         tokenizer.save_pretrained(paths.root / "merged")
     ledgers = [c.ledger.to_dict() if c.ledger else {"client": c.client} for c in clients]
-    write_report(paths, config, rows, ledgers, [c.policy for c in clients], sidecar)
+    summary = [
+        {"client": i, "records": len(ds.examples), "units": ds.num_units, "dropped": ds.dropped}
+        for i, ds in enumerate(datasets)
+    ]
+    write_report(paths, config, rows, ledgers, [c.policy for c in clients], sidecar, summary)
     console.print(
         f"final held-out perplexity {rows[-1]['perplexity']:.2f} vs {rows[0]['perplexity']:.2f} at round 0 "
         f"(ratio {rows[-1]['perplexity'] / rows[0]['perplexity']:.3f}); report: {paths.report}"

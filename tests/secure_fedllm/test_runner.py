@@ -236,3 +236,27 @@ def test_no_message_to_the_server_carries_an_unmasked_update(protocol, visible):
         matches.append(float(np.mean(distance <= 1)))
     assert len(matches) == 5
     assert all(m > 0.99 for m in matches) if visible else all(m < 0.01 for m in matches)
+
+
+def test_fedit_reports_its_product_error_and_user_level_dp_counts_people(tiny_model_dir, tmp_path):
+    config = tiny_config(
+        tiny_model_dir,
+        "federation.rounds=1",
+        "lora.aggregation='fedit'",
+        "privacy.unit='user'",
+        "privacy.user_field='person_id'",
+        "privacy.expected_batch_size=4",
+        "evaluation.generations=0",
+    )
+    result = run(config, out=tmp_path / "fedit", progress=False, merge=True)
+    row = result.metrics[1]
+    assert 0 < row["fedit_product_error"] < 1  # mean(B) mean(A) != mean(B_i A_i), but close
+    ledger = json.loads((result.out / "ledger" / "client-0000.json").read_text())
+    people = 64 // 4 + 4  # four records per person, and a few canaries owned by existing people
+    assert ledger["delta"] >= 0.1 / people  # N_i counts people, not records
+    assert ledger["events"][0]["sample_rate"] > 4 / 64
+    saved = load_file(str(result.adapter / "adapter_model.safetensors"))
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(result.out / "merged")
+    assert sum(p.numel() for p in merged.parameters()) > 0 and any("lora_A" in k for k in saved)
