@@ -38,6 +38,7 @@ def __getattr__(name: str) -> Any:
         return getattr(federation, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "SMOLLM2_QV_LORA_R16",
     "ConfigError",

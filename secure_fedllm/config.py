@@ -90,6 +90,9 @@ class FederationConfig(_Section):
     clients_per_round: Annotated[int, Field(ge=1)] | None = Field(None, description="sampled per round; all if unset")
     rounds: Annotated[int, Field(ge=1)] = Field(3, description="federated rounds")
     local_steps: Annotated[int, Field(ge=1)] = Field(3, description="DP-SGD steps per client per round")
+    local_epochs: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        None, description="if set, replaces local_steps: steps = round(local_epochs / q_i) at each client"
+    )
     dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="probability a client drops per stage")
     weighting: Literal["uniform", "size"] = Field(
         "uniform", description="aggregation weights: uniform, or proportional to publicly declared dataset sizes"

@@ -117,7 +117,11 @@ class FederatedClient:
         replay = False
         if event is not None and self.ledger is not None:
             event = event.model_copy(
-                update={"noise_multiplier": assignment.noise_multiplier, "sample_rate": assignment.sample_rate}
+                update={
+                    "noise_multiplier": assignment.noise_multiplier,
+                    "sample_rate": assignment.sample_rate,
+                    "steps": assignment.steps,
+                }
             )
             if plan.round in self.ledger.rounds:
                 replay = self.ledger.events[self.ledger.rounds.index(plan.round)] == event

@@ -119,6 +119,7 @@ def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolic
     privacy, fed = config.privacy, config.federation
     q = min(1.0, privacy.expected_batch_size / num_units)
     joins = min(fed.rounds, privacy.max_participations or fed.rounds)
+    steps = fed.local_steps if fed.local_epochs is None else max(1, round(fed.local_epochs / q))
     delta_cap = 0.1 / num_units
     delta = privacy.delta if privacy.delta is not None else delta_cap
     if delta > delta_cap * (1 + 1e-12):
@@ -136,7 +137,7 @@ def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolic
             privacy.target_epsilon,
             delta=delta,
             sample_rate=q,
-            steps=joins * fed.local_steps,
+            steps=joins * steps,
             accountant=make_accountant(privacy.accountant),
         )
     return ClientPolicy(
@@ -146,7 +147,7 @@ def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolic
         noise_multiplier=sigma,
         max_grad_norm=privacy.max_grad_norm,
         sample_rate=q,
-        steps=fed.local_steps,
+        steps=steps,
         max_participations=joins,
         epsilon_budget=privacy.target_epsilon if privacy.mechanism != "none" else math.inf,
         delta=delta,

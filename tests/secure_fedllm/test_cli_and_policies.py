@@ -83,6 +83,12 @@ def test_noise_is_calibrated_per_client_for_its_own_sampling_rate_and_joins():
         assert 7.9 < spent <= 8.0
 
 
+def test_local_epochs_set_the_steps_from_each_clients_sampling_rate():
+    config = RunConfig().with_overrides(["federation.local_epochs=0.5"])
+    assert client_policy(config, 0, 256).steps == 4  # 0.5 / (32 / 256)
+    assert client_policy(config, 1, 64).steps == 1  # 0.5 / 0.5
+
+
 @pytest.mark.parametrize(
     ("change", "name"),
     [
