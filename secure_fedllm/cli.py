@@ -46,11 +46,12 @@ def run(
 
     try:
         cfg: RunConfig | None = None
-        if resume is None or config is not None or set_:
-            base = RunConfig.from_file(config) if config is not None else RunConfig()
-            if resume is not None:
-                base = RunConfig.from_file(resume / "config.toml")
-            cfg = base.with_overrides(list(set_ or []))
+        if config is not None:  # with --resume, it must equal the run's config (run() checks)
+            cfg = RunConfig.from_file(config).with_overrides(list(set_ or []))
+        elif resume is not None:
+            cfg = RunConfig.from_file(resume / "config.toml").with_overrides(list(set_ or [])) if set_ else None
+        else:
+            cfg = RunConfig().with_overrides(list(set_ or []))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")

@@ -149,6 +149,11 @@ class SecureAggregationConfig(_Section):
     corrupt_fraction: Annotated[float, Field(ge=0, lt=0.5)] = Field(
         0.05, description="clients assumed to collude with the server"
     )
+    min_weight: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.1,
+        description="with weighting='size', the smallest weight (relative to the largest) a client accepts in a "
+        "plan: a server-chosen weight near 0 for all but one client would single that client's update out",
+    )
 
 
 class TrainingConfig(_Section):

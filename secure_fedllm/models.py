@@ -1,8 +1,11 @@
 """Base models: resolving the embedded default, loading any causal LM, and fingerprinting it.
 
-The fingerprint is what every party binds into each round's protocol transcript: a client that
-holds a different base model (or a tampered one) than the server announced derives different keys
-and the round aborts instead of mixing updates made against different weights.
+The fingerprint goes into each round's plan, whose digest every party binds into the protocol
+transcript. Each client compares the plan's hashes with those of its own copy before it trains
+and refuses a plan for another base model; and parties shown different plans derive different
+keys, so the round aborts instead of mixing updates made against different weights. (In the
+in-process runner all clients share one copy of the weights, so there the check is exercised by
+tests with tampered plans.)
 """
 
 from __future__ import annotations

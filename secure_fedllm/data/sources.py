@@ -124,13 +124,44 @@ def load_federation_data(config: RunConfig) -> FederationData:
     shuffled = np.random.default_rng(fed.seed).permutation(len(rows)).tolist()
     server_rows = [rows[i] for i in shuffled[:heldout_n]]
     client_rows = [rows[i] for i in shuffled[heldout_n:]]
-    parts = partition(
-        client_rows, fed.clients, how=data.partition, seed=fed.seed, alpha=data.dirichlet_alpha, by=data.partition_field
-    )
     user_field = config.privacy.user_field if config.privacy.unit == "user" else None
+    parts = _split(client_rows, config, user_field)
     clients = [[_row(client_rows[i], i, user_field) for i in part] for part in parts]
     heldout = [_row(row, i, None, prefix="heldout-") for i, row in enumerate(server_rows)]
     return FederationData(clients, heldout)
+
+
+def _split(rows: list[dict[str, Any]], config: RunConfig, user_field: str | None) -> list[list[int]]:
+    """Partition rows; under user-level DP, every person's rows go to one client.
+
+    Otherwise a person's privacy loss would add up across the clients holding their records,
+    uncounted by any one ledger.
+    """
+    data, fed = config.data, config.federation
+    if user_field is None:
+        return partition(rows, fed.clients, how=data.partition, seed=fed.seed, alpha=data.dirichlet_alpha,
+                         by=data.partition_field)  # fmt: skip
+    for row in rows:
+        if user_field not in row:
+            raise ConfigError(f"privacy.user_field={user_field!r} is missing from a record; name an existing field")
+    if data.partition == "field":
+        parts = partition(rows, fed.clients, how="field", seed=fed.seed, by=data.partition_field)
+        owner: dict[str, int] = {}
+        for client, part in enumerate(parts):
+            for i in part:
+                if owner.setdefault(str(rows[i][user_field]), client) != client:
+                    raise ConfigError(
+                        f"data.partition_field={data.partition_field!r} puts person {rows[i][user_field]!r} at two "
+                        f"clients; under user-level DP partition by privacy.user_field={user_field!r} instead"
+                    )
+        return parts
+    users = sorted({str(row[user_field]) for row in rows})
+    by_user: dict[str, list[int]] = {u: [] for u in users}
+    for i, row in enumerate(rows):
+        by_user[str(row[user_field])].append(i)
+    user_parts = partition([{"u": u} for u in users], fed.clients, how=data.partition, seed=fed.seed,
+                           alpha=data.dirichlet_alpha)  # fmt: skip
+    return [sorted(i for u in part for i in by_user[users[u]]) for part in user_parts]
 
 
 def _synthetic(record: Any, index: int, by_person: bool) -> TextRecord:

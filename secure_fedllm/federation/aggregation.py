@@ -4,7 +4,11 @@ Updates travel through the sans-IO protocols of `protocols` over the in-process 
 encodes every message to bytes (so bytes are counted and nothing unencoded reaches the server).
 The server learns the weighted sum of the survivors' clipped, quantized updates and applies
 sum / total weight to the global adapter; the decoded mean is within n * Delta / 2 per coordinate
-of the survivors' exact weighted mean of clipped updates (Delta the quantization step).
+of the survivors' exact weighted mean of clipped updates (Delta the quantization step; stochastic
+rounding errs by less than one step per input, and integer weights are encoded exactly).
+
+`clipped_coordinates` (and the runner's `fedit_product_error`) are simulation diagnostics computed
+from the individual updates in process; in a deployment each client keeps its own count.
 """
 
 from __future__ import annotations

@@ -1,11 +1,17 @@
 """A federated client: its data, its policy, its ledger and its private seed.
 
-Order of events in a joined round: check the plan against the client's own policy; refuse before
-any step if the round would exceed the budget; train; charge the ledger (written and fsynced);
-only then return the update, which is the DP output that leaves the client. Sampling and noise
-generators are derived from the client's private seed and the round number, so a client that
-re-runs a round after a crash produces the bitwise-identical update and is not charged twice; a
-different release for the same round is charged again (or refused).
+Order of events in a joined round: check the whole plan (its model, A0, adapter and manifest
+hashes against the client's own, its DP settings against the client's floors, the weights and the
+cohort size); refuse before any step if the round would exceed the budget; train; charge the
+ledger (written and fsynced); only then return the update, which is the DP output that leaves the
+client.
+
+Sampling, noise, dropout and rounding generators are derived from the client's private seed and
+the release id: a digest of the round, the plan and the global adapter the client starts from. A
+client that re-runs a round after a crash therefore produces the bitwise-identical update, and is
+not charged twice. A server that asks for round r again with another plan or another global
+adapter is refused: a second release with the same noise would let it cancel the noise by
+subtraction, and one with fresh noise would need a second charge for the same round.
 
 The generators are torch's Mersenne Twister, which is not a cryptographic RNG: the seed is private
 to the client (os.urandom unless `privacy.noise_seed` fixes it for experiments). The report says so.
@@ -23,10 +29,9 @@ from peft import PeftModel
 
 from ..adapters import AdapterManifest, get_vector, set_vector
 from ..data.tokenized import TokenizedDataset
-from ..errors import PrivacyBudgetExhaustedError
 from ..privacy import PrivacyLedger
 from ..training import LocalTrainer, StepSettings
-from .plan import Assignment, ClientPolicy, RoundPlan
+from .plan import Assignment, ClientPolicy, PlanRefusedError, RoundPlan
 
 __all__ = ["ClientUpdate", "FederatedClient"]
 
@@ -39,6 +44,7 @@ class ClientUpdate:
     delta: npt.NDArray[np.float32]
     epsilon: float
     replayed: bool
+    release: str
 
 
 class FederatedClient:
@@ -54,10 +60,12 @@ class FederatedClient:
         secret_seed: bytes,
         learning_rate: float,
         optimizer: str,
+        fingerprints: dict[str, str] | None = None,
     ) -> None:
         if len(secret_seed) < 32:
             raise ValueError("secret_seed must be at least 32 bytes")
         self.client, self.data, self.policy, self.ledger = client, data, policy, ledger
+        self.fingerprints = dict(fingerprints or {})
         self._seed = secret_seed
         self.learning_rate, self.optimizer = learning_rate, optimizer
 
@@ -108,11 +116,8 @@ class FederatedClient:
             PlanRefusedError: the plan asks for less privacy than the client's policy.
             PrivacyBudgetExhaustedError: the round would exceed the budget (raised before any step).
         """
-        mine = [a for a in plan.participants if a.client == self.client]
-        if len(mine) != 1:
-            raise ValueError(f"client {self.client} is not (exactly once) in the plan of round {plan.round}")
-        assignment = mine[0]
-        self.policy.check(assignment)
+        assignment = self._check_plan(plan)
+        release = self.release_id(plan, global_vector)
         event = self.policy.event()
         replay = False
         if event is not None and self.ledger is not None:
@@ -124,16 +129,20 @@ class FederatedClient:
                 }
             )
             if plan.round in self.ledger.rounds:
-                replay = self.ledger.events[self.ledger.rounds.index(plan.round)] == event
+                index = self.ledger.rounds.index(plan.round)
+                replay = self.ledger.events[index] == event and self.ledger.releases[index] == release
                 if not replay:
-                    raise PrivacyBudgetExhaustedError(
-                        f"client {self.client}: round {plan.round} was already released with other settings",
-                        spent=self.ledger.epsilon,
-                        requested=float("inf"),
-                        budget=self.ledger.epsilon_budget,
+                    raise PlanRefusedError(
+                        f"client {self.client}: round {plan.round} was already released from another plan or "
+                        "global adapter; a second release of the same round is refused"
                     )
-            elif self.ledger.would_exceed(event):
-                self.ledger.charge(plan.round, event)  # raises PrivacyBudgetExhaustedError, changes nothing
+            else:
+                if len(self.ledger.rounds) >= self.policy.max_participations:
+                    raise PlanRefusedError(
+                        f"client {self.client}: participation cap {self.policy.max_participations} reached"
+                    )
+                if self.ledger.would_exceed(event):
+                    self.ledger.charge(plan.round, event)  # raises PrivacyBudgetExhaustedError, changes nothing
         set_vector(model, manifest, global_vector)
         settings = StepSettings(
             noise_multiplier=assignment.noise_multiplier,
@@ -144,21 +153,54 @@ class FederatedClient:
             learning_rate=self.learning_rate,
             optimizer=self.optimizer,
         )
-        trainer.train(
-            self.data,
-            settings,
-            sample_generator=self._generator(b"sample", plan.round),
-            noise_generator=self._generator(b"noise", plan.round),
-        )
+        with torch.random.fork_rng(devices=[]):  # LoRA / model dropout masks, replayable per release
+            torch.manual_seed(self._seed_int(b"dropout", release))
+            trainer.train(
+                self.data,
+                settings,
+                sample_generator=torch.Generator().manual_seed(self._seed_int(b"sample", release)),
+                noise_generator=torch.Generator().manual_seed(self._seed_int(b"noise", release)),
+            )
         delta = get_vector(model, manifest) - global_vector
         if event is not None and self.ledger is not None and not replay:
-            self.ledger.charge(plan.round, event)
-        return ClientUpdate(self.client, delta.astype(np.float32), self.epsilon, replay)
+            self.ledger.charge(plan.round, event, release=release)
+        return ClientUpdate(self.client, delta.astype(np.float32), self.epsilon, replay, release)
 
-    def rounding_seed(self, round_number: int) -> bytes:
-        """Seed of the stochastic rounding of this round's encoded update (private, replayable)."""
-        return hashlib.sha256(self._seed + b"|rounding|" + round_number.to_bytes(8, "big")).digest()
+    def release_id(self, plan: RoundPlan, global_vector: npt.NDArray[np.float32]) -> str:
+        """Digest of what determines this client's update: round, plan and starting adapter."""
+        digest = hashlib.sha256(b"secure-fedllm/release/v1|" + plan.round.to_bytes(8, "big") + plan.digest())
+        digest.update(np.ascontiguousarray(global_vector, dtype="<f4").tobytes())
+        return digest.hexdigest()
 
-    def _generator(self, purpose: bytes, round_number: int) -> torch.Generator:
-        seed = hashlib.sha256(self._seed + b"|" + purpose + b"|" + round_number.to_bytes(8, "big")).digest()
-        return torch.Generator().manual_seed(int.from_bytes(seed[:8], "big") >> 1)
+    def _check_plan(self, plan: RoundPlan) -> Assignment:
+        """Refuse a plan for another model, a weakened one, or one that could single out an update."""
+        for name, mine in self.fingerprints.items():
+            if getattr(plan, name, mine) != mine:
+                raise PlanRefusedError(
+                    f"client {self.client} refuses round {plan.round}: plan {name}={getattr(plan, name)[:16]}... "
+                    f"but its own is {mine[:16]}..."
+                )
+        own = [a for a in plan.participants if a.client == self.client]
+        if len(own) != 1:
+            raise PlanRefusedError(f"client {self.client} is not (exactly once) in the plan of round {plan.round}")
+        if len({a.client for a in plan.participants}) != len(plan.participants):
+            raise PlanRefusedError(f"round {plan.round}: the plan lists a client twice")
+        if plan.protocol != "none":
+            if len(plan.participants) < 3:
+                raise PlanRefusedError(f"round {plan.round}: secure aggregation over {len(plan.participants)} clients")
+            low = min(a.weight for a in plan.participants)
+            if low < self.policy.min_weight * max(a.weight for a in plan.participants):
+                raise PlanRefusedError(
+                    f"round {plan.round}: a weight of {low} would let the sum single out other updates; "
+                    f"weights must stay within a factor {1 / self.policy.min_weight:g} of each other"
+                )
+        self.policy.check(own[0])
+        return own[0]
+
+    def rounding_seed(self, release: str) -> bytes:
+        """Seed of the stochastic rounding of this release's encoded update (private, replayable)."""
+        return hashlib.sha256(self._seed + b"|rounding|" + release.encode()).digest()
+
+    def _seed_int(self, purpose: bytes, release: str) -> int:
+        seed = hashlib.sha256(self._seed + b"|" + purpose + b"|" + release.encode()).digest()
+        return int.from_bytes(seed[:8], "big") >> 1

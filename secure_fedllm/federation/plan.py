@@ -83,6 +83,9 @@ class ClientPolicy(BaseModel):
     max_participations: int
     epsilon_budget: float
     delta: float
+    min_weight: float = Field(
+        0.1, description="smallest weight relative to the largest that the client accepts in a plan"
+    )
 
     def event(self) -> DPSGDEvent | None:
         """What one joined round costs (None without DP)."""
@@ -130,6 +133,7 @@ def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolic
         )
     if delta > num_units**-1.1:
         warnings.warn(f"client {client}: delta={delta:g} is above N_i^-1.1 = {num_units**-1.1:.3g}", stacklevel=2)
+    min_weight = 1.0 if config.federation.weighting == "uniform" else config.secure_aggregation.min_weight
     if privacy.mechanism == "none":
         sigma = 0.0
     else:
@@ -151,4 +155,5 @@ def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolic
         max_participations=joins,
         epsilon_budget=privacy.target_epsilon if privacy.mechanism != "none" else math.inf,
         delta=delta,
+        min_weight=min_weight,
     )

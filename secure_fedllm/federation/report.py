@@ -121,7 +121,8 @@ def write_report(
     clipped = sum(r.get("clipped_coordinates", 0) for r in rows)
     if clipped:
         lines += [
-            f"**{clipped:,} update coordinates were clipped** at secure_aggregation.clip_range="
+            f"**{clipped:,} update coordinates were clipped** (a simulation diagnostic counted from the "
+            f"individual updates) at secure_aggregation.clip_range="
             f"{config.secure_aggregation.clip_range}: raise it (Adam moves a coordinate by up to about "
             "learning_rate per step) or lower the learning rate.",
             "",
@@ -151,6 +152,8 @@ def write_report(
             "and secure aggregation does not reduce it.",
             f"- The released adapter carries the largest epsilon of its contributors: "
             f"{sidecar['epsilon_max_over_contributors']:.3f} at delta {sidecar['delta_max_over_contributors']:.3g}.",
+            "- Each client's number of privacy units N_i is treated as public: it sets q_i, delta and any "
+            "size-based weights, and the plan announces them.",
             "- Tuning hyperparameters on private data spends privacy that this ledger does not count.",
             "- The sampling and noise generators are torch's Mersenne Twister seeded from each client's private "
             "seed: not a cryptographic RNG.",

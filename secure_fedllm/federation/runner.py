@@ -98,7 +98,8 @@ def run(
     heldout = TokenizedDataset.build(data.heldout, template)
     if data.canaries and not (paths.root / "data_manifest.json").exists():
         atomic_write(paths.root / "data_manifest.json", json.dumps({"canaries": data.canaries}, indent=1).encode())
-    clients = [_make_client(config, paths, i, ds) for i, ds in enumerate(datasets)]
+    own = {"base_sha256": base_sha, "manifest_sha256": manifest.digest(), **fingerprints}
+    clients = [_make_client(config, paths, i, ds, own) for i, ds in enumerate(datasets)]
     trainer = LocalTrainer(model, grad_sample_mode=config.training.grad_sample_mode)
 
     checkpoint = Checkpoint.load(paths)
@@ -159,7 +160,7 @@ def run(
         "manifest_sha256": manifest.digest(),
         "rounds": config.federation.rounds,
         "epsilon_max_over_contributors": max((c.epsilon for c in clients), default=0.0),
-        "delta_max_over_contributors": max(c.policy.delta for c in clients),
+        "delta_max_over_contributors": max((c.policy.delta for c in clients if c.rounds_joined), default=0.0),
     }
     save_adapter(model, paths.adapter, sidecar=sidecar)
     if merge:
@@ -225,7 +226,7 @@ def _federated_round(
         context=plan.digest(),
         drop_at=drop_at,
         tap=(lambda party, wire: tap(round_number, joining[party], wire)) if tap else None,
-        rounding_seeds=[clients[c].rounding_seed(round_number) for c in joining],
+        rounding_seeds=[clients[c].rounding_seed(u.release) for c, u in zip(joining, updates, strict=True)],
     )
     if config.lora.aggregation == "fedit" and outcome.mean is not None:
         row["fedit_product_error"] = _fedit_error(manifest, global_vector, [u.delta for u in updates], outcome)
@@ -283,7 +284,9 @@ def _public_seed(seed: int, purpose: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{purpose}".encode()).digest()[:8], "big") >> 1
 
 
-def _make_client(config: RunConfig, paths: RunPaths, client: int, data: TokenizedDataset) -> FederatedClient:
+def _make_client(
+    config: RunConfig, paths: RunPaths, client: int, data: TokenizedDataset, fingerprints: dict[str, str]
+) -> FederatedClient:
     policy = client_policy(config, client, data.num_units)
     ledger = None
     if policy.private:
@@ -309,6 +312,7 @@ def _make_client(config: RunConfig, paths: RunPaths, client: int, data: Tokenize
         secret_seed=seed,
         learning_rate=config.training.learning_rate,
         optimizer=config.training.optimizer,
+        fingerprints=fingerprints,
     )
 
 

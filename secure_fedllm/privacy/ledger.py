@@ -30,6 +30,7 @@ class PrivacyLedger:
         self._accountant = make_accountant(accountant)
         self.rounds: list[int] = []
         self.events: list[DPSGDEvent] = []
+        self.releases: list[str | None] = []
 
     @classmethod
     def open(cls, path: str | Path, **kw: Any) -> PrivacyLedger:
@@ -46,7 +47,10 @@ class PrivacyLedger:
             accountant=data["accountant"],
         )
         ledger.rounds = [int(e["round"]) for e in data["events"]]
-        ledger.events = [DPSGDEvent(**{k: v for k, v in e.items() if k != "round"}) for e in data["events"]]
+        ledger.events = [
+            DPSGDEvent(**{k: v for k, v in e.items() if k not in ("round", "release")}) for e in data["events"]
+        ]
+        ledger.releases = [e.get("release") for e in data["events"]]
         return ledger
 
     @property
@@ -58,8 +62,11 @@ class PrivacyLedger:
         """True if charging `event` would go past the budget (a client then sits the round out)."""
         return self._accountant.epsilon([*self.events, event], self.delta) > self.epsilon_budget
 
-    def charge(self, round_number: int, event: DPSGDEvent) -> float:
+    def charge(self, round_number: int, event: DPSGDEvent, *, release: str | None = None) -> float:
         """Record one joined round and persist it; returns the new epsilon.
+
+        `release` identifies what was released (the caller's digest of the inputs that determine
+        the update), so that a re-run of the round can be told apart from a second release.
 
         Raises:
             PrivacyBudgetExhaustedError: the event would exceed the budget; nothing changed.
@@ -77,6 +84,7 @@ class PrivacyLedger:
             )
         self.rounds.append(round_number)
         self.events.append(event)
+        self.releases.append(release)
         self._write()
         return prospective
 
@@ -87,7 +95,10 @@ class PrivacyLedger:
             "epsilon_budget": self.epsilon_budget,
             "delta": self.delta,
             "accountant": self.accountant_name,
-            "events": [{"round": r, **e.model_dump()} for r, e in zip(self.rounds, self.events, strict=True)],
+            "events": [
+                {"round": r, **e.model_dump(), **({"release": x} if x is not None else {})}
+                for r, e, x in zip(self.rounds, self.events, self.releases, strict=True)
+            ],
         }
 
     def _write(self) -> None:

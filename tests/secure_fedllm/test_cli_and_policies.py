@@ -132,3 +132,27 @@ def test_alpaca_loader_and_partitions(tmp_path):
     for part in by_site:
         sites = {rows[i]["site"] for i in part}
         assert all(rows[j]["site"] not in sites for other in by_site if other is not part for j in other)
+
+
+def test_user_level_dp_keeps_each_person_at_one_client(tmp_path):
+    from secure_fedllm.data import load_federation_data
+
+    rows = [{"instruction": f"i{k}", "input": "", "output": f"o{k}", "who": f"p{k % 13}"} for k in range(200)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    for how in ("iid", "dirichlet"):
+        config = RunConfig().with_overrides(
+            [
+                "data.source='alpaca'",
+                f"data.path='{tmp_path / 'a.json'}'",
+                f"data.partition='{how}'",
+                "privacy.unit='user'",
+                "privacy.user_field='who'",
+                "evaluation.heldout_records=20",
+            ]
+        )
+        clients = load_federation_data(config).clients
+        owners = {}
+        for c, records in enumerate(clients):
+            for record in records:
+                assert owners.setdefault(record.unit, c) == c
+        assert sum(len(r) for r in clients) == 180 and all(clients)

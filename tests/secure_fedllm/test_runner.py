@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from protocols import decode_message
-from secure_fedllm import ConfigError, PrivacyBudgetExhaustedError, RunConfig, run
+from secure_fedllm import ConfigError, PlanRefusedError, PrivacyBudgetExhaustedError, RunConfig, run
 from secure_fedllm.adapters import SIDECAR
 from secure_fedllm.config import ModelConfig
 from secure_fedllm.federation import aggregate_updates
@@ -127,48 +127,94 @@ def test_clients_sit_out_once_their_participation_cap_is_reached(tiny_model_dir,
     assert all(7.5 < e <= 8.0 for e in result.epsilons.values())  # calibrated for one join
 
 
-def test_a_client_asked_past_its_budget_refuses_before_any_step(finished, tiny_model_dir, tmp_path):
-    from secure_fedllm.adapters import AdapterManifest, attach_lora, get_vector
+@pytest.fixture
+def lone_client(finished, tmp_path):
+    """Client 0 of the finished run's config, with a fresh ledger, a trainer and a plan maker."""
+    from secure_fedllm.adapters import AdapterManifest, adapter_fingerprints, attach_lora
     from secure_fedllm.data import ChatTemplate, TokenizedDataset, load_federation_data
     from secure_fedllm.federation import FederatedClient, RoundPlan, client_policy
     from secure_fedllm.privacy import PrivacyLedger
     from secure_fedllm.training import LocalTrainer
 
-    config, result = finished
+    config, _ = finished
     base, tokenizer = load_base_model(config.model)
+    base_sha = model_fingerprint(base)
     model = attach_lora(base, config.lora, a0_seed=1)
     manifest = AdapterManifest.of(model, "ffa")
+    own = {"base_sha256": base_sha, "manifest_sha256": manifest.digest(), **adapter_fingerprints(model)}
     template = ChatTemplate(tokenizer, system_prompt="", max_length=config.data.max_length)
     data = TokenizedDataset.build(load_federation_data(config).clients[0], template)
     policy = client_policy(config, 0, data.num_units)
-    spent = json.loads((result.out / "ledger" / "client-0000.json").read_text())
     ledger = PrivacyLedger.open(
         tmp_path / "ledger.json", client=0, epsilon_budget=8.0, delta=policy.delta, accountant="rdp"
     )
-    for event in spent["events"]:
-        ledger.charge(event["round"], policy.event())
     client = FederatedClient(
-        0, data, policy=policy, ledger=ledger, secret_seed=b"s" * 32, learning_rate=0.1, optimizer="adam"
-    )
-    assert client.willing(3) is not None
-    plan = RoundPlan(
-        round=3,
-        base_sha256="b",
-        a0_sha256="a",
-        adapter_config_sha256="c",
-        manifest_sha256=manifest.digest(),
-        aggregation="ffa",
-        protocol="secagg+",
-        clip_range=0.05,
-        participants=(client.assignment(1.0),),
-    )
+        0, data, policy=policy, ledger=ledger, secret_seed=b"s" * 32, learning_rate=0.1, optimizer="adam",
+        fingerprints=own,
+    )  # fmt: skip
+
+    def plan(round_number, *, weights=(1.0, 1.0, 1.0), **change):
+        others = [client.assignment(w).model_copy(update={"client": i}) for i, w in enumerate(weights)]
+        fields = {"round": round_number, "aggregation": "ffa", "protocol": "secagg+", "clip_range": 0.1,
+                  "participants": tuple(others), **own, **change}  # fmt: skip
+        return RoundPlan(**fields)
+
+    return client, LocalTrainer(model), model, manifest, plan
+
+
+def test_a_client_asked_past_its_budget_refuses_before_any_step(lone_client, tmp_path):
+    from secure_fedllm.adapters import get_vector
+
+    client, trainer, model, manifest, plan = lone_client
+    start = get_vector(model, manifest)
+    for r in (1, 2):
+        client.train(trainer, model, manifest, start, plan(r))
+    assert "cap" in client.willing(3)
     before = get_vector(model, manifest)
+    with pytest.raises(PlanRefusedError, match="participation cap 2"):
+        client.train(trainer, model, manifest, before, plan(3))
+    client.policy = client.policy.model_copy(update={"max_participations": 10})  # now the budget binds
+    assert "budget" in client.willing(3)
+    ledger_before = (tmp_path / "ledger.json").read_text()
     with pytest.raises(PrivacyBudgetExhaustedError, match="over the budget"):
-        client.train(LocalTrainer(model), model, manifest, before, plan)
+        client.train(trainer, model, manifest, before, plan(3))
     assert (get_vector(model, manifest) == before).all()
-    assert json.loads((tmp_path / "ledger.json").read_text())["events"] == [
-        {"round": e["round"], **policy.event().model_dump()} for e in spent["events"]
-    ]
+    assert (tmp_path / "ledger.json").read_text() == ledger_before
+
+
+def test_a_round_is_released_once_replays_are_identical_and_uncharged(lone_client, tmp_path):
+    from secure_fedllm.adapters import get_vector
+
+    client, trainer, model, manifest, plan = lone_client
+    start = get_vector(model, manifest)
+    first = client.train(trainer, model, manifest, start, plan(1))
+    again = client.train(trainer, model, manifest, start, plan(1))  # a re-run after a crash
+    assert again.replayed and (again.delta == first.delta).all() and again.epsilon == first.epsilon
+    assert len(json.loads((tmp_path / "ledger.json").read_text())["events"]) == 1
+    moved = start + np.float32(1e-3)
+    with pytest.raises(PlanRefusedError, match="already released"):  # same noise on another model: refused
+        client.train(trainer, model, manifest, moved, plan(1))
+    with pytest.raises(PlanRefusedError, match="already released"):
+        client.train(trainer, model, manifest, start, plan(1, clip_range=0.2))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"a0_sha256": "0" * 64}, "a0_sha256"),
+        ({"base_sha256": "1" * 64}, "base_sha256"),
+        ({"weights": (1.0, 0.0, 0.0)}, "single out"),
+        ({"weights": (1.0, 1.0)}, "secure aggregation over 2 clients"),
+    ],
+)
+def test_a_client_refuses_a_plan_for_another_model_or_one_that_singles_it_out(lone_client, change, message):
+    from secure_fedllm.adapters import get_vector
+
+    client, trainer, model, manifest, plan = lone_client
+    start = get_vector(model, manifest)
+    with pytest.raises(PlanRefusedError, match=message):
+        client.train(trainer, model, manifest, start, plan(1, **change))
+    assert client.rounds_joined == []
 
 
 @pytest.mark.parametrize(
