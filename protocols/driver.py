@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from .he import HEAck, HEClient, HEHello, HEInput, HEKeyOffer, HEParams, HEServer, decode_he_message, encode_he_message
 from .plaintext import PlaintextClient, PlaintextServer
 from .randomness import OsRandom, SecretSource
 from .secagg._client import SecAggClient
@@ -42,6 +43,10 @@ STAGE_OF: dict[type[Any], int] = {
     MaskedInput: 2,
     SurvivorSignature: 3,
     UnmaskResponse: 4,
+    HEHello: 0,
+    HEKeyOffer: 1,
+    HEInput: 2,
+    HEAck: 4,
 }
 
 
@@ -66,8 +71,11 @@ class _Network:
         drop_at: Mapping[int, int],
         clock: Callable[[], float],
         tap: Callable[[int, bytes], None] | None = None,
+        he: bool = False,
     ):
         self.clients, self.server, self.drop_at, self.tick, self.tap = clients, server, drop_at, clock, tap
+        self.encode: Callable[[Any], bytes] = encode_he_message if he else encode_message
+        self.decode: Callable[[bytes], Any] = decode_he_message if he else decode_message
         n = len(clients)
         self.client_seconds = {p: 0.0 for p in range(n)}
         self.server_seconds = 0.0
@@ -80,7 +88,7 @@ class _Network:
         message = step()
         if self.drop_at.get(party, 99) <= STAGE_OF[type(message)]:
             self.gone.add(party)
-        wire = None if party in self.gone else encode_message(message)
+        wire = None if party in self.gone else self.encode(message)
         self.client_seconds[party] += self.tick() - t
         self.up[party] += len(wire or b"")
         if wire is not None and self.tap is not None:
@@ -91,26 +99,26 @@ class _Network:
         t = self.tick()
         for wire in wires:
             if wire is not None:
-                self.server.receive(decode_message(wire))
+                self.server.receive(self.decode(wire))
         self.server_seconds += self.tick() - t
 
     def close_stage(self) -> list[tuple[int, bytes]]:
         t = self.tick()
-        wires = [(p, encode_message(m)) for p, m in self.server.close_stage()]
+        wires = [(p, self.encode(m)) for p, m in self.server.close_stage()]
         self.server_seconds += self.tick() - t
         return wires
 
     def to_client(self, party: int, wire: bytes) -> bytes | None:
         self.down[party] += len(wire)
         client = self.clients[party]
-        return self.client_step(party, lambda: client.handle(decode_message(wire)))
+        return self.client_step(party, lambda: client.handle(self.decode(wire)))
 
 
 def run_round(
-    params: SecAggParams,
+    params: SecAggParams | HEParams,
     inputs: Sequence[npt.NDArray[np.floating]],
     *,
-    protocol: Literal["secagg", "plaintext"] = "secagg",
+    protocol: Literal["secagg", "plaintext", "he"] = "secagg",
     weights: Sequence[float] | None = None,
     drop_at: Mapping[int, int] | None = None,
     session: bytes | None = None,
@@ -127,7 +135,9 @@ def run_round(
     Args:
         params: public parameters (n = len(inputs)).
         inputs: one float vector per party.
-        protocol: "secagg" (SecAgg or SecAgg+, by params.neighbours) or the "plaintext" control.
+        protocol: "secagg" (SecAgg or SecAgg+, by params.neighbours), "he" (with `HEParams`: the
+            result is what the server learns; for CKKS, read it from a client instead) or the
+            "plaintext" control.
         weights: aggregation weights (default 1.0 each).
         drop_at: party -> first stage at which it goes silent (see module docstring).
         session: 16-byte session id; random when omitted.
@@ -146,8 +156,24 @@ def run_round(
     rng_for = rng_for or (lambda _party: OsRandom())
     session = session if session is not None else rng_for(-1).token_bytes(16)
     clients: list[Any] = []
+    he = protocol == "he"
+    if he != isinstance(params, HEParams):
+        raise ValueError("protocol='he' goes with HEParams, the others with SecAggParams")
     for p in range(len(inputs)):
-        if protocol == "secagg":
+        if isinstance(params, HEParams):
+            key = identity_keys[p] if identity_keys is not None else None
+            clients.append(
+                HEClient(
+                    params,
+                    party_id=p,
+                    session=session,
+                    round_number=round_number,
+                    context=context,
+                    identity_key=key,
+                    rng=rng_for(p),
+                )
+            )
+        elif protocol == "secagg":
             key = identity_keys[p] if identity_keys is not None else None
             clients.append(
                 SecAggClient(
@@ -164,12 +190,14 @@ def run_round(
             clients.append(
                 PlaintextClient(params, party_id=p, session=session, round_number=round_number, rng=rng_for(p))
             )
-    server: Any = (
-        SecAggServer(params, session=session, round_number=round_number, context=context)
-        if protocol == "secagg"
-        else PlaintextServer(params, session=session, round_number=round_number)
-    )
-    net = _Network(clients, server, drop_at or {}, clock or (lambda: 0.0), tap)
+    server: Any
+    if isinstance(params, HEParams):
+        server = HEServer(params, session=session, round_number=round_number, context=context)
+    elif protocol == "secagg":
+        server = SecAggServer(params, session=session, round_number=round_number, context=context)
+    else:
+        server = PlaintextServer(params, session=session, round_number=round_number)
+    net = _Network(clients, server, drop_at or {}, clock or (lambda: 0.0), tap, he=he)
     first = []
     for p, client in enumerate(clients):
         weight = 1.0 if weights is None else weights[p]
@@ -178,8 +206,20 @@ def run_round(
     net.to_server(first)
     while wires := net.close_stage():
         net.to_server([net.to_client(p, wire) for p, wire in wires if p not in net.gone])
+    if isinstance(params, HEParams) and params.scheme == "ckks":
+        # never released to the server: report what the first contributing client decrypted
+        included = server.contributors
+        result = AggregateResult(
+            decoded=clients[included[0]].result(),
+            ring_sum=None,
+            included=included,
+            dropped=tuple(p for p in range(len(inputs)) if p not in included),
+            insecure=False,
+        )
+    else:
+        result = server.result()
     return RoundReport(
-        result=server.result(),
+        result=result,
         client_seconds=net.client_seconds,
         server_seconds=net.server_seconds,
         upload_bytes=net.up,
@@ -187,9 +227,9 @@ def run_round(
     )
 
 
-def _start(client: Any, x: npt.NDArray[np.floating], weight: float, rounding_seed: bytes | None) -> Message:
+def _start(client: Any, x: npt.NDArray[np.floating], weight: float, rounding_seed: bytes | None) -> Any:
     client.set_input(x, weight=weight, rounding_seed=rounding_seed)
-    if isinstance(client, SecAggClient):
+    if isinstance(client, SecAggClient | HEClient):
         return client.advertise_keys()
     message: Message = client.start()
     return message

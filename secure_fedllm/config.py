@@ -140,7 +140,14 @@ class PrivacyConfig(_Section):
 class SecureAggregationConfig(_Section):
     """How client updates are protected on their way to the server."""
 
-    protocol: Literal["none", "secagg", "secagg+"] = Field("secagg+", description="none sends updates in the clear")
+    protocol: Literal["none", "secagg", "secagg+", "he-bfv", "he-ckks"] = Field(
+        "secagg+",
+        description="pairwise masking (secagg, secagg+), homomorphic encryption (he-bfv exact; he-ckks for "
+        "comparison, decrypted by clients only), or none (updates in the clear)",
+    )
+    he_mode: Literal["symmetric", "public-key"] = Field(
+        "symmetric", description="he-*: every client holds the secret key (symmetric) or only the key holder"
+    )
     clip_range: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
         0.1, description="public per-coordinate bound of the encoded update (>= local_steps * learning_rate for adam)"
     )

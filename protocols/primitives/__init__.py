@@ -7,6 +7,7 @@ implementations can interoperate; the known-answer vectors live in `tests/protoc
 
 from .aead import NONCE_BYTES, TAG_BYTES, open_sealed, seal
 from .kdf import (
+    LABEL_HE_KEY_DELIVERY,
     LABEL_NEIGHBOUR_GRAPH,
     LABEL_PAIRWISE_MASK,
     LABEL_ROUNDING,
@@ -28,6 +29,7 @@ from .shamir import PRIME, SHARE_BYTES, lagrange_at_zero, reconstruct, split
 
 __all__ = [
     "CHUNK_WORDS",
+    "LABEL_HE_KEY_DELIVERY",
     "LABEL_NEIGHBOUR_GRAPH",
     "LABEL_PAIRWISE_MASK",
     "LABEL_ROUNDING",

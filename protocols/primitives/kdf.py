@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
+    "LABEL_HE_KEY_DELIVERY",
     "LABEL_NEIGHBOUR_GRAPH",
     "LABEL_PAIRWISE_MASK",
     "LABEL_ROUNDING",
@@ -27,6 +28,8 @@ LABEL_PAIRWISE_MASK = b"secure-fedllm/v1/pairwise-mask-seed"
 """PRG seed of the mask shared by `a < b` (canonical order, both parties derive the same seed)."""
 LABEL_ROUNDING = b"secure-fedllm/v1/stochastic-rounding"
 """Seed of the non-secret stochastic-rounding stream of party `a` (`b` = 0)."""
+LABEL_HE_KEY_DELIVERY = b"secure-fedllm/v1/he-key-delivery"
+"""AES-256-GCM key under which HE key holder `a` sends the secret HE context to party `b`."""
 LABEL_NEIGHBOUR_GRAPH = b"secure-fedllm/v1/neighbour-graph"
 """Seed of the public permutation that places parties on the SecAgg+ Harary graph (`a` = `b` = 0)."""
 

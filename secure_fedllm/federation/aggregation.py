@@ -3,9 +3,13 @@
 Updates travel through the sans-IO protocols of `protocols` over the in-process driver, which
 encodes every message to bytes (so bytes are counted and nothing unencoded reaches the server).
 The server learns the weighted sum of the survivors' clipped, quantized updates and applies
-sum / total weight to the global adapter; the decoded mean is within n * Delta / 2 per coordinate
+sum / total weight to the global adapter; the decoded mean is within n * Delta per coordinate
 of the survivors' exact weighted mean of clipped updates (Delta the quantization step; stochastic
 rounding errs by less than one step per input, and integer weights are encoded exactly).
+
+With `he-ckks` the server never sees a decryption (CKKS decryptions leak key material to whoever
+holds the ciphertexts): the mean comes from a client's decryption, as it would for clients that keep
+the global model in a deployment; `he-bfv` releases the exact integer sum, as masking does.
 
 `clipped_coordinates` (and the runner's `fedit_product_error`) are simulation diagnostics computed
 from the individual updates in process; in a deployment each client keeps its own count.
@@ -22,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols import AbortError, SecAggParams, run_round
+from protocols.he import HEParams
 
 from ..config import RunConfig
 
@@ -93,20 +98,32 @@ def aggregate_updates(
         total = sum(weights[i] for i in survivors)
         mean = sum(weights[i] * np.clip(updates[i], -clip, clip).astype(np.float64) for i in survivors) / total
         return AggregationOutcome(mean, survivors, sorted(drop_at), None, clipped_coordinates=clipped)
-    make = SecAggParams.secagg if sa.protocol == "secagg" else SecAggParams.secagg_plus
-    params = make(
-        n,
-        dimension=len(updates[0]),
-        clip_range=clip,
-        threshold=sa.threshold,
-        dropout_rate=sa.dropout_rate,
-        corrupt_fraction=sa.corrupt_fraction,
-    )
+    params: SecAggParams | HEParams
+    if sa.protocol.startswith("he-"):
+        make_he = HEParams.bfv_packed if sa.protocol == "he-bfv" else HEParams.ckks_nvflare
+        params = make_he(
+            n,
+            dimension=len(updates[0]),
+            clip_range=clip,
+            max_parties=max(16, 1 << (config.federation.clients - 1).bit_length()),
+            min_contributions=sa.threshold or min(3, n),
+            mode=sa.he_mode,
+        )
+    else:
+        make = SecAggParams.secagg if sa.protocol == "secagg" else SecAggParams.secagg_plus
+        params = make(
+            n,
+            dimension=len(updates[0]),
+            clip_range=clip,
+            threshold=sa.threshold,
+            dropout_rate=sa.dropout_rate,
+            corrupt_fraction=sa.corrupt_fraction,
+        )
     try:
         report = run_round(
             params,
             [u.astype(np.float64) for u in updates],
-            protocol="plaintext" if sa.protocol == "none" else "secagg",
+            protocol="plaintext" if sa.protocol == "none" else "he" if sa.protocol.startswith("he-") else "secagg",
             weights=list(weights),
             drop_at=drop_at,
             round_number=round_number,
@@ -130,6 +147,6 @@ def aggregate_updates(
         upload_bytes=sum(report.upload_bytes.values()),
         download_bytes=sum(report.download_bytes.values()),
         insecure=result.insecure,
-        neighbours=params.neighbours,
-        threshold=params.threshold,
+        neighbours=params.neighbours if isinstance(params, SecAggParams) else 0,
+        threshold=params.threshold if isinstance(params, SecAggParams) else params.min_contributions,
     )

@@ -306,3 +306,25 @@ def test_fedit_reports_its_product_error_and_user_level_dp_counts_people(tiny_mo
 
     merged = AutoModelForCausalLM.from_pretrained(result.out / "merged")
     assert sum(p.numel() for p in merged.parameters()) > 0 and any("lora_A" in k for k in saved)
+
+
+@pytest.mark.parametrize("protocol", ["he-bfv", "he-ckks"])
+def test_the_run_works_with_homomorphic_aggregation(tiny_model_dir, tmp_path, protocol):
+    config = tiny_config(
+        tiny_model_dir, "federation.rounds=1", f"secure_aggregation.protocol='{protocol}'", "evaluation.generations=0"
+    )
+    result = run(config, out=tmp_path / protocol, progress=False)
+    row = result.metrics[1]
+    assert row["included"] == [0, 1, 2] and row["aborted"] is None
+    assert row["bytes"]["upload"] > 0 and row["protocol"]["threshold"] == 3
+    assert result.metrics[1]["eval_loss"] != result.metrics[0]["eval_loss"]  # the update was applied
+
+
+def test_he_bfv_mean_is_within_the_quantization_bound():
+    config = RunConfig().with_overrides(["secure_aggregation.protocol='he-bfv'", "federation.clients=5"])
+    rng = np.random.default_rng(5)
+    updates = [rng.normal(0, 0.03, 2000).astype(np.float32) for _ in range(5)]
+    outcome = aggregate_updates(config, updates, [1.0] * 5, round_number=1, context=b"c", drop_at={})
+    assert outcome.mean is not None and outcome.included == [0, 1, 2, 3, 4]
+    exact = sum(np.clip(u.astype(np.float64), -0.1, 0.1) for u in updates) / 5
+    assert np.abs(outcome.mean - exact).max() <= outcome.max_abs_error

@@ -1,0 +1,197 @@
+"""Benchmark: packed BFV against CKKS at NVFlare's defaults and against our SecAgg+ masking.
+
+Usage:
+    python benchmarks/he.py --json benchmarks/results/he.json
+    python benchmarks/he.py --json /tmp/he.json --dims 100000 --n 4       (quick)
+
+Setup: n = 10 clients (n_max = 16), d in {1e5, 1e6}, updates N(0, 0.01^2) clipped to the public
+range 0.05, weight 1, one process per (implementation, mode, d) so that peak RSS is that
+configuration's own. Implementations:
+
+* `bfv-packed`: our default, BFV N=4096, q = 56+53 bits, t = 2^41 - 65535, two 16-bit values per
+  slot in 20-bit fields (`protocols.he`).
+* `ckks-nvflare`: CKKS N=8192, [60, 40, 40], scale 2^40, one value per slot: NVFlare's `HEBuilder`
+  defaults, encrypting the flattened update as NVFlare's `model_encryptor` does.
+* `secagg+`: our pairwise masking (k derived for n = 10 at 10% dropout), the whole client protocol.
+
+Modes: `symmetric` is NVFlare's (every client holds the secret key); `public-key` is reported beside
+it. Per row: `client_us_per_param` (quantize + encrypt + serialize one update, median over the n
+clients; for secagg+ the client's whole protocol), `server_s` (parse and add the n uploads and
+serialize the sum; uploads are streamed into the sum one at a time, so memory does not grow with
+n), `decrypt_s` (parse, decrypt and decode the sum), `upload_bytes_per_param` (one client's
+ciphertexts, or its whole secagg+ upload, over d), `peak_rss_mb` and `exact` (BFV and masking:
+the decrypted integers equal the sum of the quantized inputs; CKKS: approximate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CLIP = 0.05
+
+
+def _inputs(n: int, d: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [np.clip(rng.normal(0, 0.01, d), -CLIP, CLIP) for _ in range(n)]
+
+
+def _he(impl: str, mode: str, d: int, n: int) -> dict[str, Any]:
+    from protocols.he import HEParams
+    from protocols.he._ciphers import (
+        ChunkSum,
+        decode_words,
+        decrypt_ckks,
+        decrypt_words,
+        encrypt_update,
+        load_public_context,
+        make_context,
+        public_context_bytes,
+        quantize,
+    )
+
+    make = HEParams.bfv_packed if impl == "bfv-packed" else HEParams.ckks_nvflare
+    params = make(n, dimension=d, clip_range=CLIP, max_parties=16, mode=mode)
+    ctx = make_context(params)
+    public = public_context_bytes(ctx, params)
+    server_ctx = load_public_context(public)
+    client_ctx = ctx
+    if mode == "public-key":
+        import tenseal as ts
+
+        client_ctx = ts.context_from(public)  # clients hold the public key only
+    xs = _inputs(n, d)
+    seeds = [os.urandom(32) for _ in range(n)]
+    total = ChunkSum(params, server_ctx)
+    client_s, server_s, upload = [], 0.0, 0
+    for x, seed in zip(xs, seeds, strict=True):
+        t = time.perf_counter()
+        chunks = encrypt_update(params, client_ctx, x, weight=1.0, rounding_seed=seed)
+        client_s.append(time.perf_counter() - t)
+        upload = sum(len(c) for c in chunks)
+        t = time.perf_counter()
+        total.add(chunks, sender=0)
+        server_s += time.perf_counter() - t
+        del chunks
+    t = time.perf_counter()
+    summed = total.serialize()
+    server_s += time.perf_counter() - t
+    t = time.perf_counter()
+    if impl == "bfv-packed":
+        words = decrypt_words(params, ctx, summed)
+        decoded = decode_words(params, words)
+        decrypt_s = time.perf_counter() - t
+        expected = sum(quantize(params, x, weight=1.0, rounding_seed=s) for x, s in zip(xs, seeds, strict=True))
+        exact = bool((words == expected).all())
+    else:
+        decoded = decrypt_ckks(params, ctx, summed)
+        decrypt_s = time.perf_counter() - t
+        exact = False
+    error = float(np.abs(decoded.weighted_sum - sum(xs)).max())
+    return {
+        "client_us_per_param": statistics.median(client_s) / d * 1e6,
+        "server_s": server_s,
+        "decrypt_s": decrypt_s,
+        "upload_bytes_per_param": upload / d,
+        "exact": exact,
+        "max_abs_error": error,
+        "ciphertexts_per_update": params.chunks,
+    }
+
+
+def _secagg(d: int, n: int) -> dict[str, Any]:
+    from protocols import SecAggParams, run_round
+
+    params = SecAggParams.secagg_plus(n, dimension=d, clip_range=CLIP)
+    xs = _inputs(n, d)
+    report = run_round(params, xs, clock=time.perf_counter)
+    error = float(np.abs(report.result.decoded.weighted_sum - sum(xs)).max())
+    return {
+        "client_us_per_param": statistics.median(report.client_seconds.values()) / d * 1e6,
+        "server_s": report.server_seconds,
+        "decrypt_s": 0.0,
+        "upload_bytes_per_param": statistics.median(report.upload_bytes.values()) / d,
+        "exact": True,
+        "max_abs_error": error,
+        "neighbours": params.neighbours,
+    }
+
+
+def _single(spec: str) -> None:
+    impl, mode, d, n = spec.split(":")
+    row = {"impl": impl, "mode": mode, "d": int(d), "n": int(n)}
+    row.update(_secagg(int(d), int(n)) if impl == "secagg+" else _he(impl, mode, int(d), int(n)))
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(row))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--dims", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--n", type=int, default=10)
+    parser.add_argument("--single", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        _single(args.single)
+        return
+    rows = []
+    for d in args.dims:
+        for impl, mode in (
+            ("bfv-packed", "symmetric"),
+            ("ckks-nvflare", "symmetric"),
+            ("bfv-packed", "public-key"),
+            ("ckks-nvflare", "public-key"),
+            ("secagg+", "-"),
+        ):
+            spec = f"{impl}:{mode}:{d}:{args.n}"
+            out = subprocess.run(
+                [sys.executable, __file__, "--single", spec], capture_output=True, text=True, check=True
+            )
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(
+                f"{impl:12s} {mode:10s} d={d:>9,} client {row['client_us_per_param']:.3f} us/param  "
+                f"server {row['server_s']:.3f} s  decrypt {row['decrypt_s']:.3f} s  "
+                f"{row['upload_bytes_per_param']:.2f} B/param  rss {row['peak_rss_mb']:.0f} MB  exact {row['exact']}"
+            )
+    summary = {}
+    for d in args.dims:
+        for mode in ("symmetric", "public-key"):
+            bfv = next(r for r in rows if r["impl"] == "bfv-packed" and r["mode"] == mode and r["d"] == d)
+            ckks = next(r for r in rows if r["impl"] == "ckks-nvflare" and r["mode"] == mode and r["d"] == d)
+            summary[f"{d}/{mode}"] = {
+                "client_speedup_vs_ckks": ckks["client_us_per_param"] / bfv["client_us_per_param"],
+                "bytes_ratio_ckks_over_bfv": ckks["upload_bytes_per_param"] / bfv["upload_bytes_per_param"],
+                "bfv_bytes_per_param": bfv["upload_bytes_per_param"],
+            }
+    result = {
+        "benchmark": "he",
+        "n": args.n,
+        "n_max": 16,
+        "rows": rows,
+        "summary": summary,
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

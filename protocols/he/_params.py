@@ -1,0 +1,180 @@
+"""Public parameters of HE aggregation, validated before any key exists.
+
+Packed BFV (default). Each update is quantized by the masking protocols' `FixedPointEncoding` to
+16-bit signed integers in [-L, L] (L = 2^15 - 1; the weight is folded in: w * x is encoded, and w
+goes alongside), offset by L to [0, 2L], and `fields_per_slot` such values are packed into one
+BFV slot in fields of `field_bits` = bitlen(n_max * 2L) bits, so the sum of n_max contributions can
+never carry into a neighbouring field; the packed slot value stays below 2^(k * field_bits) <= t,
+the plain modulus, so the integer sum decrypts exactly (read modulo t).
+
+Two checks refuse a configuration before it is used, because TenSEAL does not raise when a
+ciphertext's noise budget runs out (it decrypts garbage):
+
+* field width: k * field_bits <= floor(log2 t);
+* noise: the fresh budget of a BFV ciphertext is about log2(q_data) - log2(t) - 6 bits with
+  symmetric encryption (9 with public-key encryption; measured 8 and 5-6 bits left after 10 and
+  16 sums for N = 4096, q = 56 + 53 bits, t = 2^41 - 65535), and summing n_max ciphertexts costs
+  log2(n_max) bits; at least one bit must be left.
+
+A start-up self-test (`self_test`) then encrypts a known vector, adds it n_max times and checks
+the exact decryption. Coefficient moduli are checked against the Homomorphic Encryption Standard's
+128-bit table (ternary secrets): anything weaker raises `InsecureParameterError`.
+
+CKKS is offered with NVFlare's parameter set (N = 8192, [60, 40, 40], scale 2^40) for comparison
+only; see the package docstring for why its aggregate is never decrypted for the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..encoding import FixedPointEncoding
+from ..errors import InsecureParameterError
+
+__all__ = ["HE_STANDARD_128", "HEParams"]
+
+HE_STANDARD_128: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+"""Largest total coefficient-modulus bits for 128-bit security (HomomorphicEncryption.org standard,
+ternary secret, classical attacks), by polynomial modulus degree N."""
+
+VALUE_BITS = 16
+"""Bits of one quantized value (signed, symmetric): L = 2^15 - 1 levels each side."""
+
+_NOISE_MARGIN = {"symmetric": 6, "public-key": 9}
+
+
+class HEParams(BaseModel):
+    """What every party of an HE aggregation agrees on; its digest enters the transcript."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: Literal["bfv", "ckks"] = Field("bfv", description="bfv: exact packed integers; ckks: NVFlare-style")
+    mode: Literal["symmetric", "public-key"] = Field(
+        "symmetric", description="symmetric (NVFlare's choice; every client holds the secret key) or public-key"
+    )
+    num_parties: Annotated[int, Field(ge=2, le=1 << 16)] = Field(description="n: enrolled parties, ids 0..n-1")
+    max_parties: Annotated[int, Field(ge=2, le=1 << 16)] = Field(16, description="n_max: most inputs ever summed")
+    dimension: Annotated[int, Field(ge=1, le=1 << 28)] = Field(description="d: length of each input vector")
+    clip_range: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(description="public per-coordinate bound")
+    max_weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(1.0, description="largest weight")
+    min_contributions: Annotated[int, Field(ge=1)] = Field(
+        3, description="t_min: clients decrypt an aggregate only with at least this many signed contributions"
+    )
+    poly_modulus_degree: Literal[2048, 4096, 8192, 16384, 32768] = Field(4096, description="N")
+    coeff_mod_bit_sizes: tuple[int, ...] = Field((56, 53), description="coefficient moduli bits (last: special)")
+    plain_modulus: int = Field(2199023190017, description="t (bfv): a batching prime, 2^41 - 65535")
+    fields_per_slot: Annotated[int, Field(ge=1, le=4)] = Field(2, description="k (bfv): values per slot")
+    scale_bits: Annotated[int, Field(ge=20, le=60)] = Field(40, description="CKKS scale 2^bits")
+    identity_keys: tuple[Annotated[bytes, Field(min_length=32, max_length=32)], ...] | None = Field(
+        None, description="Ed25519 public key of each party: authenticates keys (malicious-server setting)"
+    )
+
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
+        total = sum(self.coeff_mod_bit_sizes)
+        limit = HE_STANDARD_128[self.poly_modulus_degree]
+        if len(self.coeff_mod_bit_sizes) < 2:
+            raise InsecureParameterError("coeff_mod_bit_sizes needs at least two primes (TenSEAL keeps a special one)")
+        if total > limit:
+            raise InsecureParameterError(
+                f"coeff_mod_bit_sizes={list(self.coeff_mod_bit_sizes)} total {total} bits exceeds {limit}, the "
+                f"128-bit bound for poly_modulus_degree={self.poly_modulus_degree}; lower the moduli or raise N"
+            )
+        if self.num_parties > self.max_parties:
+            raise InsecureParameterError(f"num_parties={self.num_parties} exceeds max_parties={self.max_parties}")
+        if self.identity_keys is not None and len(self.identity_keys) != self.num_parties:
+            raise InsecureParameterError(f"identity_keys has {len(self.identity_keys)} keys; need {self.num_parties}")
+        if self.scheme == "bfv":
+            width = self.field_bits * self.fields_per_slot
+            if width > self.plain_modulus.bit_length() - 1:
+                raise InsecureParameterError(
+                    f"{self.fields_per_slot} fields of {self.field_bits} bits (sums of max_parties={self.max_parties}) "
+                    f"need {width} bits but plain_modulus has {self.plain_modulus.bit_length() - 1}; lower "
+                    "fields_per_slot or max_parties"
+                )
+            if self.noise_budget_bits < 1:
+                raise InsecureParameterError(
+                    f"the BFV noise budget would run out: about {self.noise_budget_bits:.1f} bits left after summing "
+                    f"max_parties={self.max_parties} {self.mode} ciphertexts; lower max_parties or plain_modulus, "
+                    "or raise the coefficient moduli"
+                )
+
+    @classmethod
+    def bfv_packed(cls, num_parties: int, *, dimension: int, clip_range: float, **kw: Any) -> HEParams:
+        """The default: BFV N=4096, q = 56 + 53 bits, t = 2^41 - 65535, two 20-bit fields per slot."""
+        return cls(scheme="bfv", num_parties=num_parties, dimension=dimension, clip_range=clip_range, **kw)
+
+    @classmethod
+    def ckks_nvflare(cls, num_parties: int, *, dimension: int, clip_range: float, **kw: Any) -> HEParams:
+        """NVFlare's defaults: CKKS N=8192, [60, 40, 40], scale 2^40 (comparison only)."""
+        fields: dict[str, Any] = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": (60, 40, 40), "scale_bits": 40}
+        fields.update(kw)
+        return cls(scheme="ckks", num_parties=num_parties, dimension=dimension, clip_range=clip_range, **fields)
+
+    @property
+    def quantizer(self) -> FixedPointEncoding:
+        """The masking protocols' encoding at 16-bit levels (L = 2^15 - 1), weights folded in."""
+        # level = (2^31 - 1) // max_parties: with 2^16 "parties" it is 2^15 - 1, i.e. 16-bit values
+        return FixedPointEncoding(
+            clip_range=self.clip_range, max_parties=1 << (32 - VALUE_BITS), ring_bits=32, max_weight=self.max_weight
+        )
+
+    @property
+    def level(self) -> int:
+        """L: largest absolute quantized value."""
+        return (1 << (VALUE_BITS - 1)) - 1
+
+    @property
+    def field_bits(self) -> int:
+        """Width of one packed field: holds the sum of max_parties offset values in [0, 2L]."""
+        return (self.max_parties * 2 * self.level).bit_length()
+
+    @property
+    def slots(self) -> int:
+        """Values per ciphertext: N for BFV (batching), N/2 for CKKS."""
+        return self.poly_modulus_degree if self.scheme == "bfv" else self.poly_modulus_degree // 2
+
+    @property
+    def words(self) -> int:
+        """Integers per update: d values, the weight and a contribution counter."""
+        return self.dimension + 2
+
+    @property
+    def values_per_chunk(self) -> int:
+        """Integers (bfv) or floats (ckks) carried by one ciphertext."""
+        return self.slots * (self.fields_per_slot if self.scheme == "bfv" else 1)
+
+    @property
+    def chunks(self) -> int:
+        """Ciphertexts per update."""
+        return math.ceil(self.words / self.values_per_chunk)
+
+    @property
+    def max_chunk_bytes(self) -> int:
+        """Upper bound on one serialized ciphertext, checked before parsing.
+
+        Two polynomials of N 64-bit words per data prime, plus TenSEAL's framing.
+        """
+        return 2 * self.poly_modulus_degree * 8 * (len(self.coeff_mod_bit_sizes) - 1) + 8192
+
+    @property
+    def noise_budget_bits(self) -> float:
+        """Estimated BFV noise budget left after summing max_parties fresh ciphertexts."""
+        data_bits = sum(self.coeff_mod_bit_sizes[:-1])
+        fresh = data_bits - math.log2(self.plain_modulus) - _NOISE_MARGIN[self.mode]
+        return fresh - math.log2(self.max_parties)
+
+    @property
+    def max_abs_error(self) -> float:
+        """Bound on |decoded sum - exact sum of clipped inputs| per coordinate, for max_parties inputs."""
+        if self.scheme == "bfv":
+            return self.max_parties / self.quantizer.scale
+        return self.max_parties * 2.0 ** -(self.scale_bits - 20)  # conservative CKKS bound (measured ~1e-9 at n=10)
+
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical JSON form (bound into the transcript)."""
+        return hashlib.sha256(b"protocols/he/params/v1|" + self.model_dump_json().encode()).digest()

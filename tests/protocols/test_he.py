@@ -1,0 +1,230 @@
+"""HE aggregation: exact packed-BFV sums, CKKS within its bound, keys, tampering and refusals."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from protocols import (
+    AbortError,
+    DecodeError,
+    InsecureParameterError,
+    IntegrityError,
+    InvalidTransitionError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    run_round,
+)
+from protocols.he import HEClient, HEInput, HEKeyOffer, HEParams, HEServer, HESum, decode_he_message, encode_he_message
+from protocols.he._ciphers import make_context, quantize, secret_context_bytes
+from protocols.he._client import he_transcript, holder_rank
+
+
+def _session_with_holder(params: HEParams, *, avoid: set[int] = frozenset(), want: int | None = None) -> bytes:
+    """A session id whose public key-holder rule picks a party outside `avoid` (or exactly `want`)."""
+    while True:
+        session = os.urandom(16)
+        transcript = he_transcript(params, session=session, round_number=0, context=b"")
+        holder = min(range(params.num_parties), key=lambda p: holder_rank(transcript, p))
+        if (want is None and holder not in avoid) or holder == want:
+            return session
+
+
+def _inputs(n: int, d: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0, 0.03, d) for _ in range(n)]  # some coordinates beyond the 0.05 clip
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "drop_at", "mode"),
+    [
+        (3, 1, {}, "symmetric"),
+        (6, 9000, {1: 2, 4: 0}, "symmetric"),
+        (16, 3000, {0: 2, 15: 1}, "symmetric"),
+        (5, 5000, {3: 2}, "public-key"),
+    ],
+)
+def test_packed_bfv_sum_is_the_exact_integer_sum_of_the_survivors(n, d, drop_at, mode):
+    params = HEParams.bfv_packed(n, dimension=d, clip_range=0.05, mode=mode)
+    xs = _inputs(n, d, n * d)
+    weights = [1.0 - 0.05 * i for i in range(n)]
+    seeds = [os.urandom(32) for _ in range(n)]
+    session = _session_with_holder(params, avoid=set(drop_at))  # a dropped key holder aborts (next test)
+    report = run_round(
+        params, xs, protocol="he", weights=weights, drop_at=drop_at, rounding_seeds=seeds, session=session
+    )
+    included = report.result.included
+    assert included == tuple(p for p in range(n) if p not in drop_at)
+    expected = sum(quantize(params, xs[p], weight=weights[p], rounding_seed=seeds[p]) for p in included)
+    assert (report.result.ring_sum == expected).all()  # exact, field by field, weight and counter included
+    decoded = report.result.decoded
+    exact = sum(weights[p] * np.clip(xs[p], -0.05, 0.05) for p in included)
+    assert np.abs(decoded.weighted_sum - exact).max() <= decoded.max_abs_error
+    assert decoded.num_inputs == len(included)
+    assert decoded.total_weight == pytest.approx(sum(weights[p] for p in included), abs=1e-4)
+
+
+@pytest.mark.parametrize(("mode", "stage"), [("symmetric", 1), ("public-key", 2)])
+def test_a_key_holder_that_drops_too_early_aborts_the_round(mode, stage):
+    params = HEParams.bfv_packed(4, dimension=100, clip_range=0.05, mode=mode)
+    session = _session_with_holder(params, want=2)
+    with pytest.raises(AbortError):
+        run_round(params, _inputs(4, 100, 0), protocol="he", drop_at={2: stage}, session=session)
+
+
+def test_ckks_sum_is_within_its_stated_error_and_never_released_to_the_server():
+    params = HEParams.ckks_nvflare(4, dimension=5000, clip_range=0.05)
+    xs = _inputs(4, 5000, 1)
+    report = run_round(params, xs, protocol="he", drop_at={2: 2})
+    exact = sum(np.clip(xs[p], -0.05, 0.05) for p in (0, 1, 3))
+    assert np.abs(report.result.decoded.weighted_sum - exact).max() <= params.max_abs_error
+    assert report.result.ring_sum is None
+
+
+class Round:
+    """A hand-driven HE round, so tests can tamper with any message."""
+
+    def __init__(self, n: int = 4, d: int = 700, **kw) -> None:
+        self.params = HEParams.bfv_packed(n, dimension=d, clip_range=0.05, **kw)
+        self.session = os.urandom(16)
+        self.clients = [HEClient(self.params, party_id=p, session=self.session, round_number=1) for p in range(n)]
+        self.server = HEServer(self.params, session=self.session, round_number=1)
+        self.xs = _inputs(n, d, 7)
+        for c, x in zip(self.clients, self.xs, strict=True):
+            c.set_input(x)
+
+    def wire(self, message):
+        return decode_he_message(encode_he_message(message))
+
+    def to_inputs(self) -> list[HEInput]:
+        for c in self.clients:
+            self.server.receive(self.wire(c.advertise_keys()))
+        for p, roster in self.server.close_stage():
+            self.server.receive(self.wire(self.clients[p].handle(roster)))
+        return [self.clients[p].handle(keys) for p, keys in self.server.close_stage()]
+
+
+def test_the_server_context_holds_no_secret_key_and_a_private_one_is_refused():
+    r = Round()
+    for c in r.clients:
+        r.server.receive(r.wire(c.advertise_keys()))
+    offers = {p: r.clients[p].handle(roster) for p, roster in r.server.close_stage()}
+    holder = r.server.holder
+    leaked = offers[holder].model_copy(update={"public_context": secret_context_bytes(r.clients[holder]._ctx)})
+    for p, offer in offers.items():
+        r.server.receive(leaked if p == holder else offer)
+    with pytest.raises(RemoteProtocolError, match="secret key"):
+        r.server.close_stage()
+
+    r = Round()
+    r.to_inputs()
+    assert r.server._sum is not None and not r.server._sum.ctx.is_private()
+
+
+def test_tampered_truncated_or_unsigned_uploads_are_refused_and_change_nothing():
+    r = Round()
+    inputs = r.to_inputs()
+    good = inputs[0]
+    flipped_chunk = bytearray(good.chunks[0])
+    flipped_chunk[len(flipped_chunk) // 2] ^= 1
+    tampered = good.model_copy(update={"chunks": (bytes(flipped_chunk), *good.chunks[1:])})
+    unsigned = good.model_copy(update={"signature": bytes(64)})
+    truncated = good.model_copy(update={"chunks": good.chunks[:-1]})
+    for bad, error in ((tampered, IntegrityError), (unsigned, IntegrityError), (truncated, RemoteProtocolError)):
+        with pytest.raises(error):
+            r.server.receive(bad)
+        assert r.server.contributors == ()
+    wire = encode_he_message(good)
+    with pytest.raises(DecodeError):
+        decode_he_message(wire[:-10])
+    for message in inputs:
+        r.server.receive(r.wire(message))
+    acks = [r.clients[p].handle(total) for p, total in r.server.close_stage()]
+    for ack in acks:
+        r.server.receive(r.wire(ack))
+    assert r.server.close_stage() == []
+    exact = sum(np.clip(x, -0.05, 0.05) for x in r.xs)
+    result = r.server.result()
+    assert result.included == (0, 1, 2, 3)
+    assert np.abs(result.decoded.weighted_sum - exact).max() <= result.decoded.max_abs_error
+
+
+def test_a_server_that_passes_off_one_ciphertext_as_the_sum_is_caught():
+    r = Round()
+    inputs = r.to_inputs()
+    for message in inputs:
+        r.server.receive(r.wire(message))
+    (party, total), *_ = r.server.close_stage()
+    isolated = total.model_copy(update={"chunks": inputs[1].chunks})  # client 1's update, all signatures listed
+    with pytest.raises(RemoteProtocolError, match="counter"):
+        r.clients[party].handle(isolated)
+    with pytest.raises(RemoteProtocolError, match="below min_contributions"):
+        r.clients[1].handle(
+            HESum(
+                session=total.session,
+                round=1,
+                sender=total.sender,
+                chunks=inputs[1].chunks,
+                contributors=(1,),
+                digests=total.digests[1:2],
+                signatures=total.signatures[1:2],
+            )
+        )
+
+
+def test_insecure_or_overflowing_parameters_are_refused():
+    with pytest.raises(InsecureParameterError, match="128-bit"):
+        HEParams.bfv_packed(4, dimension=10, clip_range=0.1, coeff_mod_bit_sizes=(60, 60))
+    with pytest.raises(InsecureParameterError, match="128-bit"):
+        HEParams.ckks_nvflare(4, dimension=10, clip_range=0.1, coeff_mod_bit_sizes=(60, 60, 60, 60))
+    with pytest.raises(InsecureParameterError, match="fields"):
+        HEParams.bfv_packed(4, dimension=10, clip_range=0.1, max_parties=1024)
+    with pytest.raises(InsecureParameterError, match="noise budget"):
+        HEParams.bfv_packed(4, dimension=10, clip_range=0.1, max_parties=4096, fields_per_slot=1)
+    with pytest.raises(InsecureParameterError, match="noise budget"):
+        HEParams.bfv_packed(4, dimension=10, clip_range=0.1, max_parties=512, fields_per_slot=1, mode="public-key")
+    assert HEParams.bfv_packed(4, dimension=10, clip_range=0.1).field_bits == 20
+
+
+def test_out_of_range_inputs_are_refused_before_encryption():
+    params = HEParams.bfv_packed(3, dimension=4, clip_range=0.05)
+    client = HEClient(params, party_id=0, session=os.urandom(16), round_number=0)
+    with pytest.raises(LocalProtocolError, match="weight"):
+        client.set_input(np.zeros(4), weight=1.5)
+    with pytest.raises(LocalProtocolError):
+        quantize(params, np.array([0.0, np.nan, 0.0, 0.0]), weight=1.0)
+    with pytest.raises(LocalProtocolError, match="shape"):
+        quantize(params, np.zeros(5), weight=1.0)
+    words = quantize(params, np.array([1e9, -1e9, 0.0, 0.01]), weight=1.0)  # clipped to the public range
+    assert words.min() >= 0 and words.max() <= 2 * params.level
+
+
+def test_wrong_stage_and_foreign_messages_raise_typed_errors():
+    r = Round(n=3)
+    with pytest.raises(InvalidTransitionError):
+        r.clients[0].handle(HEKeyOffer(session=r.session, round=1, sender=9))
+    other = HEKeyOffer(session=os.urandom(16), round=1, sender=0)
+    with pytest.raises(RemoteProtocolError, match="another session"):
+        r.server.receive(other)
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        blob = bytes(rng.integers(0, 256, rng.integers(0, 80), dtype=np.uint8))
+        if rng.random() < 0.5:
+            blob = b"HEAG\x01" + bytes([int(rng.integers(1, 8))]) + blob
+        try:
+            decode_he_message(blob)
+        except DecodeError:
+            pass
+
+
+def test_self_test_catches_a_context_whose_sums_overflow():
+    from protocols.he import self_test
+
+    params = HEParams.bfv_packed(3, dimension=4, clip_range=0.05)
+    ctx = make_context(params)
+    self_test(ctx, params)
+    broken = params.model_copy(update={"fields_per_slot": 3})  # skips validation: 3 x 20 bits > 41-bit t
+    with pytest.raises(LocalProtocolError, match="self-test"):
+        self_test(ctx, broken)
