@@ -34,3 +34,10 @@ def test_readme_api_example_uses_public_names():
     for name in re.findall(r"from secure_fedllm import ([\w, ]+)", blocks[0])[0].split(", "):
         assert name in secure_fedllm.__all__
     compile(blocks[0], "README.md", "exec")
+
+
+def test_readme_he_example_runs(capsys):
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "protocols.he" in b]
+    assert blocks, "README lost its HE example"
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    assert "(0, 1, 2, 3)" in capsys.readouterr().out

@@ -50,7 +50,7 @@ _NOISE_MARGIN = {"symmetric": 6, "public-key": 9}
 class HEParams(BaseModel):
     """What every party of an HE aggregation agrees on; its digest enters the transcript."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="hex", val_json_bytes="hex")
 
     scheme: Literal["bfv", "ckks"] = Field("bfv", description="bfv: exact packed integers; ckks: NVFlare-style")
     mode: Literal["symmetric", "public-key"] = Field(

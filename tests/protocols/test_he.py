@@ -228,3 +228,36 @@ def test_self_test_catches_a_context_whose_sums_overflow():
     broken = params.model_copy(update={"fields_per_slot": 3})  # skips validation: 3 x 20 bits > 41-bit t
     with pytest.raises(LocalProtocolError, match="self-test"):
         self_test(ctx, broken)
+
+
+def test_with_identity_keys_a_server_cannot_substitute_a_key_to_intercept_the_secret_context():
+    from protocols.he import HERoster
+    from protocols.primitives import ed25519_public, x25519_generate
+
+    n = 4
+    identities = [os.urandom(32) for _ in range(n)]
+    params = HEParams.bfv_packed(
+        n, dimension=300, clip_range=0.05, identity_keys=tuple(ed25519_public(k) for k in identities)
+    )
+    report = run_round(params, _inputs(n, 300, 3), protocol="he", identity_keys=identities)
+    assert report.result.included == (0, 1, 2, 3)
+
+    session = os.urandom(16)
+    clients = [
+        HEClient(params, party_id=p, session=session, round_number=0, identity_key=identities[p]) for p in range(n)
+    ]
+    server = HEServer(params, session=session, round_number=0)
+    hellos = [c.advertise_keys() for c in clients]
+    for c, x in zip(clients, _inputs(n, 300, 3), strict=True):
+        c.set_input(x)
+    _, attacker_public = x25519_generate(__import__("protocols").OsRandom())
+    forged = hellos[1].model_copy(update={"dh_public": attacker_public})  # the server's own key for party 1
+    roster = HERoster(
+        session=session,
+        round=0,
+        sender=0xFFFFFFFF,
+        hellos=tuple(encode_he_message(h) for h in (hellos[0], forged, hellos[2], hellos[3])),
+    )
+    with pytest.raises(IntegrityError):
+        clients[0].handle(roster)
+    del server
