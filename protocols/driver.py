@@ -6,7 +6,8 @@ Tests, benchmarks and the federation runner use it. It stays sans-IO: the clock 
 (`clock=time.perf_counter` to measure) and randomness comes from per-party `SecretSource`s.
 
 Stage numbers (what a party stops sending): 0 AdvertiseKeys, 1 EncryptedShares, 2 MaskedInput,
-3 SurvivorSignature (malicious setting only), 4 UnmaskResponse.
+3 SurvivorSignature (malicious setting only), 4 UnmaskResponse; for HE: 0 HEHello, 1 HEKeyOffer,
+2 HEInput, 4 HEAck.
 """
 
 from __future__ import annotations

@@ -14,9 +14,13 @@ Threat model (read before choosing HE over masking):
   the server must not collude with that one client.
 * Without identity keys a malicious server could substitute its own X25519 key and intercept the
   secret context: only a semi-honest server is covered then. With identity keys, hellos are signed.
+* Only the key holder releases a decrypted (BFV) sum to the server, once, signed, and only its own
+  homomorphic sum of the individually signed uploads: a server that forges "the sum" (k * E(x_i),
+  or a subset chosen per client) gets nothing. Other clients check signatures and the encrypted
+  counter before they decrypt for themselves.
 * A malicious client's out-of-range values are invisible under encryption; the bound checks after
-  decryption (fields, counter) catch accidental overflow and a server returning something other
-  than a sum of the listed contributions, not a deliberately skewed but in-range input.
+  decryption (fields, counter) catch accidental overflow and malformed sums, not a deliberately
+  skewed but in-range input.
 * CKKS decryptions leak key material to whoever also holds the ciphertexts (Li and Micciancio,
   EUROCRYPT 2021), so a CKKS aggregate is decrypted by clients only and never released to the
   server (this package would need noise flooding to do that; it does not). BFV decryption is exact:

@@ -170,29 +170,46 @@ class ChunkSum:
     def __init__(self, params: HEParams, public_ctx: Any) -> None:
         self.params, self.ctx = params, public_ctx
         self._acc: list[Any] = [None] * params.chunks
+        self._broken = False
         self.count = 0
 
     def add(self, chunks: Sequence[bytes], *, sender: int) -> None:
         """Add one upload; a chunk that does not parse raises IntegrityError and nothing is added."""
         ts = _ts()
         load = ts.bfv_vector_from if self.params.scheme == "bfv" else ts.ckks_vector_from
+        if self._broken:
+            raise LocalProtocolError("the running sum was corrupted by a failed addition; abort the round")
+        if len(chunks) != self.params.chunks:
+            raise RemoteProtocolError(f"{len(chunks)} chunks; expected {self.params.chunks}", field="chunks")
         parsed = []
-        for chunk in chunks:  # parse all first so that a bad upload leaves the sum unchanged
+        for i, chunk in enumerate(chunks):  # parse and size-check all first: a bad upload changes nothing
             try:
-                parsed.append(load(self.ctx, chunk))
+                vector = load(self.ctx, chunk)
             except Exception as exc:
                 raise IntegrityError(peer_id=sender) from exc
-        for i, vector in enumerate(parsed):
-            if self._acc[i] is None:
-                self._acc[i] = vector
-            else:
-                self._acc[i].add_(vector)
+            if vector.size() != self._size(i):
+                raise RemoteProtocolError(f"chunk {i} holds {vector.size()} values", field="chunks", peer_id=sender)
+            parsed.append(vector)
+        try:
+            for i, vector in enumerate(parsed):
+                if self._acc[i] is None:
+                    self._acc[i] = vector
+                else:
+                    self._acc[i].add_(vector)
+        except Exception as exc:
+            self._broken = True
+            raise IntegrityError(peer_id=sender) from exc
         self.count += 1
+
+    def _size(self, chunk: int) -> int:
+        if self.params.scheme == "bfv":
+            return self.params.slots  # packed chunks are padded to full slots
+        return min(self.params.slots, self.params.words - chunk * self.params.slots)
 
     def serialize(self) -> list[bytes]:
         """The summed chunks."""
-        if self.count == 0:
-            raise LocalProtocolError("no contribution to sum")
+        if self.count == 0 or self._broken:
+            raise LocalProtocolError("no valid sum: no contribution, or a failed addition")
         return [v.serialize() for v in self._acc]
 
 

@@ -2,8 +2,8 @@
 
 Stages: `advertise_keys()` -> HEHello; HERoster -> HEKeyOffer; HEKeys -> HEInput; HESum -> HEAck.
 
-The key holder is the roster member with the smallest SHA-256(transcript || id): a public rule,
-not the server's choice. It generates the session's TenSEAL context, runs the self-test, and
+The key holder is the roster member with the smallest SHA-256(transcript || id), a public rule.
+It generates the session's TenSEAL context, runs the self-test, and
 seals the secret context to every other client under an AES-256-GCM key derived from their
 pairwise X25519 secret (HKDF, label `he-key-delivery`, salted with the transcript); in public-key
 mode the others get only the public context. With identity keys the hellos are signed, so a
@@ -13,10 +13,17 @@ semi-honest server is covered.
 Each upload is signed with the client's session Ed25519 key over the transcript, its id and the
 digest of its ciphertext chunks. A client decrypts an aggregate only if it lists at least
 `min_contributions` contributions with valid signatures, including its own, and the decrypted
-contribution counter equals that number (a server that returns one client's ciphertext, or a sum
-over other inputs, as "the aggregate" is caught). The contributor ranked first by the same public
-rule returns the decrypted BFV field sums to the server: an exact integer sum, which is what the
-server is meant to learn. CKKS aggregates are never returned (see the package docstring).
+contribution counter equals that number. Only the key holder releases a decrypted BFV sum to the
+server, once per session, signed: and it does not decrypt the server's sum but its own
+homomorphic sum of the individually signed uploads, which the server sends it. A malicious server
+that returns k * E(x_i), or a sum over a subset chosen per client, gets nothing released; if the
+key holder drops before releasing, the round aborts (a fallback releaser chosen after the fact
+would let the server collect two sums over different subsets). CKKS aggregates are never released
+(see the package docstring).
+
+The key holder is the roster member with the smallest hash; the server influences the roster (it
+can leave hellos out), so it influences who holds the key, but in symmetric mode every client
+holds the key anyway.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from ..primitives import (
 )
 from ..randomness import OsRandom, SecretSource
 from ._ciphers import (
+    ChunkSum,
     decode_words,
     decrypt_ckks,
     decrypt_words,
@@ -85,6 +93,12 @@ def input_digest(transcript: bytes, sender: int, chunks: tuple[bytes, ...]) -> b
 def hello_payload(transcript: bytes, sender: int, dh_public: bytes, sign_public: bytes) -> bytes:
     """What an identity signature on a hello covers."""
     return b"he/hello|" + transcript + struct.pack("<I", sender) + dh_public + sign_public
+
+
+def release_payload(transcript: bytes, contributors: tuple[int, ...], plaintext: bytes) -> bytes:
+    """What the releaser signs: the decrypted sum and whose inputs it covers."""
+    ids = struct.pack(f"<{len(contributors)}I", *contributors)
+    return b"he/release|" + transcript + hashlib.sha256(ids).digest() + hashlib.sha256(plaintext).digest()
 
 
 def key_payload(transcript: bytes, holder: int, recipient: int, public_context: bytes, box: bytes) -> bytes:
@@ -288,30 +302,42 @@ class HEClient:
             if sender not in self._hellos:
                 raise RemoteProtocolError(f"contributor {sender} is not in the roster", field="contributors")
             ed25519_verify(self._hellos[sender].sign_public, signature, digest, peer_id=sender)
+        base: dict[str, Any] = {"session": self.session, "round": self.round_number, "sender": self.party_id}
         if self._ctx is None or not self._ctx.is_private():
-            self._stage = "done"  # public-key mode: only the holder can decrypt
-            return HEAck(session=self.session, round=self.round_number, sender=self.party_id, count=0)
-        plaintext = b""
+            self._stage = "done"  # public-key mode: only the key holder can decrypt
+            return HEAck(**base, count=0)
+        releaser = self.party_id == self.holder and self.params.scheme == "bfv"
+        chunks = self._own_sum(total) if releaser else total.chunks
         if self.params.scheme == "bfv":
-            words = decrypt_words(self.params, self._ctx, total.chunks)
+            words = decrypt_words(self.params, self._ctx, chunks)
             self._result = decode_words(self.params, words)
-            releaser = min(contributors, key=lambda p: holder_rank(self.transcript, p))
-            if self.params.mode == "public-key":
-                releaser = self.holder if self.holder is not None else releaser
-            if releaser == self.party_id:
-                plaintext = words.astype("<i8").tobytes()
         else:
-            self._result = decrypt_ckks(self.params, self._ctx, total.chunks)
+            self._result = decrypt_ckks(self.params, self._ctx, chunks)
         if self._result.num_inputs != len(contributors):
             self._result = None
             raise RemoteProtocolError(
                 "the aggregate's decrypted counter does not match its listed contributions", field="contributors"
             )
         self._stage = "done"
-        return HEAck(
-            session=self.session,
-            round=self.round_number,
-            sender=self.party_id,
-            count=len(contributors),
-            plaintext=plaintext,
-        )
+        if not releaser:
+            return HEAck(**base, count=len(contributors))
+        plaintext = words.astype("<i8").tobytes()
+        signature = ed25519_sign(self._sign_private, release_payload(self.transcript, contributors, plaintext))
+        return HEAck(**base, count=len(contributors), plaintext=plaintext, signature=signature)
+
+    def _own_sum(self, total: HESum) -> list[bytes]:
+        """The releaser's own homomorphic sum of the signed uploads (the server's sum is not trusted).
+
+        Without this a malicious server could send k * E(x_i) with k valid signatures listed and
+        receive x_i back; here every signature is checked against the ciphertexts it covers.
+        """
+        per = self.params.chunks
+        if len(total.inputs) != per * len(total.contributors):
+            raise RemoteProtocolError("the releaser needs every contributor's chunks", field="inputs")
+        own = ChunkSum(self.params, self._ctx)
+        for i, (sender, digest) in enumerate(zip(total.contributors, total.digests, strict=True)):
+            chunks = tuple(total.inputs[i * per : (i + 1) * per])
+            if input_digest(self.transcript, sender, chunks) != digest:
+                raise RemoteProtocolError(f"contributor {sender}'s chunks do not match its signature", field="inputs")
+            own.add(chunks, sender=sender)
+        return own.serialize()

@@ -106,11 +106,20 @@ class HESum(HEMessage):
     """Server -> clients: the summed chunks and every signed contribution they include."""
 
     TYPE = 6
-    FIELDS = (("chunks", "blobs"), ("contributors", "ints"), ("digests", "blobs"), ("signatures", "blobs"))
+    FIELDS = (
+        ("chunks", "blobs"),
+        ("contributors", "ints"),
+        ("digests", "blobs"),
+        ("signatures", "blobs"),
+        ("inputs", "blobs"),
+    )
     chunks: tuple[bytes, ...]
     contributors: tuple[int, ...]
     digests: tuple[bytes, ...]
     signatures: tuple[bytes, ...]
+    inputs: tuple[bytes, ...] = ()
+    """For the releaser only: every contributor's chunks, in contributor order, so that it can check
+    each signature against the ciphertexts and add them up itself."""
 
 
 class HEAck(HEMessage):
@@ -121,9 +130,10 @@ class HEAck(HEMessage):
     """
 
     TYPE = 7
-    FIELDS = (("count", "u32"), ("plaintext", "blob"))
+    FIELDS = (("count", "u32"), ("plaintext", "blob"), ("signature", "blob"))
     count: int
     plaintext: bytes = b""
+    signature: bytes = b""
 
 
 _TYPES: dict[int, type[HEMessage]] = {

@@ -47,6 +47,31 @@ VALUE_BITS = 16
 _NOISE_MARGIN = {"symmetric": 6, "public-key": 9}
 
 
+def _is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin for n < 3.3e24 (bases up to 41)."""
+    if n < 2:
+        return False
+    bases = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+    if n in bases:
+        return True
+    if any(n % b == 0 for b in bases):
+        return False
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in bases:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
 class HEParams(BaseModel):
     """What every party of an HE aggregation agrees on; its digest enters the transcript."""
 
@@ -88,7 +113,13 @@ class HEParams(BaseModel):
             raise InsecureParameterError(f"num_parties={self.num_parties} exceeds max_parties={self.max_parties}")
         if self.identity_keys is not None and len(self.identity_keys) != self.num_parties:
             raise InsecureParameterError(f"identity_keys has {len(self.identity_keys)} keys; need {self.num_parties}")
+        if any(not 2 <= bits <= 60 for bits in self.coeff_mod_bit_sizes):
+            raise InsecureParameterError("every coefficient modulus prime must have 2..60 bits (SEAL's limit)")
         if self.scheme == "bfv":
+            if not _is_prime(self.plain_modulus) or self.plain_modulus % (2 * self.poly_modulus_degree) != 1:
+                raise InsecureParameterError(
+                    f"plain_modulus={self.plain_modulus} must be a prime = 1 mod 2N (batching); e.g. 2199023190017"
+                )
             width = self.field_bits * self.fields_per_slot
             if width > self.plain_modulus.bit_length() - 1:
                 raise InsecureParameterError(

@@ -3,8 +3,11 @@
 Stages: collect hellos -> roster; collect key offers -> per-client keys (the public context is
 loaded and refused if it holds a secret key); collect signed encrypted inputs, summing them chunk
 by chunk as they arrive -> the sum with its contributions; collect acknowledgements (one of them,
-for BFV, carries the decrypted integer sums) -> result. Dropouts need no recovery: the server sums
-what arrived, and the encrypted weight and counter fields travel with the values.
+for BFV, the key holder's, carries the decrypted integer sums, signed) -> result. Dropouts need no
+recovery: the server sums what arrived, and the encrypted weight and counter fields travel with the
+values. Parsed ciphertexts are added one upload at a time; the serialized uploads are kept until
+the sum goes out, because the key holder checks them against their signatures and adds them up
+itself before it releases anything (`AggregateResult.ring_sum` holds the released field sums).
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import AbortError, InvalidTransitionError, RemoteProtocolError
-from ..primitives import ed25519_verify
+from ..primitives import ed25519_verify, x25519_check_public
 from ..secagg._server import AggregateResult
 from ._ciphers import ChunkSum, decode_words, load_public_context
-from ._client import he_transcript, holder_rank, input_digest, parse_roster
+from ._client import he_transcript, hello_payload, holder_rank, input_digest, parse_roster, release_payload
 from ._messages import HEAck, HEHello, HEInput, HEKeyOffer, HEKeys, HEMessage, HERoster, HESum, encode_he_message
 from ._params import HEParams
 
@@ -46,6 +49,7 @@ class HEServer:
         self._offers: dict[int, HEKeyOffer] = {}
         self._sum: ChunkSum | None = None
         self._contributions: dict[int, tuple[bytes, bytes]] = {}
+        self._uploads: dict[int, tuple[bytes, ...]] = {}  # serialized, for the releaser's own check
         self._acks: dict[int, HEAck] = {}
         self._result: AggregateResult | None = None
         self.holder: int | None = None
@@ -69,8 +73,13 @@ class HEServer:
                 f"sender {message.sender} is not enrolled", field="sender", peer_id=message.sender
             )
         if isinstance(message, HEHello):
+            self._check_hello(message)
             self._take(self._hellos, message)
         elif isinstance(message, HEKeyOffer):
+            if not (len(message.recipients) == len(message.boxes) == len(message.signatures)):
+                raise RemoteProtocolError(
+                    "key offer lists differ in length", field="recipients", peer_id=message.sender
+                )
             if message.sender in self._hellos:
                 self._take(self._offers, message)
         elif isinstance(message, HEInput):
@@ -118,7 +127,9 @@ class HEServer:
                 raise AbortError(
                     f"only {len(self._contributions)} inputs; min_contributions={self.params.min_contributions}"
                 )
-            assert self._sum is not None
+            assert self._sum is not None and self.holder is not None
+            if self.params.scheme == "bfv" and self.holder not in self._contributions:
+                raise AbortError(f"the key holder {self.holder} sent no input; only it may release the sum")
             senders = tuple(sorted(self._contributions))
             total = HESum(
                 **base,
@@ -127,8 +138,10 @@ class HEServer:
                 digests=tuple(self._contributions[p][0] for p in senders),
                 signatures=tuple(self._contributions[p][1] for p in senders),
             )
+            releaser = total.model_copy(update={"inputs": tuple(c for p in senders for c in self._uploads[p])})
+            self._uploads.clear()
             self.state = HEServerState.COLLECT_ACKS
-            return [(p, total) for p in senders]
+            return [(p, releaser if p == self.holder and self.params.scheme == "bfv" else total) for p in senders]
         if self.state is HEServerState.COLLECT_ACKS:
             self._finish()
             self.state = HEServerState.DONE
@@ -170,19 +183,30 @@ class HEServer:
         assert self._sum is not None
         self._sum.add(message.chunks, sender=sender)
         self._contributions[sender] = (digest, message.signature)
+        self._uploads[sender] = message.chunks
+
+    def _check_hello(self, hello: HEHello) -> None:
+        x25519_check_public(hello.dh_public, peer_id=hello.sender)
+        if self.params.identity_keys is not None:
+            payload = hello_payload(self.transcript, hello.sender, hello.dh_public, hello.sign_public)
+            ed25519_verify(
+                self.params.identity_keys[hello.sender], hello.identity_signature, payload, peer_id=hello.sender
+            )
 
     def _finish(self) -> None:
         if self.params.scheme != "bfv":
             return
         contributors = self.contributors
-        released = [a for a in self._acks.values() if a.plaintext]
-        if not released:
-            raise AbortError("no contributor released the decrypted sum")
-        words = np.frombuffer(released[0].plaintext, dtype="<i8").astype(np.int64)
+        ack = self._acks.get(self.holder) if self.holder is not None else None
+        if ack is None or not ack.plaintext:
+            raise AbortError("the key holder did not release the decrypted sum")
+        payload = release_payload(self.transcript, contributors, ack.plaintext)
+        ed25519_verify(self._hellos[ack.sender].sign_public, ack.signature, payload, peer_id=ack.sender)
+        words = np.frombuffer(ack.plaintext, dtype="<i8").astype(np.int64)
         decoded = decode_words(self.params, words)
         if decoded.num_inputs != len(contributors):
             raise RemoteProtocolError(
-                "the released sum counts a different number of inputs", field="plaintext", peer_id=released[0].sender
+                "the released sum counts a different number of inputs", field="plaintext", peer_id=ack.sender
             )
         dropped = tuple(p for p in sorted(self._hellos) if p not in self._contributions)
         self._result = AggregateResult(

@@ -66,7 +66,7 @@ def test_packed_bfv_sum_is_the_exact_integer_sum_of_the_survivors(n, d, drop_at,
     assert decoded.total_weight == pytest.approx(sum(weights[p] for p in included), abs=1e-4)
 
 
-@pytest.mark.parametrize(("mode", "stage"), [("symmetric", 1), ("public-key", 2)])
+@pytest.mark.parametrize(("mode", "stage"), [("symmetric", 1), ("symmetric", 2), ("symmetric", 4), ("public-key", 2)])
 def test_a_key_holder_that_drops_too_early_aborts_the_round(mode, stage):
     params = HEParams.bfv_packed(4, dimension=100, clip_range=0.05, mode=mode)
     session = _session_with_holder(params, want=2)
@@ -156,7 +156,9 @@ def test_a_server_that_passes_off_one_ciphertext_as_the_sum_is_caught():
     inputs = r.to_inputs()
     for message in inputs:
         r.server.receive(r.wire(message))
-    (party, total), *_ = r.server.close_stage()
+    sums = dict(r.server.close_stage())
+    party = next(p for p in sums if p != r.server.holder)  # the holder ignores the server's sum (next tests)
+    total = sums[party]
     isolated = total.model_copy(update={"chunks": inputs[1].chunks})  # client 1's update, all signatures listed
     with pytest.raises(RemoteProtocolError, match="counter"):
         r.clients[party].handle(isolated)
@@ -261,3 +263,67 @@ def test_with_identity_keys_a_server_cannot_substitute_a_key_to_intercept_the_se
     with pytest.raises(IntegrityError):
         clients[0].handle(roster)
     del server
+
+
+def _to_sums(r: Round):
+    inputs = r.to_inputs()
+    for message in inputs:
+        r.server.receive(r.wire(message))
+    return inputs, dict(r.server.close_stage())
+
+
+def test_the_releaser_adds_the_signed_uploads_itself_and_ignores_a_forged_sum():
+    r = Round()
+    inputs, sums = _to_sums(r)
+    holder = r.server.holder
+    victim = next(p for p in range(4) if p != holder)
+    forged = sums[holder].model_copy(update={"chunks": inputs[victim].chunks})  # 1 x E(x_victim) as "the sum"
+    ack = r.clients[holder].handle(forged)
+    assert ack.plaintext  # released: but it is the sum of the four signed uploads, not the forgery
+    exact = sum(np.clip(x, -0.05, 0.05) for x in r.xs)
+    assert np.abs(r.clients[holder].result().weighted_sum - exact).max() <= r.clients[holder].result().max_abs_error
+
+
+def test_the_releaser_refuses_uploads_that_do_not_match_their_signatures():
+    r = Round()
+    inputs, sums = _to_sums(r)
+    holder = r.server.holder
+    victim = next(p for p in range(4) if p != holder)
+    per = r.params.chunks
+    swapped = tuple(c for _ in range(4) for c in inputs[victim].chunks)  # k * E(x_victim) with k signatures
+    assert len(swapped) == 4 * per
+    with pytest.raises(RemoteProtocolError, match="do not match its signature"):
+        r.clients[holder].handle(sums[holder].model_copy(update={"inputs": swapped}))
+
+
+def test_the_server_accepts_the_released_sum_only_from_the_key_holder_signed():
+    r = Round()
+    _, sums = _to_sums(r)
+    acks = {p: r.clients[p].handle(total) for p, total in sums.items()}
+    holder = r.server.holder
+    assert [p for p, a in acks.items() if a.plaintext] == [holder]
+    plaintext = bytearray(acks[holder].plaintext)
+    plaintext[0] ^= 1
+    for p, ack in acks.items():
+        r.server.receive(ack.model_copy(update={"plaintext": bytes(plaintext)}) if p == holder else ack)
+    with pytest.raises(IntegrityError):
+        r.server.close_stage()
+
+
+def test_a_chunk_of_the_wrong_size_is_refused_before_anything_is_added():
+    r = Round(d=9000)  # two chunks
+    inputs = r.to_inputs()
+    from protocols.he._ciphers import make_context
+
+    other = make_context(r.params)
+    import tenseal as ts
+
+    short = ts.bfv_vector(other, [1, 2, 3]).serialize()
+    with pytest.raises((RemoteProtocolError, IntegrityError)):
+        r.server._sum.add((inputs[0].chunks[0], short), sender=0)
+    assert r.server._sum.count == 0 and r.server._sum._acc == [None, None]
+
+
+def test_plain_modulus_must_be_a_batching_prime():
+    with pytest.raises(InsecureParameterError, match="batching"):
+        HEParams.bfv_packed(4, dimension=10, clip_range=0.1, plain_modulus=2199023190019)
