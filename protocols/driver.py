@@ -130,6 +130,7 @@ def run_round(
     clock: Callable[[], float] | None = None,
     tap: Callable[[int, bytes], None] | None = None,
     rounding_seeds: Sequence[bytes] | None = None,
+    party_contexts: Sequence[bytes] | None = None,
 ) -> RoundReport:
     """Run one round and return the server's result.
 
@@ -150,6 +151,8 @@ def run_round(
         tap: called with (party, bytes) for every message a client sends the server (an audit hook).
         rounding_seeds: per-party 32-byte seeds of the stochastic rounding (default: from each party's
             SecretSource); a client that must replay a bit-identical input after a crash passes its own.
+        party_contexts: per-party contexts, for adversarial simulations only: a malicious server that
+            shows parties different models (the server keeps `context`).
 
     Raises:
         AbortError: the round aborted (too few survivors); nothing was revealed.
@@ -161,6 +164,7 @@ def run_round(
     if he != isinstance(params, HEParams):
         raise ValueError("protocol='he' goes with HEParams, the others with SecAggParams")
     for p in range(len(inputs)):
+        own_context = party_contexts[p] if party_contexts is not None else context
         if isinstance(params, HEParams):
             key = identity_keys[p] if identity_keys is not None else None
             clients.append(
@@ -169,7 +173,7 @@ def run_round(
                     party_id=p,
                     session=session,
                     round_number=round_number,
-                    context=context,
+                    context=own_context,
                     identity_key=key,
                     rng=rng_for(p),
                 )
@@ -182,7 +186,7 @@ def run_round(
                     party_id=p,
                     session=session,
                     round_number=round_number,
-                    context=context,
+                    context=own_context,
                     identity_key=key,
                     rng=rng_for(p),
                 )
