@@ -40,4 +40,4 @@ def test_readme_he_example_runs(capsys):
     blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "protocols.he" in b]
     assert blocks, "README lost its HE example"
     exec(compile(blocks[0], "README.md", "exec"), {})
-    assert "(0, 1, 2, 3)" in capsys.readouterr().out
+    assert "(0, 1, 2, 3, 4)" in capsys.readouterr().out
