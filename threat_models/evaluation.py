@@ -38,6 +38,8 @@ from .results import MatrixRow
 __all__ = ["EvaluationConfig", "EvaluationResult", "evaluate"]
 
 EPSILONS: tuple[float, ...] = (math.inf, 8.0, 1.0)
+UTILITY_ONLY: tuple[float, ...] = (3.0,)
+"""Epsilons at which only utility is measured (the attacks run at EPSILONS)."""
 
 
 class EvaluationConfig(BaseModel):
@@ -124,6 +126,11 @@ def evaluate(config: EvaluationConfig, *, out: str | Path) -> EvaluationResult:
             r.model_copy(update={"defense": _label(epsilon)}) for r in _canaries(released, template, federation)
         )
 
+    for epsilon in UTILITY_ONLY:  # the utility curve's extra point
+        result = run(_run_config(model, config.quick, epsilon, config.seed), out=work / f"run-{_label(epsilon)}",
+                     progress=False)  # fmt: skip
+        utility[_label(epsilon)] = float(result.metrics[-1]["perplexity"])
+
     # one-run DP audit of one client's update at the default run's q and steps
     policy = client_policy(_run_config(model, config.quick, 8.0, config.seed), 0, 400)
     steps = policy.steps * policy.max_participations
@@ -153,6 +160,8 @@ def evaluate(config: EvaluationConfig, *, out: str | Path) -> EvaluationResult:
     if config.quick:
         notes.append("--quick: a tiny random LLaMA; the mechanics are real, the model is not.")
     setting = {"model": "tiny random LLaMA" if config.quick else model, "clients": 3, "rounds": 2, "seed": config.seed}
+    order = ["base model", _label(math.inf), *(_label(e) for e in sorted((*EPSILONS, *UTILITY_ONLY), reverse=True))]
+    utility = {k: utility[k] for k in dict.fromkeys(order) if k in utility}
     report = write_evaluation(out, rows, setting=setting, roc_curves=roc, utility=utility, notes=notes)
     return EvaluationResult(rows, utility, report, time.perf_counter() - started)
 
