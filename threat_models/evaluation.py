@@ -30,6 +30,7 @@ from secure_fedllm.models import load_base_model
 from secure_fedllm.tiny_model import save_tiny_llama
 
 from .attacks.dp_audit import DPAuditConfig, OneRunAudit
+from .attacks.dropout_forging import DropoutForging, DropoutForgingConfig
 from .attacks.membership import MembershipConfig, MembershipInference
 from .attacks.model_inconsistency import ModelInconsistency, ModelInconsistencyConfig
 from .report import write_evaluation
@@ -147,6 +148,12 @@ def evaluate(config: EvaluationConfig, *, out: str | Path) -> EvaluationResult:
     attack = ModelInconsistency(ModelInconsistencyConfig(num_clients=5))
     for bound, label in ((False, "secagg+ without binding"), (True, "secagg+")):
         rows.extend(r.model_copy(update={"defense": label}) for r in attack.run(target, bound=bound).rows())
+
+    # a malicious server splitting the survivor set to unmask one client
+    forging = DropoutForging(DropoutForgingConfig(num_clients=7))
+    updates = [np.random.default_rng(config.seed + i).normal(0, 0.02, 4096) for i in range(7)]
+    for defended, label in ((False, "secagg semi-honest, t=n/2"), (True, "secagg malicious setting")):
+        rows.extend(r.model_copy(update={"defense": label}) for r in forging.run(updates, defended=defended).rows())
 
     rows.extend(_token_recovery(model, config))
     notes += [

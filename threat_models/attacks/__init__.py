@@ -2,6 +2,7 @@
 
 from .canary_exposure import CanaryExposure, CanaryExposureConfig, canary_probes
 from .dp_audit import DPAuditConfig, OneRunAudit
+from .dropout_forging import DropoutForging, DropoutForgingConfig
 from .membership import MembershipConfig, MembershipInference
 from .model_inconsistency import ModelInconsistency, ModelInconsistencyConfig
 from .token_recovery import TokenRecovery, TokenRecoveryConfig
@@ -10,6 +11,8 @@ __all__ = [
     "CanaryExposure",
     "CanaryExposureConfig",
     "DPAuditConfig",
+    "DropoutForging",
+    "DropoutForgingConfig",
     "MembershipConfig",
     "MembershipInference",
     "ModelInconsistency",
