@@ -165,23 +165,11 @@ def run_round(
         raise ValueError("protocol='he' goes with HEParams, the others with SecAggParams")
     for p in range(len(inputs)):
         own_context = party_contexts[p] if party_contexts is not None else context
-        if isinstance(params, HEParams):
+        if protocol in ("he", "secagg"):
+            session_cls: Any = HEClient if isinstance(params, HEParams) else SecAggClient
             key = identity_keys[p] if identity_keys is not None else None
             clients.append(
-                HEClient(
-                    params,
-                    party_id=p,
-                    session=session,
-                    round_number=round_number,
-                    context=own_context,
-                    identity_key=key,
-                    rng=rng_for(p),
-                )
-            )
-        elif protocol == "secagg":
-            key = identity_keys[p] if identity_keys is not None else None
-            clients.append(
-                SecAggClient(
+                session_cls(
                     params,
                     party_id=p,
                     session=session,
@@ -192,6 +180,7 @@ def run_round(
                 )
             )
         else:
+            assert isinstance(params, SecAggParams)
             clients.append(
                 PlaintextClient(params, party_id=p, session=session, round_number=round_number, rng=rng_for(p))
             )

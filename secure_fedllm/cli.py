@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from pydantic import BaseModel
 
 from .budget import plan_budget, show_budget
-from .config import RunConfig
+from .config import RunConfig, toml_value
 from .errors import SecureFedLLMError
 
 __all__ = ["app", "main"]
@@ -102,19 +102,9 @@ def commented_toml(config: RunConfig) -> str:
             if value is None:
                 lines.append(f"# {name} =")
             else:
-                lines.append(f"{name} = {_toml(value)}")
+                lines.append(f"{name} = {toml_value(value)}")
         del section_field
     return "\n".join(lines) + "\n"
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    return "[" + ", ".join(_toml(v) for v in value) + "]"
 
 
 @budget_app.command("plan")

@@ -13,7 +13,6 @@ the checkpoint (a crash between the two writes) are dropped on resume.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..files import atomic_write
+
 __all__ = ["Checkpoint", "RunPaths", "atomic_write"]
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ over the old one, so a crash leaves either the old ledger or the new one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import PrivacyBudgetExhaustedError
+from ..files import atomic_write
 from .accountants import make_accountant
 from .events import DPSGDEvent
 
@@ -102,10 +102,4 @@ class PrivacyLedger:
         }
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.to_dict(), indent=1).encode())

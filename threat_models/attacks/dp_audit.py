@@ -45,6 +45,7 @@ from secure_fedllm.privacy import DPSGDEvent, make_accountant, noise_for_epsilon
 
 from ..errors import AttackConfigError
 from ..results import MatrixRow
+from ..stats import clopper_pearson
 
 __all__ = [
     "CanaryPlan",
@@ -325,12 +326,7 @@ class DPAuditResult(BaseModel):
 
 
 def _clopper_pearson(v: int, r: int, confidence: float) -> tuple[float | None, float | None]:
-    if r == 0:
-        return None, None
-    tail = (1 - confidence) / 2
-    low = 0.0 if v == 0 else float(stats.beta.ppf(tail, v, r - v + 1))
-    high = 1.0 if v == r else float(stats.beta.ppf(1 - tail, v + 1, r - v))
-    return low, high
+    return (None, None) if r == 0 else clopper_pearson(v, r, confidence=confidence)
 
 
 # --------------------------------------------------------------------------------------------------------------
