@@ -8,7 +8,6 @@ and serialises the configuration; `plan_budget` / `show_budget` answer privacy-b
 
 from typing import TYPE_CHECKING, Any
 
-from .budget import plan_budget, show_budget
 from .config import (
     DataConfig,
     EvaluationConfig,
@@ -20,22 +19,32 @@ from .config import (
     SecureAggregationConfig,
     TrainingConfig,
 )
-from .demo import SMOLLM2_QV_LORA_R16, DemoConfig, run_demo
 from .errors import ConfigError, PrivacyBudgetExhaustedError, SecureFedLLMError
 
 if TYPE_CHECKING:
+    from .budget import plan_budget, show_budget
+    from .demo import SMOLLM2_QV_LORA_R16, DemoConfig, run_demo
     from .federation import PlanRefusedError, RunResult, run
 
-_LAZY = {"PlanRefusedError", "RunResult", "run"}
+_LAZY = {
+    "PlanRefusedError": "federation",
+    "RunResult": "federation",
+    "run": "federation",
+    "plan_budget": "budget",
+    "show_budget": "budget",
+    "SMOLLM2_QV_LORA_R16": "demo",
+    "DemoConfig": "demo",
+    "run_demo": "demo",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # torch, transformers and peft load only when the federation is used (the CLI's budget and
-    # config commands, and hosts embedding the config, stay fast).
+    # torch, transformers, peft and opacus load only when they are used: hosts that embed the
+    # config, and Flower ClientApps (a fresh process per message) handling protocol stages, stay fast.
     if name in _LAZY:
-        from . import federation
+        import importlib
 
-        return getattr(federation, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

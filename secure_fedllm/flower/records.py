@@ -1,0 +1,157 @@
+"""How our protocol rides on Flower messages: record names, the setup record, and the update a ClientApp returns.
+
+Flower moves `RecordDict`s; our protocols move bytes. One `ConfigRecord` named `PROTOCOL_RECORD`
+carries, per message, the protocol bytes (`payload`) and, in the first message of a round, the
+public parameters and round identity (`params`, `party`, `session`, `round`, `context`). Every other
+record of the first message is the ClientApp's own instruction (model, config) and passes through.
+
+The client session lives between messages in `Context.state` under `STATE_RECORD`, as the bytes of
+`SecAggClient.export_state()` plus the stage reached (a ClientApp process may be new for each
+message, so nothing may stay in Python objects).
+
+Flower is imported inside functions only: this module is imported by ClientApps whose protocol
+stages must start fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from protocols import SecAggParams
+
+from ..errors import SecureFedLLMError
+
+if TYPE_CHECKING:
+    from flwr.app import RecordDict
+
+__all__ = [
+    "INPUT_RECORD",
+    "PROTOCOL_RECORD",
+    "STATE_RECORD",
+    "ClientUpdate",
+    "FlowerIntegrationError",
+    "RoundSetup",
+    "flatten_arrays",
+    "split_vector",
+]
+
+PROTOCOL_RECORD = "secure_fedllm.secagg"
+"""ConfigRecord in a message's content: the protocol bytes and, in the first message, the setup."""
+STATE_RECORD = "secure_fedllm.secagg.state"
+"""ConfigRecord in a node's Context.state: the exported client session (SECRET) and its stage."""
+INPUT_RECORD = "secure_fedllm.input"
+"""Optional ConfigRecord a ClientApp adds to its reply: `weight` (float) and `rounding_seed` (bytes)."""
+
+SETUP, STEP = "setup", "step"
+
+
+class FlowerIntegrationError(SecureFedLLMError):
+    """A Flower message, reply or configuration does not fit the protocol; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """The public identity of one party's session, sent to it in the round's first message."""
+
+    params: SecAggParams
+    party: int
+    session: bytes
+    round_number: int
+    context: bytes
+
+    def to_record(self) -> dict[str, Any]:
+        """The ConfigRecord values (JSON params, so any host and any version can read them)."""
+        return {
+            "stage": SETUP,
+            "params": self.params.model_dump_json().encode(),
+            "party": self.party,
+            "session": self.session,
+            "round": self.round_number,
+            "context": self.context,
+        }
+
+    @classmethod
+    def from_record(cls, record: Any) -> RoundSetup:
+        """Parse and validate (the params re-check every security bound on the client's side)."""
+        try:
+            params = SecAggParams.model_validate_json(bytes(record["params"]))
+            return cls(
+                params=params,
+                party=int(record["party"]),
+                session=bytes(record["session"]),
+                round_number=int(record["round"]),
+                context=bytes(record["context"]),
+            )
+        except KeyError as exc:
+            raise FlowerIntegrationError(f"{PROTOCOL_RECORD} setup lacks the field {exc}; is the server ours?") from exc
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a ClientApp's reply contributes: its flat vector, its weight and an optional rounding seed."""
+
+    vector: npt.NDArray[np.float64]
+    weight: float
+    rounding_seed: bytes | None
+
+
+def flatten_arrays(arrays: Iterable[npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
+    """Concatenate arrays in order into one float64 vector (the protocol's input)."""
+    parts = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def split_vector(vector: npt.NDArray[np.floating], shapes: Iterable[tuple[int, ...]]) -> list[npt.NDArray[np.float64]]:
+    """Inverse of `flatten_arrays` for the given shapes."""
+    out, offset = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape, dtype=np.int64))
+        out.append(np.asarray(vector[offset : offset + size], dtype=np.float64).reshape(shape))
+        offset += size
+    if offset != len(vector):
+        raise FlowerIntegrationError(f"the shapes hold {offset} values but the vector has {len(vector)}")
+    return out
+
+
+def extract_update(content: RecordDict) -> tuple[ClientUpdate, RecordDict]:
+    """Take the update out of a ClientApp's train reply; return it and the reply without it.
+
+    Understands both Flower surfaces: the Message API (one `ArrayRecord`, weight from the
+    `MetricRecord` key `num-examples`) and the legacy `FitRes` layout (`fitres.parameters`,
+    `fitres.num_examples`). `INPUT_RECORD`, when present, overrides the weight and supplies the
+    rounding seed. The returned content keeps metrics and status, never arrays.
+    """
+    from flwr.app import RecordDict
+
+    legacy = "fitres.parameters" in content.array_records
+    if legacy:
+        arrays = content.array_records["fitres.parameters"]
+    elif len(content.array_records) == 1:
+        arrays = next(iter(content.array_records.values()))
+    else:
+        raise FlowerIntegrationError(
+            f"the ClientApp's train reply has {len(content.array_records)} ArrayRecords; secure aggregation "
+            "needs exactly one (the update to sum)"
+        )
+    vector = flatten_arrays(arrays.to_numpy_ndarrays())
+    weight = 1.0
+    for metrics in content.metric_records.values():
+        for key in ("num-examples", "num_examples"):
+            if key in metrics:
+                weight = float(metrics[key])  # type: ignore[arg-type]
+    seed = None
+    if INPUT_RECORD in content.config_records:
+        extra = content.config_records[INPUT_RECORD]
+        weight = float(extra.get("weight", weight))  # type: ignore[arg-type]
+        raw = extra.get("rounding_seed")
+        seed = bytes(raw) if raw is not None else None  # type: ignore[arg-type]
+    rest = RecordDict()
+    for name, record in content.items():
+        if name not in content.array_records and name != INPUT_RECORD:
+            rest[name] = record
+    return ClientUpdate(vector, weight, seed), rest
