@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +13,7 @@ from pydantic import BaseModel
 
 from .budget import plan_budget, show_budget
 from .config import RunConfig, toml_value
-from .errors import SecureFedLLMError
+from .errors import ConfigError, SecureFedLLMError
 
 __all__ = ["app", "main"]
 
@@ -40,9 +41,17 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="continue the run in this folder")] = None,
     merge: Annotated[bool, typer.Option(help="also save the merged model (merge_and_unload)")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
+    engine: Annotated[
+        str, typer.Option(help="inprocess (one process), or flower (Flower's simulation engine, one node per client)")
+    ] = "inprocess",
 ) -> None:
     """Run a federation (default: SmolLM2-135M, 4 clients, 3 rounds, SecAgg+, DP-SGD at epsilon 8)."""
     from .federation import run as run_federation
+
+    if engine not in ("inprocess", "flower"):
+        raise _fail(ConfigError(f"--engine {engine}: choose inprocess or flower"))
+    if engine == "flower" and (resume is not None or merge):
+        raise _fail(ConfigError("--engine flower runs fresh runs only: drop --resume and --merge"))
 
     try:
         cfg: RunConfig | None = None
@@ -56,7 +65,13 @@ def run(
             warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
             warnings.filterwarnings("ignore", category=FutureWarning)
-            result = run_federation(cfg, out=out, resume=resume, merge=merge, progress=not quiet)
+            if engine == "flower":
+                from .flower.simulation import run_simulation
+
+                target = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S-flower", time.gmtime())
+                result = run_simulation(cfg or RunConfig(), out=target, stream=not quiet)
+            else:
+                result = run_federation(cfg, out=out, resume=resume, merge=merge, progress=not quiet)
     except SecureFedLLMError as exc:
         raise _fail(exc) from exc
     ratio = result.final_perplexity_ratio

@@ -88,6 +88,11 @@ class SecureAggregationMod:
             return reply
         update, rest = extract_update(reply.content)
         params = setup.params
+        if update.context is not None and update.context != setup.context:
+            raise FlowerIntegrationError(
+                "the round context the server set up differs from the one the ClientApp trained for "
+                f"({setup.context.hex()[:16]}... vs {update.context.hex()[:16]}...): refusing to mask for another round"
+            )
         if update.vector.shape != (params.dimension,):
             raise FlowerIntegrationError(
                 f"the ClientApp returned {update.vector.size} values but params.dimension is {params.dimension}; "

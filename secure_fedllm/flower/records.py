@@ -45,7 +45,8 @@ PROTOCOL_RECORD = "secure_fedllm.secagg"
 STATE_RECORD = "secure_fedllm.secagg.state"
 """ConfigRecord in a node's Context.state: the exported client session (SECRET) and its stage."""
 INPUT_RECORD = "secure_fedllm.input"
-"""Optional ConfigRecord a ClientApp adds to its reply: `weight` (float) and `rounding_seed` (bytes)."""
+"""Optional ConfigRecord a ClientApp adds to its reply: `weight` (float), `rounding_seed` (bytes) and
+`context` (bytes: the round context the ClientApp trained for; the session refuses any other)."""
 
 SETUP, STEP = "setup", "step"
 
@@ -98,6 +99,7 @@ class ClientUpdate:
     vector: npt.NDArray[np.float64]
     weight: float
     rounding_seed: bytes | None
+    context: bytes | None = None
 
 
 def flatten_arrays(arrays: Iterable[npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
@@ -144,14 +146,16 @@ def extract_update(content: RecordDict) -> tuple[ClientUpdate, RecordDict]:
         for key in ("num-examples", "num_examples"):
             if key in metrics:
                 weight = float(metrics[key])  # type: ignore[arg-type]
-    seed = None
+    seed = context = None
     if INPUT_RECORD in content.config_records:
         extra = content.config_records[INPUT_RECORD]
         weight = float(extra.get("weight", weight))  # type: ignore[arg-type]
         raw = extra.get("rounding_seed")
         seed = bytes(raw) if raw is not None else None  # type: ignore[arg-type]
+        raw = extra.get("context")
+        context = bytes(raw) if raw is not None else None  # type: ignore[arg-type]
     rest = RecordDict()
     for name, record in content.items():
         if name not in content.array_records and name != INPUT_RECORD:
             rest[name] = record
-    return ClientUpdate(vector, weight, seed), rest
+    return ClientUpdate(vector, weight, seed, context), rest

@@ -12,8 +12,9 @@ untouched (`clipped_coordinates` = 0; a client could also skip the clip, up to t
 Honest updates fill part of the box and partly cancel; the attacker fills all of it. It also
 anticipates the honest drift: from its own records and the public round plan it simulates honest
 updates (on bootstrap resamples, for their spread) and trains X so that the backdoor holds at
-G + drift + (X - G) for drifts drawn from them. The server sees only the sum, whose norm is about
-what it is without the attack (`aggregate_l2`).
+G + drift + (X - G) for drifts drawn from them. The server sees only the sum (`aggregate_l2`): with
+Adam clients its norm is about what it is without the attack; with SGD or DP noise it grows, which a
+server may notice but cannot attribute to a client or undo.
 
 What a server-visible defense would need (`SERVER_DEFENSE`): a bound checked on each masked input,
 i.e. a zero-knowledge proof of the input's L2 norm (RoFL, Lycklama et al. S&P 2023; EIFFeL, Roy

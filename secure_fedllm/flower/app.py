@@ -1,0 +1,55 @@
+"""The Flower app of our job: `server_app` and `client_app`, for `flwr run` (simulation or deployment).
+
+Run config keys (`[tool.flwr.app.config]`, or `flwr run ... --run-config`):
+`config` (path of a RunConfig TOML, "" for the defaults), `out` (the run folder),
+`train-timeout` and `stage-timeout` (seconds). Node config keys: `partition-id` (which client the node
+is), and optionally `config`, `state-dir`, `secagg-identity-key`, `secagg-allow-insecure`.
+
+Importing this module loads Flower and our protocol code only; torch loads when a node first trains.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import RunConfig
+from .client import handle_ledger, handle_offer, handle_train
+from .client_mod import secure_aggregation_mod
+
+__all__ = ["client_app", "server_app"]
+
+client_app = ClientApp(mods=[secure_aggregation_mod])
+server_app = ServerApp()
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    return handle_train(msg, context)
+
+
+@client_app.query("offer")
+def _offer(msg: Message, context: Context) -> Message:
+    return handle_offer(msg, context)
+
+
+@client_app.query("ledger")
+def _ledger(msg: Message, context: Context) -> Message:
+    return handle_ledger(msg, context)
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    from .server import run_on_grid
+
+    cfg = context.run_config
+    path = str(cfg.get("config", "") or "")
+    config = RunConfig.from_file(path) if path else RunConfig()
+    run_on_grid(
+        grid,
+        config,
+        out=str(cfg.get("out", "runs/flower")),
+        train_timeout=float(cfg.get("train-timeout", 3600.0)),  # type: ignore[arg-type]
+        stage_timeout=float(cfg.get("stage-timeout", 120.0)),  # type: ignore[arg-type]
+    )

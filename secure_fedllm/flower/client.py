@@ -1,0 +1,171 @@
+"""Our federated LoRA + DP-SGD client as Flower ClientApp handlers.
+
+A node is one client of the run: `partition-id` in its node_config picks its records, its privacy
+policy comes from its own copy of the run configuration (node_config `config`, else the run's
+`config`), and its ledger and private seed live in its own state folder (node_config `state-dir`,
+else the run folder, as in-process). The server proposes; the node checks the plan against its
+policy and its own model fingerprints, trains, charges its ledger and only then lets the update go
+to `secure_aggregation_mod`, which masks it. Three messages reach these handlers:
+
+* `query.offer`: is the node willing to join round r, and with which DP settings (its `Assignment`)?
+* `train`: the round plan and the global adapter; the reply is the charged update (masked by the Mod).
+* `query.ledger`: the node's public ledger summary for the run report.
+
+torch, transformers and peft load on the first `train` or `query`, never for protocol stages; a
+process that serves several messages (the simulation engine's workers) keeps the model loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import RunConfig
+from .records import INPUT_RECORD
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+
+__all__ = ["handle_ledger", "handle_offer", "handle_train", "node_config_path"]
+
+
+@dataclass
+class _Shared:
+    """What every client of one configuration shares in a process: one model, its hooks, the data."""
+
+    model: Any
+    manifest: Any
+    trainer: Any
+    template: Any
+    fingerprints: dict[str, str]
+    records: list[Any]
+
+
+@dataclass
+class _Node:
+    config: RunConfig
+    partition: int
+    model: Any
+    manifest: Any
+    trainer: Any
+    client: Any
+    records: int
+    dropped: int
+
+
+_SHARED: dict[str, _Shared] = {}
+_DATA: dict[tuple[str, int], Any] = {}
+
+
+def node_config_path(context: Context) -> tuple[Path | None, Path]:
+    """(configuration file or None for the default, state folder) of this node."""
+    config = context.node_config.get("config") or context.run_config.get("config") or ""
+    state = context.node_config.get("state-dir") or context.run_config.get("out") or "."
+    return (Path(str(config)) if config else None), Path(str(state))
+
+
+def _shared(config: RunConfig, digest: str) -> _Shared:
+    # One model per process, as in the in-process runner: clients differ by data, policy, ledger, seed.
+    if digest in _SHARED:
+        return _SHARED[digest]
+    import torch
+
+    from ..adapters import AdapterManifest, adapter_fingerprints, attach_lora
+    from ..data import ChatTemplate, load_federation_data
+    from ..federation.runner import _public_seed
+    from ..models import load_base_model, model_fingerprint
+    from ..training import LocalTrainer
+
+    _SHARED.clear()
+    _DATA.clear()
+    torch.manual_seed(_public_seed(config.federation.seed, "torch"))
+    base, tokenizer = load_base_model(config.model)
+    base_sha = model_fingerprint(base)
+    model = attach_lora(base, config.lora, a0_seed=_public_seed(config.federation.seed, "a0"))
+    manifest = AdapterManifest.of(model, config.lora.aggregation)
+    own = {"base_sha256": base_sha, "manifest_sha256": manifest.digest(), **adapter_fingerprints(model)}
+    template = ChatTemplate(tokenizer, system_prompt=config.data.system_prompt, max_length=config.data.max_length)
+    trainer = LocalTrainer(model, grad_sample_mode=config.training.grad_sample_mode)
+    shared = _Shared(model, manifest, trainer, template, own, load_federation_data(config).clients)
+    _SHARED[digest] = shared
+    return shared
+
+
+def _node(context: Context) -> _Node:
+    from ..data import TokenizedDataset
+    from ..federation.checkpoint import RunPaths
+    from ..federation.runner import _make_client
+
+    config_file, state = node_config_path(context)
+    config = RunConfig.from_file(config_file) if config_file else RunConfig()
+    partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    shared = _shared(config, digest)
+    key = (digest, partition)
+    if key not in _DATA:
+        _DATA[key] = TokenizedDataset.build(shared.records[partition], shared.template)
+    data = _DATA[key]
+    # The client (and its ledger) is re-read from disk for every message: another worker process may
+    # have served this node since, and a stale in-memory ledger would under-count its epsilon.
+    client = _make_client(config, RunPaths(state), partition, data, shared.fingerprints)
+    return _Node(
+        config, partition, shared.model, shared.manifest, shared.trainer, client, len(data.examples), data.dropped
+    )
+
+
+def handle_offer(msg: Message, context: Context) -> Message:
+    """Reply whether this node joins the asked round, its DP offer and its (public) record count."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    node = _node(context)
+    round_number = int(msg.content.config_records["ask"]["round"])  # type: ignore[arg-type]
+    why = node.client.willing(round_number)
+    offer = node.client.assignment(1.0).model_dump_json()
+    reply = {"partition": node.partition, "units": node.client.data.num_units, "willing": why or "", "offer": offer}
+    return Message(RecordDict({"offer": ConfigRecord(reply)}), reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Check the plan, train under DP, charge the ledger, and hand the update to the Mod."""
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from ..federation.plan import RoundPlan
+
+    node = _node(context)
+    plan = RoundPlan.model_validate_json(bytes(msg.content.config_records["plan"]["plan"]))  # type: ignore[arg-type]
+    global_vector = msg.content.array_records["global"].to_numpy_ndarrays()[0].astype(np.float32)
+    weight = next(a.weight for a in plan.participants if a.client == node.partition)
+    update = node.client.train(node.trainer, node.model, node.manifest, global_vector, plan)
+    extra = {"weight": weight, "rounding_seed": node.client.rounding_seed(update.release), "context": plan.digest()}
+    return Message(
+        RecordDict(
+            {
+                "update": ArrayRecord([update.delta]),
+                "metrics": MetricRecord({"epsilon": update.epsilon, "replayed": int(update.replayed)}),
+                INPUT_RECORD: ConfigRecord(extra),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
+def handle_ledger(msg: Message, context: Context) -> Message:
+    """The node's ledger summary (epsilon spent, rounds joined) and its data counts, for the report."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    node = _node(context)
+    c = node.client
+    ledger = c.ledger.to_dict() if c.ledger is not None else {"client": c.client}
+    summary = {
+        "client": c.client,
+        "records": node.records,
+        "units": c.data.num_units,
+        "dropped": node.dropped,
+        "epsilon": c.epsilon,
+    }
+    content = {"ledger": json.dumps(ledger), "summary": json.dumps(summary), "policy": c.policy.model_dump_json()}
+    return Message(RecordDict({"ledger": ConfigRecord(content)}), reply_to=msg)

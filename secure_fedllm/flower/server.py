@@ -1,0 +1,257 @@
+"""Our federation's server loop on a Flower `Grid`: the same job and run folder as the in-process runner.
+
+Per round: sample the cohort (public randomness from the run seed), ask its nodes for their offers
+(`query.offer`: willing or not, DP settings, record count), announce the `RoundPlan` inside the
+`train` instruction, and securely aggregate the charged updates with `secure_aggregate` (the plan's
+digest is the protocol context, so a node masks only for the plan it checked). The server applies the
+decoded mean, evaluates on its own held-out records, writes metrics and a checkpoint; at the end it
+asks every node for its public ledger summary and writes the adapter and report. Dropouts here are
+real ones (silent or failing nodes), not `federation.dropout`'s simulated ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..config import RunConfig
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from flwr.app import Message, RecordDict
+    from flwr.serverapp import Grid
+
+    from ..federation import RunResult
+
+__all__ = ["run_on_grid"]
+
+
+def run_on_grid(
+    grid: Grid,
+    config: RunConfig,
+    *,
+    out: str | Path,
+    train_timeout: float = 3600.0,
+    stage_timeout: float = 120.0,
+    join_timeout: float = 300.0,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Run the federation of `config` over the nodes of `grid`; results land in `out` as in-process.
+
+    Raises:
+        ConfigError: a protocol the Flower engine does not run, or too few nodes joined in time.
+    """
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from protocols import AbortError
+
+    from ..adapters import AdapterManifest, adapter_fingerprints, attach_lora, get_vector, save_adapter, set_vector
+    from ..data import ChatTemplate, TokenizedDataset, load_federation_data
+    from ..federation import RunResult
+    from ..federation.aggregation import sample_cohort
+    from ..federation.checkpoint import Checkpoint, atomic_write
+    from ..federation.plan import Assignment, ClientPolicy, RoundPlan
+    from ..federation.report import write_report
+    from ..federation.runner import _prepare_folder, _public_seed
+    from ..models import load_base_model, model_fingerprint
+    from ..training import evaluate, generate_samples
+    from .grid_round import secure_aggregate
+
+    protocol = config.secure_aggregation.protocol
+    if protocol not in ("secagg", "secagg+"):
+        raise ConfigError(
+            f"secure_aggregation.protocol={protocol!r}: the Flower engine runs 'secagg' and 'secagg+'; "
+            "use the in-process engine for the others"
+        )
+    paths, config = _prepare_folder(config, out, None)
+    import torch
+
+    torch.manual_seed(_public_seed(config.federation.seed, "torch"))
+    base, tokenizer = load_base_model(config.model)
+    base_sha = model_fingerprint(base)
+    model = attach_lora(base, config.lora, a0_seed=_public_seed(config.federation.seed, "a0"))
+    manifest = AdapterManifest.of(model, config.lora.aggregation)
+    fingerprints = adapter_fingerprints(model)
+    data = load_federation_data(config)  # the server uses the held-out records only
+    template = ChatTemplate(tokenizer, system_prompt=config.data.system_prompt, max_length=config.data.max_length)
+    heldout = TokenizedDataset.build(data.heldout, template)
+    if data.canaries:
+        atomic_write(paths.root / "data_manifest.json", json.dumps({"canaries": data.canaries}, indent=1).encode())
+    common = {"base_sha256": base_sha, "manifest_sha256": manifest.digest(), **fingerprints}
+
+    nodes = _wait_for_nodes(grid, config.federation.clients, join_timeout)
+    offers = _ask(grid, nodes, "query.offer", _ask_round(0), stage_timeout)
+    node_of = {int(o["partition"]): n for n, o in offers.items()}  # type: ignore[arg-type]
+    if sorted(node_of) != list(range(config.federation.clients)):
+        raise ConfigError(
+            f"federation.clients={config.federation.clients} but the nodes hold partitions {sorted(node_of)}"
+        )
+    units = {p: int(offers[n]["units"]) for p, n in node_of.items()}  # type: ignore[arg-type]
+    largest = max(units.values())
+    weights = {p: 1.0 if config.federation.weighting == "uniform" else units[p] / largest for p in units}
+
+    global_vector = get_vector(model, manifest)
+    rows: list[dict[str, Any]] = []
+    log(f"secure-fedllm on Flower: {len(nodes)} nodes, {config.federation.rounds} rounds, {protocol} -> {paths.root}")
+    for round_number in range(config.federation.rounds + 1):
+        row: dict[str, Any] = {"round": round_number, "engine": "flower"}
+        if round_number > 0:
+            cohort = sample_cohort(config, round_number)
+            answers = _ask(grid, [node_of[c] for c in cohort], "query.offer", _ask_round(round_number), stage_timeout)
+            partition_of = {n: p for p, n in node_of.items()}
+            joining = sorted(partition_of[n] for n, a in answers.items() if not a["willing"])
+            row.update(
+                cohort=cohort, sat_out={str(partition_of[n]): a["willing"] for n, a in answers.items() if a["willing"]}
+            )
+            if len(joining) < 3:
+                row.update(
+                    participants=joining, included=[], dropped=[], aborted=f"only {len(joining)} clients can join"
+                )
+            else:
+                participants = []
+                for c in joining:
+                    offer = Assignment.model_validate_json(str(answers[node_of[c]]["offer"]))
+                    participants.append(offer.model_copy(update={"weight": weights[c]}))
+                plan = RoundPlan(
+                    round=round_number,
+                    aggregation=config.lora.aggregation,
+                    protocol=protocol,
+                    clip_range=config.secure_aggregation.clip_range,
+                    participants=tuple(participants),
+                    **common,
+                )
+                instruction = RecordDict(
+                    {
+                        "plan": ConfigRecord({"plan": plan.model_dump_json().encode()}),
+                        "global": ArrayRecord([global_vector]),
+                    }
+                )
+                params = _params(config, len(joining), manifest.dimension)
+                t = time.perf_counter()
+                try:
+                    outcome = secure_aggregate(
+                        grid,
+                        {node_of[c]: instruction for c in joining},
+                        params,
+                        round_number=round_number,
+                        context=plan.digest(),
+                        train_timeout=train_timeout,
+                        stage_timeout=stage_timeout,
+                    )
+                except AbortError as exc:
+                    row.update(participants=joining, included=[], dropped=joining, aborted=str(exc))
+                else:
+                    included = sorted(partition_of[n] for n in outcome.included_nodes)
+                    global_vector = (global_vector.astype(np.float64) + outcome.mean()).astype(np.float32)
+                    row.update(
+                        participants=joining,
+                        included=included,
+                        dropped=[c for c in joining if c not in included],
+                        failures={str(partition_of[n]): why for n, why in outcome.failures.items()},
+                        aborted=None,
+                        quantization_bound=outcome.aggregate.decoded.max_abs_error
+                        / max(outcome.aggregate.decoded.total_weight, 1e-300),
+                        protocol={"neighbours": params.neighbours, "threshold": params.threshold},
+                        seconds={
+                            "round": time.perf_counter() - t,
+                            "stages": outcome.stage_seconds,
+                            "protocol_server": outcome.server_seconds,
+                        },
+                        bytes={
+                            "upload": sum(outcome.upload_bytes.values()),
+                            "download": sum(outcome.download_bytes.values()),
+                        },
+                    )
+        set_vector(model, manifest, global_vector)
+        t = time.perf_counter()
+        result = evaluate(model, heldout, batch_size=config.evaluation.batch_size)
+        row["seconds"] = {**row.get("seconds", {}), "evaluation": time.perf_counter() - t}
+        row.update(eval_loss=result.loss, perplexity=result.perplexity)
+        if config.evaluation.generations:
+            row["samples"] = generate_samples(
+                model,
+                template,
+                data.heldout[: config.evaluation.generations],
+                max_new_tokens=config.evaluation.max_new_tokens,
+            )
+        rows.append(row)
+        paths.write_metrics(rows)
+        Checkpoint(round_number, global_vector).save(paths)
+        log(f"round {round_number}: perplexity {result.perplexity:.3f} included {row.get('included', [])}")
+
+    answered = [node_of[p] for p in sorted(node_of)]
+    reports = _ask(grid, answered, "query.ledger", RecordDict(), stage_timeout)
+    reports = {n: reports[n] for n in answered if n in reports}
+    ledgers = [json.loads(str(r["ledger"])) for r in reports.values()]
+    summary = [json.loads(str(r["summary"])) for r in reports.values()]
+    policies = [ClientPolicy.model_validate_json(str(r["policy"])) for r in reports.values()]
+    epsilons = {int(s["client"]): float(s["epsilon"]) for s in summary}
+    for row in rows:
+        row["epsilon"] = {str(c): e for c, e in epsilons.items()}
+    paths.write_metrics(rows)
+    sidecar = {
+        **fingerprints,
+        "base_sha256": base_sha,
+        "base_model": config.model.name,
+        "manifest": [[n, list(s)] for n, s in manifest.entries],
+        "manifest_sha256": manifest.digest(),
+        "rounds": config.federation.rounds,
+        "engine": "flower",
+        "epsilon_max_over_contributors": max(epsilons.values(), default=0.0),
+        "delta_max_over_contributors": max(
+            (p.delta for p, led in zip(policies, ledgers, strict=True) if led.get("events")), default=0.0
+        ),
+    }
+    save_adapter(model, paths.adapter, sidecar=sidecar)
+    write_report(paths, config, rows, ledgers, policies, sidecar, summary)
+    return RunResult(paths.root, rows, epsilons, paths.adapter, paths.report)
+
+
+def _params(config: RunConfig, n: int, dimension: int) -> Any:
+    from protocols import SecAggParams
+
+    sa = config.secure_aggregation
+    make = SecAggParams.secagg if sa.protocol == "secagg" else SecAggParams.secagg_plus
+    return make(
+        n,
+        dimension=dimension,
+        clip_range=sa.clip_range,
+        threshold=sa.threshold,
+        dropout_rate=sa.dropout_rate,
+        corrupt_fraction=sa.corrupt_fraction,
+    )
+
+
+def _ask_round(round_number: int) -> RecordDict:
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({"ask": ConfigRecord({"round": round_number})})
+
+
+def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes[:count] if len(nodes) == count else nodes
+        if time.monotonic() > deadline:
+            raise ConfigError(f"federation.clients={count} but only {len(nodes)} nodes connected within {timeout} s")
+        time.sleep(1.0)
+
+
+def _ask(grid: Grid, nodes: list[int], message_type: str, content: RecordDict, timeout: float) -> dict[int, Any]:
+    """Send one query to each node; return node -> the single ConfigRecord of its reply (errors skipped)."""
+    from flwr.app import Message
+
+    messages = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
+    replies: list[Message] = list(grid.send_and_receive(messages, timeout=timeout))
+    out = {}
+    for reply in replies:
+        if not reply.has_error():
+            out[reply.metadata.src_node_id] = next(iter(reply.content.config_records.values()))
+    return out

@@ -1,0 +1,203 @@
+"""`secure-fedllm run --engine flower`: the same job on Flower's simulation engine, via `flwr run`.
+
+`flwr run` against a SuperLink in simulation mode is Flower's current entry point (its
+`run_simulation` function is deprecated). We start that SuperLink ourselves, with its own temporary
+Flower home, free ports on 127.0.0.1, runtime dependency installation off, and stop it by its
+process group when the run ends, so nothing touches the user's `~/.flwr` or outlives the command.
+The app is `secure_fedllm.flower.app` (see `examples/flower_app` for the same app as a project of
+its own); results land in the usual run folder.
+
+What simulation does not give: every party lives on this machine, in Ray worker processes that
+share one OS user, so it demonstrates the protocol and the engine, not secrecy from the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import RunConfig
+from ..errors import SecureFedLLMError
+
+if TYPE_CHECKING:
+    from ..federation import RunResult
+
+__all__ = ["APP_PYPROJECT", "FlowerEngineError", "run_simulation", "write_app"]
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "secure-fedllm-flower-app"
+version = "1.0.0"
+description = "Federated LoRA + DP-SGD with secure aggregation (secure-fedllm) on Flower"
+license = "Apache-2.0"
+dependencies = ["secure-fedllm[flower]"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "secure-fedllm"
+
+[tool.flwr.app.components]
+serverapp = "secure_fedllm.flower.app:server_app"
+clientapp = "secure_fedllm.flower.app:client_app"
+
+[tool.flwr.app.config]
+config = ""
+out = "runs/flower"
+train-timeout = 3600.0
+stage-timeout = 120.0
+"""
+
+
+class FlowerEngineError(SecureFedLLMError):
+    """Flower's engine did not start or the run did not finish; the message holds its log's tail."""
+
+
+def write_app(folder: Path) -> Path:
+    """Write the Flower app project (pyproject.toml) into `folder`; return the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    return folder
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for Flower's processes: our interpreter's scripts first, this package importable."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(home)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env["RAY_DEDUP_LOGS"] = "1"
+    return env
+
+
+def wait_healthy(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 90.0) -> None:
+    """Block until the SuperLink answers /health on `port`, or raise with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FlowerEngineError(f"the SuperLink exited with {process.returncode}:\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise FlowerEngineError(f"the SuperLink did not become healthy within {timeout} s:\n{_tail(log)}")
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """Stop a process we started (and its children, by process group) within a bounded time."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace)
+    except ProcessLookupError:
+        pass
+
+
+def run_simulation(
+    config: RunConfig,
+    *,
+    out: str | Path,
+    cpus_per_client: int = 1,
+    timeout: float = 6 * 3600.0,
+    stream: bool = True,
+) -> RunResult:
+    """Run `config` on Flower's simulation engine (one SuperNode per client) and return the result.
+
+    Raises:
+        FlowerEngineError: the engine failed to start or the run did not complete.
+    """
+    out = Path(out).resolve()
+    work = Path(tempfile.mkdtemp(prefix="secure-fedllm-flower-"))
+    home = work / "home"
+    home.mkdir()
+    config_file = work / "config.toml"
+    config.to_file(config_file)
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = flower_env(home)
+    log = work / "superlink.log"
+    command = [
+        "flower-superlink", "--insecure", "--simulation", "--database", str(home / "state.db"),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--control-api-address", f"127.0.0.1:{free_port()}", "--fleet-api-address", f"127.0.0.1:{free_port()}",
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    with open(log, "wb") as sink:
+        superlink = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(port, superlink, log)
+        overrides = f"config={json.dumps(str(config_file))} out={json.dumps(str(out))}"
+        federation = f"num-supernodes={config.federation.clients} client-resources-num-cpus={cpus_per_client}"
+        runner = ["flwr", "run", str(write_app(work / "app")), "sim", "--run-config", overrides]
+        runner += ["--federation-config", federation]
+        if stream:
+            runner.append("--stream")
+        done = subprocess.run(runner, env=env, timeout=timeout, check=False)
+        if done.returncode != 0:
+            raise FlowerEngineError(f"`flwr run` exited with {done.returncode}:\n{_tail(log)}")
+        if not stream:
+            _wait_for_report(out, timeout, superlink, log)
+    finally:
+        stop(superlink)
+    result = _load_result(out, config)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _wait_for_report(out: Path, timeout: float, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not (out / "report.md").exists():
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise FlowerEngineError(f"the run did not finish:\n{_tail(log)}")
+        time.sleep(1.0)
+
+
+def _load_result(out: Path, config: RunConfig) -> RunResult:
+    from ..federation import RunResult
+    from ..federation.checkpoint import RunPaths
+
+    paths = RunPaths(out)
+    rows = paths.read_metrics()
+    if len(rows) != config.federation.rounds + 1 or not paths.report.exists():
+        raise FlowerEngineError(f"the Flower run stopped after {len(rows)} rows; see {out}")
+    epsilons = {int(k): float(v) for k, v in rows[-1].get("epsilon", {}).items()}
+    return RunResult(out, rows, epsilons, paths.adapter, paths.report)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
