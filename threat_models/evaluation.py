@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from secure_fedllm import RunConfig
@@ -29,10 +30,14 @@ from secure_fedllm.federation import client_policy, run
 from secure_fedllm.models import load_base_model
 from secure_fedllm.tiny_model import save_tiny_llama
 
+from .attacks.backdoor import Backdoor, BackdoorConfig
 from .attacks.dp_audit import DPAuditConfig, OneRunAudit
 from .attacks.dropout_forging import DropoutForging, DropoutForgingConfig
+from .attacks.key_substitution import KeySubstitution, KeySubstitutionConfig
 from .attacks.membership import MembershipConfig, MembershipInference
 from .attacks.model_inconsistency import ModelInconsistency, ModelInconsistencyConfig
+from .attacks.replay import Replay, ReplayConfig
+from .attacks.sybil import Sybil, SybilConfig
 from .report import write_evaluation
 from .results import MatrixRow
 
@@ -155,8 +160,36 @@ def evaluate(config: EvaluationConfig, *, out: str | Path) -> EvaluationResult:
     for defended, label in ((False, "secagg semi-honest, t=n/2"), (True, "secagg malicious setting")):
         rows.extend(r.model_copy(update={"defense": label}) for r in forging.run(updates, defended=defended).rows())
 
+    # key substitution, Sybil enrolment and replay: leak against the weakened control, abort against ours
+    updates5 = updates[:5]
+    for defended, label in ((False, "secagg semi-honest"), (True, "secagg malicious setting")):
+        got = KeySubstitution(KeySubstitutionConfig(num_clients=5)).run(updates5, defended=defended)
+        rows.extend(r.model_copy(update={"defense": label}) for r in got.rows())
+        sybil = Sybil(SybilConfig(num_clients=5, seed=config.seed)).run(updates[0], defended=defended)
+        rows.extend(r.model_copy(update={"defense": label}) for r in sybil.rows())
+    sybil = Sybil(SybilConfig(num_clients=5, seed=config.seed, server_controls_pki=True)).run(updates[0], defended=True)
+    rows.extend(r.model_copy(update={"defense": "secagg malicious, PKI run by the server"}) for r in sybil.rows())
+    later = [u + np.random.default_rng(config.seed + 99).normal(0, 0.01, u.shape) for u in updates5]
+    for defended, label in ((False, "unbound round, keys reused (modelled)"), (True, "secagg malicious setting")):
+        replayed = Replay(ReplayConfig(num_clients=5)).run(updates5, later, defended=defended)
+        rows.extend(r.model_copy(update={"defense": label}) for r in replayed.rows())
+
+    # a malicious client's boosted backdoor through SecAgg+ (rows carry their own defense labels)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model, short sequences: one thread is fastest
+    try:
+        tiny = model if config.quick else str(save_tiny_llama(work / "tiny-llama-backdoor", seed=config.seed))
+        backdoor = BackdoorConfig.quick(seed=config.seed) if config.quick else BackdoorConfig(seed=config.seed)
+        rows.extend(Backdoor(backdoor).run(tiny).rows())
+    finally:
+        torch.set_num_threads(previous)
+
     rows.extend(_token_recovery(model, config))
     notes += [
+        "A malicious client's boosted backdoor stays inside its own encoder's public clip range and implants through "
+        "SecAgg+: the server sees only the sum and can neither bound nor remove it. A server-visible defense needs "
+        "zero-knowledge proofs of each masked input's norm (RoFL, EIFFeL); server norm clipping or robust "
+        "aggregation needs individual updates, which gives up secure aggregation.",
         "Membership inference and canary exposure read the released adapter: secure aggregation does not change "
         "them (its column equals the matching DP column); only DP does.",
         "Token recovery reads what the server receives: one client's update without secure aggregation, only the "
