@@ -69,7 +69,7 @@ def run(
                 from .flower.simulation import run_simulation
 
                 target = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S-flower", time.gmtime())
-                result = run_simulation(cfg or RunConfig(), out=target, stream=not quiet)
+                result = run_simulation(cfg or RunConfig(), out=target)
             else:
                 result = run_federation(cfg, out=out, resume=resume, merge=merge, progress=not quiet)
     except SecureFedLLMError as exc:

@@ -13,6 +13,7 @@ share one OS user, so it demonstrates the protocol and the engine, not secrecy f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +34,7 @@ from ..errors import SecureFedLLMError
 if TYPE_CHECKING:
     from ..federation import RunResult
 
-__all__ = ["APP_PYPROJECT", "FlowerEngineError", "run_simulation", "write_app"]
+__all__ = ["APP_PYPROJECT", "FlowerEngineError", "flwr_run", "run_simulation", "simulation_superlink", "write_app"]
 
 APP_PYPROJECT = """\
 [build-system]
@@ -123,25 +125,14 @@ def stop(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
         pass
 
 
-def run_simulation(
-    config: RunConfig,
-    *,
-    out: str | Path,
-    cpus_per_client: int = 1,
-    timeout: float = 6 * 3600.0,
-    stream: bool = True,
-) -> RunResult:
-    """Run `config` on Flower's simulation engine (one SuperNode per client) and return the result.
+@contextlib.contextmanager
+def simulation_superlink(work: Path) -> Iterator[dict[str, str]]:
+    """A SuperLink in simulation mode with its own Flower home under `work`, stopped on exit.
 
-    Raises:
-        FlowerEngineError: the engine failed to start or the run did not complete.
+    Yields the environment for `flwr` commands; the connection is named `sim`.
     """
-    out = Path(out).resolve()
-    work = Path(tempfile.mkdtemp(prefix="secure-fedllm-flower-"))
     home = work / "home"
-    home.mkdir()
-    config_file = work / "config.toml"
-    config.to_file(config_file)
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -158,30 +149,54 @@ def run_simulation(
         superlink = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(port, superlink, log)
-        overrides = f"config={json.dumps(str(config_file))} out={json.dumps(str(out))}"
-        federation = f"num-supernodes={config.federation.clients} client-resources-num-cpus={cpus_per_client}"
-        runner = ["flwr", "run", str(write_app(work / "app")), "sim", "--run-config", overrides]
-        runner += ["--federation-config", federation]
-        if stream:
-            runner.append("--stream")
-        done = subprocess.run(runner, env=env, timeout=timeout, check=False)
-        if done.returncode != 0:
-            raise FlowerEngineError(f"`flwr run` exited with {done.returncode}:\n{_tail(log)}")
-        if not stream:
-            _wait_for_report(out, timeout, superlink, log)
+        yield env
     finally:
         stop(superlink)
+
+
+def flwr_run(
+    app: Path, env: dict[str, str], *, run_config: dict[str, str], supernodes: int, cpus: int = 1, timeout: float
+) -> None:
+    """`flwr run APP sim --stream` with run-config and federation-config overrides; raise if it fails."""
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    federation = f"num-supernodes={supernodes} client-resources-num-cpus={cpus}"
+    command = ["flwr", "run", str(app), "sim", "--run-config", overrides, "--federation-config", federation, "--stream"]
+    done = subprocess.run(command, env=env, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise FlowerEngineError(f"`flwr run` exited with {done.returncode}")
+
+
+def run_simulation(
+    config: RunConfig,
+    *,
+    out: str | Path,
+    cpus_per_client: int = 1,
+    timeout: float = 6 * 3600.0,
+) -> RunResult:
+    """Run `config` on Flower's simulation engine (one SuperNode per client) and return the result.
+
+    Raises:
+        FlowerEngineError: the engine failed to start or the run did not complete.
+    """
+    out = Path(out).resolve()
+    work = Path(tempfile.mkdtemp(prefix="secure-fedllm-flower-"))
+    config_file = work / "config.toml"
+    config.to_file(config_file)
+    try:
+        with simulation_superlink(work) as env:
+            flwr_run(
+                write_app(work / "app"),
+                env,
+                run_config={"config": str(config_file), "out": str(out)},
+                supernodes=config.federation.clients,
+                cpus=cpus_per_client,
+                timeout=timeout,
+            )
+    except FlowerEngineError as exc:
+        raise FlowerEngineError(f"{exc}\n{_tail(work / 'superlink.log')}") from exc
     result = _load_result(out, config)
     shutil.rmtree(work, ignore_errors=True)
     return result
-
-
-def _wait_for_report(out: Path, timeout: float, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not (out / "report.md").exists():
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise FlowerEngineError(f"the run did not finish:\n{_tail(log)}")
-        time.sleep(1.0)
 
 
 def _load_result(out: Path, config: RunConfig) -> RunResult:

@@ -78,7 +78,7 @@ def test_example_app_is_the_packaged_app() -> None:
 def test_simulation_engine_equals_the_in_process_run(reference, tmp_path) -> None:
     """Flower's simulation engine (flwr run against a simulation SuperLink, Ray workers) end to end."""
     config, ref = reference
-    result = run_simulation(config, out=tmp_path / "run", stream=False)
+    result = run_simulation(config, out=tmp_path / "run")
     assert [r["perplexity"] for r in result.metrics] == [r["perplexity"] for r in ref.metrics]
     assert result.epsilons == ref.epsilons
     assert (tmp_path / "run" / "report.md").exists()
