@@ -41,3 +41,14 @@ def test_readme_he_example_runs(capsys):
     assert blocks, "README lost its HE example"
     exec(compile(blocks[0], "README.md", "exec"), {})
     assert "(0, 1, 2, 3, 4)" in capsys.readouterr().out
+
+
+def test_readme_flower_example_runs(capsys):
+    import pytest
+
+    pytest.importorskip("flwr")
+    found = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = [b for b in found if "secure_fedllm.flower" in b]
+    assert blocks, "README lost its Flower example"
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    assert "[1, 2, 3, 4, 5] [0.02 0.02 0.02 0.02]" in capsys.readouterr().out

@@ -11,8 +11,9 @@ to `secure_aggregation_mod`, which masks it. Three messages reach these handlers
 * `train`: the round plan and the global adapter; the reply is the charged update (masked by the Mod).
 * `query.ledger`: the node's public ledger summary for the run report.
 
-torch, transformers and peft load on the first `train` or `query`, never for protocol stages; a
-process that serves several messages (the simulation engine's workers) keeps the model loaded.
+Protocol stages never load torch; offers and ledger queries load the privacy accountant but build no
+model (after a node's first offer); `train` builds the model, and a process that serves several
+messages (the simulation engine's workers) keeps it loaded.
 """
 
 from __future__ import annotations
@@ -116,15 +117,52 @@ def _node(context: Context) -> _Node:
     )
 
 
+def _facts(context: Context) -> tuple[Any, dict[str, int]]:
+    """(client without data, its public counts): no model is built once the counts are on disk.
+
+    Offers and ledger queries need the policy, the ledger and the record counts only. On a SuperNode
+    each message is a fresh process, so the counts are cached in the node's state folder (they are
+    public: N_i is part of every plan) and the model is built only for training.
+    """
+    from ..federation.checkpoint import RunPaths, atomic_write
+    from ..federation.runner import _make_client
+
+    config_file, state = node_config_path(context)
+    config = RunConfig.from_file(config_file) if config_file else RunConfig()
+    partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    path = RunPaths(state).client_state(partition).with_name(f"facts-{partition:04d}.json")
+    facts = json.loads(path.read_text()) if path.exists() else {}
+    if facts.get("config") != digest:
+        node = _node(context)
+        facts = {
+            "config": digest,
+            "units": node.client.data.num_units,
+            "records": node.records,
+            "dropped": node.dropped,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(facts).encode())
+    client = _make_client(config, RunPaths(state), partition, _Counts(int(facts["units"])), {})  # type: ignore[arg-type]
+    return client, facts
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """Stands in for the tokenized data where only its size matters (policy, offer)."""
+
+    num_units: int
+
+
 def handle_offer(msg: Message, context: Context) -> Message:
     """Reply whether this node joins the asked round, its DP offer and its (public) record count."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    node = _node(context)
+    client, facts = _facts(context)
     round_number = int(msg.content.config_records["ask"]["round"])  # type: ignore[arg-type]
-    why = node.client.willing(round_number)
-    offer = node.client.assignment(1.0).model_dump_json()
-    reply = {"partition": node.partition, "units": node.client.data.num_units, "willing": why or "", "offer": offer}
+    why = client.willing(round_number)
+    offer = client.assignment(1.0).model_dump_json()
+    reply = {"partition": client.client, "units": facts["units"], "willing": why or "", "offer": offer}
     return Message(RecordDict({"offer": ConfigRecord(reply)}), reply_to=msg)
 
 
@@ -157,14 +195,13 @@ def handle_ledger(msg: Message, context: Context) -> Message:
     """The node's ledger summary (epsilon spent, rounds joined) and its data counts, for the report."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    node = _node(context)
-    c = node.client
+    c, facts = _facts(context)
     ledger = c.ledger.to_dict() if c.ledger is not None else {"client": c.client}
     summary = {
         "client": c.client,
-        "records": node.records,
-        "units": c.data.num_units,
-        "dropped": node.dropped,
+        "records": facts["records"],
+        "units": facts["units"],
+        "dropped": facts["dropped"],
         "epsilon": c.epsilon,
     }
     content = {"ledger": json.dumps(ledger), "summary": json.dumps(summary), "policy": c.policy.model_dump_json()}

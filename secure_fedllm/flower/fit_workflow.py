@@ -58,7 +58,8 @@ class SecureFitWorkflow:
         ring_bits: 32 or 64.
         dropout_rate, corrupt_fraction: the assumptions the derived (k, t) and the bounds use.
         identity_keys: node id -> Ed25519 public key (enables signatures and the consistency round).
-        timeout: seconds per protocol stage; `train_timeout` for the first (training) stage.
+        timeout: seconds per protocol stage (default 120); `train_timeout` for the first, training,
+            stage (default 3600). Unlike Flower's None, a silent node never blocks a round forever.
         allow_insecure: run parameters below the security bound (nodes must agree too).
     """
 
@@ -157,8 +158,8 @@ class SecureFitWorkflow:
                 instructions,
                 params,
                 round_number=current_round,
-                train_timeout=self.train_timeout,
-                stage_timeout=self.timeout if self.timeout is not None else 3600.0,
+                train_timeout=self.train_timeout if self.train_timeout is not None else 3600.0,
+                stage_timeout=self.timeout if self.timeout is not None else 120.0,
             )
         except AbortError as exc:
             log(WARNING, "secure aggregation aborted, nothing revealed: %s", exc)

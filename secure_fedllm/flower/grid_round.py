@@ -196,7 +196,8 @@ class _Exchange:
                     replies[node] = reply
             if not pending or (deadline is not None and self.clock() >= deadline):
                 break
-            self.sleep(self.poll_interval)
+            left = self.poll_interval if deadline is None else min(self.poll_interval, deadline - self.clock())
+            self.sleep(max(left, 0.0))
         for node in pending.values():
             failures[node] = f"no reply within {timeout} s"
         return replies

@@ -14,9 +14,9 @@ import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
@@ -94,7 +94,10 @@ class LocalGrid(Grid):
             if index >= self.silence.get(node, 1 << 30):
                 continue  # the node went silent: no reply, ever
             delivered = _wire_copy(message)
-            reply = self.client_app(delivered, self.contexts[node])
+            try:
+                reply = self.client_app(delivered, self.contexts[node])
+            except Exception as exc:  # as a SuperNode does: the server sees an error reply, not a crash
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc)), reply_to=delivered)
             self._replies[mid] = _wire_copy(reply)
         return ids
 

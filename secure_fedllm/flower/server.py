@@ -85,12 +85,9 @@ def run_on_grid(
     common = {"base_sha256": base_sha, "manifest_sha256": manifest.digest(), **fingerprints}
 
     nodes = _wait_for_nodes(grid, config.federation.clients, join_timeout)
-    offers = _ask(grid, nodes, "query.offer", _ask_round(0), stage_timeout)
-    node_of = {int(o["partition"]): n for n, o in offers.items()}  # type: ignore[arg-type]
-    if sorted(node_of) != list(range(config.federation.clients)):
-        raise ConfigError(
-            f"federation.clients={config.federation.clients} but the nodes hold partitions {sorted(node_of)}"
-        )
+    # queries may start a fresh ClientApp process that imports the accountant: bounded by train_timeout
+    query_timeout = train_timeout
+    offers, node_of = _partitions(grid, nodes, config.federation.clients, query_timeout)
     units = {p: int(offers[n]["units"]) for p, n in node_of.items()}  # type: ignore[arg-type]
     largest = max(units.values())
     weights = {p: 1.0 if config.federation.weighting == "uniform" else units[p] / largest for p in units}
@@ -102,7 +99,7 @@ def run_on_grid(
         row: dict[str, Any] = {"round": round_number, "engine": "flower"}
         if round_number > 0:
             cohort = sample_cohort(config, round_number)
-            answers = _ask(grid, [node_of[c] for c in cohort], "query.offer", _ask_round(round_number), stage_timeout)
+            answers = _ask(grid, [node_of[c] for c in cohort], "query.offer", _ask_round(round_number), query_timeout)
             partition_of = {n: p for p, n in node_of.items()}
             joining = sorted(partition_of[n] for n, a in answers.items() if not a["willing"])
             row.update(
@@ -185,7 +182,7 @@ def run_on_grid(
         log(f"round {round_number}: perplexity {result.perplexity:.3f} included {row.get('included', [])}")
 
     answered = [node_of[p] for p in sorted(node_of)]
-    reports = _ask(grid, answered, "query.ledger", RecordDict(), stage_timeout)
+    reports = _ask(grid, answered, "query.ledger", RecordDict(), query_timeout)
     reports = {n: reports[n] for n in answered if n in reports}
     ledgers = [json.loads(str(r["ledger"])) for r in reports.values()]
     summary = [json.loads(str(r["summary"])) for r in reports.values()]
@@ -227,6 +224,21 @@ def _params(config: RunConfig, n: int, dimension: int) -> Any:
     )
 
 
+def _partitions(grid: Grid, nodes: list[int], clients: int, timeout: float) -> tuple[dict[int, Any], dict[int, int]]:
+    """Ask every node for its offer; map each partition to one node (a restarted node's old id may linger)."""
+    offers = _ask(grid, nodes, "query.offer", _ask_round(0), timeout)
+    node_of: dict[int, int] = {}
+    for n in sorted(offers):
+        node_of.setdefault(int(offers[n]["partition"]), n)
+    missing = sorted(set(range(clients)) - set(node_of))
+    if missing:
+        raise ConfigError(
+            f"federation.clients={clients}: {len(offers)} of {len(nodes)} nodes answered query.offer within "
+            f"{timeout} s and no node holds partitions {missing}"
+        )
+    return offers, node_of
+
+
 def _ask_round(round_number: int) -> RecordDict:
     from flwr.app import ConfigRecord, RecordDict
 
@@ -238,7 +250,7 @@ def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= count:
-            return nodes[:count] if len(nodes) == count else nodes
+            return nodes
         if time.monotonic() > deadline:
             raise ConfigError(f"federation.clients={count} but only {len(nodes)} nodes connected within {timeout} s")
         time.sleep(1.0)

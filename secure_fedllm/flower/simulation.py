@@ -142,7 +142,6 @@ def simulation_superlink(work: Path) -> Iterator[dict[str, str]]:
     command = [
         "flower-superlink", "--insecure", "--simulation", "--database", str(home / "state.db"),
         "--host", "127.0.0.1", "--port", str(port),
-        "--control-api-address", f"127.0.0.1:{free_port()}", "--fleet-api-address", f"127.0.0.1:{free_port()}",
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     with open(log, "wb") as sink:
@@ -194,7 +193,10 @@ def run_simulation(
             )
     except FlowerEngineError as exc:
         raise FlowerEngineError(f"{exc}\n{_tail(work / 'superlink.log')}") from exc
-    result = _load_result(out, config)
+    try:
+        result = _load_result(out, config)
+    except FlowerEngineError as exc:  # `flwr run --stream` exits 0 even when the ServerApp raised
+        raise FlowerEngineError(f"{exc}\n{_tail(work / 'superlink.log')}") from exc
     shutil.rmtree(work, ignore_errors=True)
     return result
 
