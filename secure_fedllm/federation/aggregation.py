@@ -30,7 +30,7 @@ from protocols.he import HEParams
 
 from ..config import RunConfig
 
-__all__ = ["AggregationOutcome", "aggregate_updates", "draw_dropouts", "sample_cohort"]
+__all__ = ["AggregationOutcome", "aggregate_updates", "draw_dropouts", "sample_cohort", "secagg_params"]
 
 
 @dataclass
@@ -75,6 +75,20 @@ def draw_dropouts(config: RunConfig, round_number: int, parties: int) -> dict[in
     return {i: int(np.argmax(row)) for i, row in enumerate(draws) if row.any()}
 
 
+def secagg_params(config: RunConfig, n: int, dimension: int) -> SecAggParams:
+    """The masking protocol's public parameters for n parties (SecAgg for "secagg", else SecAgg+)."""
+    sa = config.secure_aggregation
+    make = SecAggParams.secagg if sa.protocol == "secagg" else SecAggParams.secagg_plus
+    return make(
+        n,
+        dimension=dimension,
+        clip_range=sa.clip_range,
+        threshold=sa.threshold,
+        dropout_rate=sa.dropout_rate,
+        corrupt_fraction=sa.corrupt_fraction,
+    )
+
+
 def aggregate_updates(
     config: RunConfig,
     updates: Sequence[npt.NDArray[np.float32]],
@@ -110,15 +124,7 @@ def aggregate_updates(
             mode=sa.he_mode,
         )
     else:
-        make = SecAggParams.secagg if sa.protocol == "secagg" else SecAggParams.secagg_plus
-        params = make(
-            n,
-            dimension=len(updates[0]),
-            clip_range=clip,
-            threshold=sa.threshold,
-            dropout_rate=sa.dropout_rate,
-            corrupt_fraction=sa.corrupt_fraction,
-        )
+        params = secagg_params(config, n, len(updates[0]))
     try:
         report = run_round(
             params,

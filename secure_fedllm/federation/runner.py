@@ -133,18 +133,8 @@ def run(
                     bars, tap,
                 )  # fmt: skip
             set_vector(model, manifest, global_vector)
-            t = time.perf_counter()
-            result = evaluate(model, heldout, batch_size=config.evaluation.batch_size)
-            row["seconds"] = {**row.get("seconds", {}), "evaluation": time.perf_counter() - t}
-            row.update(eval_loss=result.loss, perplexity=result.perplexity)
+            evaluate_round(config, model, heldout, template, data.heldout, row)
             row["epsilon"] = {str(c.client): c.epsilon for c in clients}
-            if config.evaluation.generations:
-                row["samples"] = generate_samples(
-                    model,
-                    template,
-                    data.heldout[: config.evaluation.generations],
-                    max_new_tokens=config.evaluation.max_new_tokens,
-                )
             rows.append(row)
             paths.write_metrics(rows)
             Checkpoint(round_number, global_vector).save(paths)
@@ -152,16 +142,13 @@ def run(
             _print_round(console, row)
             if stop_after is not None and round_number >= stop_after and round_number < config.federation.rounds:
                 return RunResult(paths.root, rows, {c.client: c.epsilon for c in clients}, paths.adapter, paths.report)
-    sidecar = {
-        **fingerprints,
-        "base_sha256": base_sha,
-        "base_model": config.model.name,
-        "manifest": [[n, list(s)] for n, s in manifest.entries],
-        "manifest_sha256": manifest.digest(),
-        "rounds": config.federation.rounds,
-        "epsilon_max_over_contributors": max((c.epsilon for c in clients), default=0.0),
-        "delta_max_over_contributors": max((c.policy.delta for c in clients if c.rounds_joined), default=0.0),
-    }
+    sidecar = adapter_sidecar(
+        config,
+        manifest,
+        {**fingerprints, "base_sha256": base_sha},
+        epsilon_max=max((c.epsilon for c in clients), default=0.0),
+        delta_max=max((c.policy.delta for c in clients if c.rounds_joined), default=0.0),
+    )
     save_adapter(model, paths.adapter, sidecar=sidecar)
     if merge:
         model.merge_and_unload().save_pretrained(paths.root / "merged")
@@ -177,6 +164,43 @@ def run(
         f"(ratio {rows[-1]['perplexity'] / rows[0]['perplexity']:.3f}); report: {paths.report}"
     )
     return RunResult(paths.root, rows, {c.client: c.epsilon for c in clients}, paths.adapter, paths.report)
+
+
+def evaluate_round(
+    config: RunConfig,
+    model: Any,
+    heldout: TokenizedDataset,
+    template: ChatTemplate,
+    records: list[Any],
+    row: dict[str, Any],
+) -> None:
+    """Held-out loss and perplexity of the current global adapter (and sample generations) into `row`."""
+    t = time.perf_counter()
+    result = evaluate(model, heldout, batch_size=config.evaluation.batch_size)
+    row["seconds"] = {**row.get("seconds", {}), "evaluation": time.perf_counter() - t}
+    row.update(eval_loss=result.loss, perplexity=result.perplexity)
+    if config.evaluation.generations:
+        row["samples"] = generate_samples(
+            model,
+            template,
+            records[: config.evaluation.generations],
+            max_new_tokens=config.evaluation.max_new_tokens,
+        )
+
+
+def adapter_sidecar(
+    config: RunConfig, manifest: AdapterManifest, hashes: dict[str, str], *, epsilon_max: float, delta_max: float
+) -> dict[str, Any]:
+    """What the saved adapter carries beside its weights: model and adapter hashes, manifest, the worst DP spend."""
+    return {
+        **hashes,
+        "base_model": config.model.name,
+        "manifest": [[n, list(s)] for n, s in manifest.entries],
+        "manifest_sha256": manifest.digest(),
+        "rounds": config.federation.rounds,
+        "epsilon_max_over_contributors": epsilon_max,
+        "delta_max_over_contributors": delta_max,
+    }
 
 
 def _federated_round(

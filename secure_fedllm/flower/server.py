@@ -53,13 +53,12 @@ def run_on_grid(
     from ..adapters import AdapterManifest, adapter_fingerprints, attach_lora, get_vector, save_adapter, set_vector
     from ..data import ChatTemplate, TokenizedDataset, load_federation_data
     from ..federation import RunResult
-    from ..federation.aggregation import sample_cohort
+    from ..federation.aggregation import sample_cohort, secagg_params
     from ..federation.checkpoint import Checkpoint, atomic_write
     from ..federation.plan import Assignment, ClientPolicy, RoundPlan
     from ..federation.report import write_report
-    from ..federation.runner import _prepare_folder, _public_seed
+    from ..federation.runner import _prepare_folder, _public_seed, adapter_sidecar, evaluate_round
     from ..models import load_base_model, model_fingerprint
-    from ..training import evaluate, generate_samples
     from .grid_round import secure_aggregate
 
     protocol = config.secure_aggregation.protocol
@@ -128,7 +127,7 @@ def run_on_grid(
                         "global": ArrayRecord([global_vector]),
                     }
                 )
-                params = _params(config, len(joining), manifest.dimension)
+                params = secagg_params(config, len(joining), manifest.dimension)
                 t = time.perf_counter()
                 try:
                     outcome = secure_aggregate(
@@ -165,21 +164,11 @@ def run_on_grid(
                         },
                     )
         set_vector(model, manifest, global_vector)
-        t = time.perf_counter()
-        result = evaluate(model, heldout, batch_size=config.evaluation.batch_size)
-        row["seconds"] = {**row.get("seconds", {}), "evaluation": time.perf_counter() - t}
-        row.update(eval_loss=result.loss, perplexity=result.perplexity)
-        if config.evaluation.generations:
-            row["samples"] = generate_samples(
-                model,
-                template,
-                data.heldout[: config.evaluation.generations],
-                max_new_tokens=config.evaluation.max_new_tokens,
-            )
+        evaluate_round(config, model, heldout, template, data.heldout, row)
         rows.append(row)
         paths.write_metrics(rows)
         Checkpoint(round_number, global_vector).save(paths)
-        log(f"round {round_number}: perplexity {result.perplexity:.3f} included {row.get('included', [])}")
+        log(f"round {round_number}: perplexity {row['perplexity']:.3f} included {row.get('included', [])}")
 
     answered = [node_of[p] for p in sorted(node_of)]
     reports = _ask(grid, answered, "query.ledger", RecordDict(), query_timeout)
@@ -191,37 +180,17 @@ def run_on_grid(
     for row in rows:
         row["epsilon"] = {str(c): e for c, e in epsilons.items()}
     paths.write_metrics(rows)
-    sidecar = {
-        **fingerprints,
-        "base_sha256": base_sha,
-        "base_model": config.model.name,
-        "manifest": [[n, list(s)] for n, s in manifest.entries],
-        "manifest_sha256": manifest.digest(),
-        "rounds": config.federation.rounds,
-        "engine": "flower",
-        "epsilon_max_over_contributors": max(epsilons.values(), default=0.0),
-        "delta_max_over_contributors": max(
-            (p.delta for p, led in zip(policies, ledgers, strict=True) if led.get("events")), default=0.0
-        ),
-    }
+    sidecar = adapter_sidecar(
+        config,
+        manifest,
+        {**fingerprints, "base_sha256": base_sha},
+        epsilon_max=max(epsilons.values(), default=0.0),
+        delta_max=max((p.delta for p, led in zip(policies, ledgers, strict=True) if led.get("events")), default=0.0),
+    )
+    sidecar["engine"] = "flower"
     save_adapter(model, paths.adapter, sidecar=sidecar)
     write_report(paths, config, rows, ledgers, policies, sidecar, summary)
     return RunResult(paths.root, rows, epsilons, paths.adapter, paths.report)
-
-
-def _params(config: RunConfig, n: int, dimension: int) -> Any:
-    from protocols import SecAggParams
-
-    sa = config.secure_aggregation
-    make = SecAggParams.secagg if sa.protocol == "secagg" else SecAggParams.secagg_plus
-    return make(
-        n,
-        dimension=dimension,
-        clip_range=sa.clip_range,
-        threshold=sa.threshold,
-        dropout_rate=sa.dropout_rate,
-        corrupt_fraction=sa.corrupt_fraction,
-    )
 
 
 def _partitions(grid: Grid, nodes: list[int], clients: int, timeout: float) -> tuple[dict[int, Any], dict[int, int]]:

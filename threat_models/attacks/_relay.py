@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +38,16 @@ Seen = dict[type, dict[int, Message]]
 """Every message a client sent the server, by message type and sender: the server's view."""
 Rewrite = Callable[[int, Message], Message]
 """What the malicious server forwards to `party` instead of the honest server's message."""
+
+
+class RoundConfig(BaseModel):
+    """The round a malicious server attacks: its size, the target client and the public clip range."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_clients: Annotated[int, Field(ge=4, le=64)] = 5
+    target: Annotated[int, Field(ge=0)] = 0
+    clip_range: Annotated[float, Field(gt=0)] = 0.1
 
 
 class Outcome(BaseModel):

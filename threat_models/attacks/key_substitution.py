@@ -23,11 +23,9 @@ setting (no identity keys), same threshold: nothing authenticates the keys the s
 from __future__ import annotations
 
 import os
-from typing import Annotated
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
 
 from protocols import OsRandom, SecAggParams, ServerState
 from protocols.primitives import (
@@ -43,19 +41,13 @@ from protocols.secagg import AdvertiseKeys, KeyRoster, MaskedInput, Message, Unm
 
 from ..errors import AttackConfigError
 from ..results import MatrixRow
-from ._relay import Outcome, Refused, Seen, clipped, make_params, relative_error, relay, start_round
+from ._relay import Outcome, Refused, RoundConfig, Seen, clipped, make_params, relative_error, relay, start_round
 
 __all__ = ["KeySubstitution", "KeySubstitutionConfig", "KeySubstitutionResult"]
 
 
-class KeySubstitutionConfig(BaseModel):
+class KeySubstitutionConfig(RoundConfig):
     """The round the server attacks."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    num_clients: Annotated[int, Field(ge=4, le=64)] = 5
-    target: Annotated[int, Field(ge=0)] = 0
-    clip_range: Annotated[float, Field(gt=0)] = 0.1
 
 
 class KeySubstitutionResult(Outcome):

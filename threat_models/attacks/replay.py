@@ -31,11 +31,10 @@ the replay only.)
 from __future__ import annotations
 
 import os
-from typing import Annotated
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from protocols import DeterministicRandom, SecretSource, ServerState
 from protocols.primitives import ring_dtype
@@ -43,19 +42,14 @@ from protocols.secagg import AdvertiseKeys, KeyRoster, MaskedInput, Message, Sha
 
 from ..errors import AttackConfigError
 from ..results import MatrixRow
-from ._relay import Outcome, Refused, Seen, clipped, make_params, relative_error, relay, start_round
+from ._relay import Outcome, Refused, RoundConfig, Seen, clipped, make_params, relative_error, relay, start_round
 
 __all__ = ["Replay", "ReplayConfig", "ReplayResult"]
 
 
-class ReplayConfig(BaseModel):
+class ReplayConfig(RoundConfig):
     """The two rounds the server attacks, and the weakened control's key handling."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    num_clients: Annotated[int, Field(ge=4, le=64)] = 5
-    target: Annotated[int, Field(ge=0)] = 0
-    clip_range: Annotated[float, Field(gt=0)] = 0.1
     reuse_key_material: bool = Field(
         True, description="weakened control only: clients derive round secrets from a long-term seed"
     )

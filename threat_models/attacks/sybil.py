@@ -24,11 +24,10 @@ the corruption bound n_C counts real parties, which Sybils are not.
 from __future__ import annotations
 
 import os
-from typing import Annotated
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from protocols import OsRandom, ProtocolError, SecAggClient
 from protocols.primitives import ed25519_sign, x25519_generate
@@ -39,19 +38,25 @@ from protocols.secagg._transcript import advertise_statement
 
 from ..errors import AttackConfigError
 from ..results import MatrixRow
-from ._relay import Outcome, Refused, Seen, clipped, describe, make_params, relative_error, relay, start_round
+from ._relay import (
+    Outcome,
+    Refused,
+    RoundConfig,
+    Seen,
+    clipped,
+    describe,
+    make_params,
+    relative_error,
+    relay,
+    start_round,
+)
 
 __all__ = ["Sybil", "SybilConfig", "SybilResult"]
 
 
-class SybilConfig(BaseModel):
+class SybilConfig(RoundConfig):
     """The round the server fills with Sybils."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    num_clients: Annotated[int, Field(ge=4, le=64)] = 5
-    target: Annotated[int, Field(ge=0)] = 0
-    clip_range: Annotated[float, Field(gt=0)] = 0.1
     server_controls_pki: bool = Field(
         False, description="True: the server issued the identity keys, so its Sybils hold real ones"
     )

@@ -14,7 +14,6 @@ import os
 import signal
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -22,9 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from secure_fedllm.flower.simulation import free_port, write_app
-
-REPO = Path(__file__).resolve().parents[3]
+from secure_fedllm.flower.simulation import flower_env, free_port, write_app
 
 
 @dataclass(frozen=True)
@@ -129,16 +126,13 @@ class Deployment:
     def env(self, home: Path) -> dict[str, str]:
         """Flower's environment for one party: its own home, our interpreter first, this repo importable."""
         home.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+        env = flower_env(home)  # its own home, our interpreter first, this repo importable, telemetry off
         env.update(
-            FLWR_HOME=str(home),
             FLWR_TELEMETRY_ENABLED="0",
             FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
             # SuperExec polls its Runtime API for tasks every second by default; each protocol
             # stage is one task (one fresh ClientApp process), so a shorter poll saves seconds per stage.
             FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(self.superexec_poll),
-            PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-            PYTHONPATH=str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
             PYTHONUNBUFFERED="1",
         )
         return env
