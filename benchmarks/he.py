@@ -16,11 +16,12 @@ configuration's own. Implementations:
 
 Modes: `symmetric` is NVFlare's (every client holds the secret key); `public-key` is reported beside
 it. Per row: `client_us_per_param` (quantize + encrypt + serialize one update, median over the n
-clients; for secagg+ the client's whole protocol), `server_s` (parse and add the n uploads and
-serialize the sum; uploads are streamed into the sum one at a time, so memory does not grow with
-n), `decrypt_s` (parse, decrypt and decode the sum), `upload_bytes_per_param` (one client's
-ciphertexts, or its whole secagg+ upload, over d), `peak_rss_mb` and `exact` (BFV and masking:
-the decrypted integers equal the sum of the quantized inputs; CKKS: approximate).
+clients; for secagg+ the client's whole protocol), `server_s` (check and add the n uploads: the
+server's format check plus the key holder's own homomorphic sum; uploads are streamed into the sum
+one at a time, so memory does not grow with n), `decrypt_s` (decrypt and decode the sum),
+`upload_bytes_per_param` (one client's ciphertexts, or its whole secagg+ upload, over d),
+`peak_rss_mb` and `exact` (BFV and masking: the decrypted integers equal the sum of the quantized
+inputs; CKKS: approximate).
 """
 
 from __future__ import annotations
@@ -53,29 +54,26 @@ def _he(impl: str, mode: str, d: int, n: int) -> dict[str, Any]:
     from protocols.he import HEParams
     from protocols.he._ciphers import (
         ChunkSum,
+        check_chunks,
         decode_words,
         decrypt_ckks,
         decrypt_words,
         encrypt_update,
-        load_public_context,
+        export_key,
+        load_key,
         make_context,
-        public_context_bytes,
         quantize,
     )
 
     make = HEParams.bfv_packed if impl == "bfv-packed" else HEParams.ckks_nvflare
     params = make(n, dimension=d, clip_range=CLIP, max_parties=16, mode=mode)
     ctx = make_context(params)
-    public = public_context_bytes(ctx, params)
-    server_ctx = load_public_context(public)
     client_ctx = ctx
     if mode == "public-key":
-        import tenseal as ts
-
-        client_ctx = ts.context_from(public)  # clients hold the public key only
+        client_ctx = load_key(params, export_key(params, ctx))  # clients hold the public key only
     xs = _inputs(n, d)
     seeds = [os.urandom(32) for _ in range(n)]
-    total = ChunkSum(params, server_ctx)
+    total = ChunkSum(params, ctx)  # the key holder's own sum of the checked uploads (the server only checks)
     client_s, server_s, upload = [], 0.0, 0
     for x, seed in zip(xs, seeds, strict=True):
         t = time.perf_counter()
@@ -83,21 +81,20 @@ def _he(impl: str, mode: str, d: int, n: int) -> dict[str, Any]:
         client_s.append(time.perf_counter() - t)
         upload = sum(len(c) for c in chunks)
         t = time.perf_counter()
+        check_chunks(params, chunks, field="chunks")
         total.add(chunks, sender=0)
         server_s += time.perf_counter() - t
         del chunks
-    t = time.perf_counter()
-    summed = total.serialize()
-    server_s += time.perf_counter() - t
+    summed = total.vectors()
     t = time.perf_counter()
     if impl == "bfv-packed":
-        words = decrypt_words(params, ctx, summed)
+        words = decrypt_words(params, summed)
         decoded = decode_words(params, words)
         decrypt_s = time.perf_counter() - t
         expected = sum(quantize(params, x, weight=1.0, rounding_seed=s) for x, s in zip(xs, seeds, strict=True))
         exact = bool((words == expected).all())
     else:
-        decoded = decrypt_ckks(params, ctx, summed)
+        decoded = decrypt_ckks(params, summed)
         decrypt_s = time.perf_counter() - t
         exact = False
     error = float(np.abs(decoded.weighted_sum - sum(xs)).max())

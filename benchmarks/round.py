@@ -11,7 +11,8 @@ clients, encoding included) and server side, and evaluation (held-out loss and s
 Part 2 times the aggregation of that round's shape (n = 4, d = the adapter's 368,640 B values)
 on fixed random updates, in one process: the encoding pass alone, and a whole round with SecAgg+,
 SecAgg and the plaintext control (the same driver, updates sent unmasked), reporting the secure
-protocol's seconds and bytes as ratios over the plaintext anchor.
+protocol's seconds and bytes as ratios over the plaintext anchor; then the default run's own
+aggregation path in the malicious setting (the default) and the semi-honest one, as a ratio.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protocols import FixedPointEncoding, SecAggParams, run_round
 from secure_fedllm import RunConfig, run
+from secure_fedllm.federation import aggregate_updates
 
 D_SMOLLM2_FFA = 30 * 16 * (576 + 192)
 """B values of FFA-LoRA r=16 on q_proj (576 out) and v_proj (192 out) over SmolLM2's 30 layers."""
@@ -74,11 +76,59 @@ def _aggregation(n: int, d: int, clip: float, repeats: int) -> list[dict[str, An
             }
         )
     plain = rows[-1]
-    for row in rows[1:-1]:
+    rows.extend(_settings(n, d, clip, inputs, repeats))
+    for row in rows[1:]:
+        if row is plain:
+            continue
         row["seconds_vs_plaintext"] = (row["client_s_all"] + row["server_s"]) / (
             plain["client_s_all"] + plain["server_s"]
         )
         row["upload_vs_plaintext"] = row["upload_bytes_all"] / plain["upload_bytes_all"]
+    return rows
+
+
+def _settings(n: int, d: int, clip: float, inputs: list[np.ndarray[Any, Any]], repeats: int) -> list[dict[str, Any]]:
+    """The default run's aggregation path (`aggregate_updates`) in the malicious and semi-honest settings.
+
+    The malicious setting is the default: identity keys, parameters every site derives from its
+    policy (n_C over the roster of all clients), signed keys, a consistency round. Same inputs,
+    same driver, so the ratio is the cost of that setting alone.
+    """
+    rows = []
+    updates = [x.astype(np.float32) for x in inputs]
+    for protocol in ("secagg+", "secagg"):
+        for setting in ("semi-honest", "malicious"):
+            config = RunConfig().with_overrides(
+                [f"secure_aggregation.protocol={protocol}", f"secure_aggregation.setting={setting}"]
+            )
+            client, server, up, down = [], [], [], []
+            outcome = None
+            for _ in range(repeats):
+                outcome = aggregate_updates(config, updates, [1.0] * n, round_number=1, context=b"bench", drop_at={})
+                client.append(outcome.client_seconds)
+                server.append(outcome.server_seconds)
+                up.append(outcome.upload_bytes)
+                down.append(outcome.download_bytes)
+            assert outcome is not None and outcome.aborted is None, outcome
+            rows.append(
+                {
+                    "protocol": f"{protocol} ({setting}, aggregate_updates)",
+                    "setting": setting,
+                    "neighbours": outcome.neighbours,
+                    "threshold": outcome.threshold,
+                    "client_s_all": statistics.median(client),
+                    "server_s": statistics.median(server),
+                    "upload_bytes_all": int(statistics.median(up)),
+                    "download_bytes_all": int(statistics.median(down)),
+                }
+            )
+    for semi, mal in zip(rows[0::2], rows[1::2], strict=True):
+        mal["seconds_vs_semi_honest"] = (mal["client_s_all"] + mal["server_s"]) / (
+            semi["client_s_all"] + semi["server_s"]
+        )
+        mal["bytes_vs_semi_honest"] = (mal["upload_bytes_all"] + mal["download_bytes_all"]) / (
+            semi["upload_bytes_all"] + semi["download_bytes_all"]
+        )
     return rows
 
 

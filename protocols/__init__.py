@@ -21,24 +21,29 @@ from .errors import (
     RemoteProtocolError,
 )
 from .plaintext import PlaintextClient, PlaintextServer
+from .policy import PROTOCOL_FAMILIES, SecurityPolicy, SignedRoster
 from .randomness import DeterministicRandom, OsRandom, SecretSource
 from .secagg import (
     AggregateResult,
     ClientState,
+    Complaint,
     SecAggClient,
     SecAggParams,
     SecAggServer,
     ServerState,
+    SignedShare,
     decode_message,
     derive_secagg_plus,
     encode_message,
 )
 
 __all__ = [
+    "PROTOCOL_FAMILIES",
     "STAGE_OF",
     "AbortError",
     "AggregateResult",
     "ClientState",
+    "Complaint",
     "DecodeError",
     "DecodedSum",
     "DeterministicRandom",
@@ -57,7 +62,10 @@ __all__ = [
     "SecAggParams",
     "SecAggServer",
     "SecretSource",
+    "SecurityPolicy",
     "ServerState",
+    "SignedRoster",
+    "SignedShare",
     "decode_message",
     "derive_secagg_plus",
     "encode_message",

@@ -5,9 +5,13 @@ codec is exercised and bytes are counted), and parties go silent at the stage th
 Tests, benchmarks and the federation runner use it. It stays sans-IO: the clock is passed in
 (`clock=time.perf_counter` to measure) and randomness comes from per-party `SecretSource`s.
 
-Stage numbers (what a party stops sending): 0 AdvertiseKeys, 1 EncryptedShares, 2 MaskedInput,
-3 SurvivorSignature (malicious setting only), 4 UnmaskResponse; for HE: 0 HEHello, 1 HEKeyOffer,
-2 HEInput, 4 HEAck.
+Stage numbers (what a party stops sending): 0 AdvertiseKeys, 5 GraphReveal (malicious SecAgg+ only;
+sent between stages 0 and 1), 1 EncryptedShares, 2 MaskedInput (or its Complaint), 3 SurvivorSignature
+(malicious setting only), 4 UnmaskResponse; for HE: 0 HEHello, 1 HEKeyOffer, 2 HEInput, 4 HEAck. The
+numbers are labels kept stable for callers; `STAGE_ORDER` is the order they happen in, and a party
+with drop_at[p] = s is silent from the first message whose stage comes at or after s in that order
+(so drop_at = 1 still reveals its graph nonce and drops at its shares; 5 drops at the reveal, which
+aborts the toss).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from .secagg._client import SecAggClient
 from .secagg._codec import decode_message, encode_message
 from .secagg._messages import (
     AdvertiseKeys,
+    Complaint,
     EncryptedShares,
+    GraphReveal,
     MaskedInput,
     Message,
     SurvivorSignature,
@@ -36,12 +42,14 @@ from .secagg._messages import (
 from .secagg._params import SecAggParams
 from .secagg._server import AggregateResult, SecAggServer
 
-__all__ = ["STAGE_OF", "RoundReport", "run_round"]
+__all__ = ["STAGE_OF", "STAGE_ORDER", "RoundReport", "goes_silent", "run_round"]
 
 STAGE_OF: dict[type[Any], int] = {
     AdvertiseKeys: 0,
+    GraphReveal: 5,
     EncryptedShares: 1,
     MaskedInput: 2,
+    Complaint: 2,
     SurvivorSignature: 3,
     UnmaskResponse: 4,
     HEHello: 0,
@@ -49,6 +57,18 @@ STAGE_OF: dict[type[Any], int] = {
     HEInput: 2,
     HEAck: 4,
 }
+
+
+STAGE_ORDER: tuple[int, ...] = (0, 5, 1, 2, 3, 4)
+"""The stage numbers in the order their messages are sent."""
+
+
+def goes_silent(drop_stage: int | None, message: type[Any]) -> bool:
+    """Whether a party told to drop at `drop_stage` (None: never) withholds a message of this type."""
+    if drop_stage is None:
+        return False
+    rank = STAGE_ORDER.index
+    return rank(drop_stage) <= rank(STAGE_OF[message])
 
 
 @dataclass
@@ -87,7 +107,7 @@ class _Network:
     def client_step(self, party: int, step: Callable[[], Message]) -> bytes | None:
         t = self.tick()
         message = step()
-        if self.drop_at.get(party, 99) <= STAGE_OF[type(message)]:
+        if goes_silent(self.drop_at.get(party), type(message)):
             self.gone.add(party)
         wire = None if party in self.gone else self.encode(message)
         self.client_seconds[party] += self.tick() - t
@@ -131,6 +151,7 @@ def run_round(
     tap: Callable[[int, bytes], None] | None = None,
     rounding_seeds: Sequence[bytes] | None = None,
     party_contexts: Sequence[bytes] | None = None,
+    beacon: bytes | None = None,
 ) -> RoundReport:
     """Run one round and return the server's result.
 
@@ -153,6 +174,8 @@ def run_round(
             SecretSource); a client that must replay a bit-identical input after a crash passes its own.
         party_contexts: per-party contexts, for adversarial simulations only: a malicious server that
             shows parties different models (the server keeps `context`).
+        beacon: a public randomness value every SecAgg party and the server derive the graph from
+            (no graph toss); see `SecAggClient`.
 
     Raises:
         AbortError: the round aborted (too few survivors); nothing was revealed.
@@ -168,6 +191,7 @@ def run_round(
         if protocol in ("he", "secagg"):
             session_cls: Any = HEClient if isinstance(params, HEParams) else SecAggClient
             key = identity_keys[p] if identity_keys is not None else None
+            extra = {"beacon": beacon} if beacon is not None else {}
             clients.append(
                 session_cls(
                     params,
@@ -177,6 +201,7 @@ def run_round(
                     context=own_context,
                     identity_key=key,
                     rng=rng_for(p),
+                    **extra,
                 )
             )
         else:
@@ -188,7 +213,7 @@ def run_round(
     if isinstance(params, HEParams):
         server = HEServer(params, session=session, round_number=round_number, context=context)
     elif protocol == "secagg":
-        server = SecAggServer(params, session=session, round_number=round_number, context=context)
+        server = SecAggServer(params, session=session, round_number=round_number, context=context, beacon=beacon)
     else:
         server = PlaintextServer(params, session=session, round_number=round_number)
     net = _Network(clients, server, drop_at or {}, clock or (lambda: 0.0), tap, he=he)

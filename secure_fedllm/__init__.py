@@ -19,7 +19,7 @@ from .config import (
     SecureAggregationConfig,
     TrainingConfig,
 )
-from .errors import ConfigError, PrivacyBudgetExhaustedError, SecureFedLLMError
+from .errors import ConfigError, PrivacyBudgetExhaustedError, ReleaseBindingError, SecureFedLLMError
 
 if TYPE_CHECKING:
     from .budget import plan_budget, show_budget
@@ -60,6 +60,7 @@ __all__ = [
     "PlanRefusedError",
     "PrivacyBudgetExhaustedError",
     "PrivacyConfig",
+    "ReleaseBindingError",
     "RunConfig",
     "RunResult",
     "SecureAggregationConfig",

@@ -2,8 +2,10 @@
 
 `plan` answers the two questions asked before a run: which noise multiplier reaches a target
 epsilon over K joins of `steps` DP-SGD steps at sampling rate q, and which epsilon a given noise
-gives. `show` reads the ledgers a run wrote (they, not the metrics, are the record of what each
-client spent).
+gives. `show` reads the ledgers a run's clients wrote (they, not the metrics, are the record of what
+each client spent): each lives in its client's private state folder, `<run>.sites/client-XXXX/` by
+default (or a node's `state-dir`), so `show` needs read access to those, never to anything the
+server published.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def plan_budget(
     epsilon: float | None = None,
     noise_multiplier: float | None = None,
     accountant: str = "rdp",
+    neighbouring: str = "replace",
 ) -> dict[str, Any]:
     """Target epsilon -> noise multiplier, or noise multiplier -> epsilon (exactly one of them given).
 
@@ -43,7 +46,7 @@ def plan_budget(
         raise ConfigError(f"delta {delta} must be in (0, 1)")
     if steps_per_round < 1 or rounds < 1:
         raise ConfigError("steps per round and rounds must be positive")
-    acc = make_accountant(accountant)
+    acc = make_accountant(accountant, neighbouring=neighbouring)  # replace-one by default, as a run
     total_steps = steps_per_round * rounds
     if epsilon is not None:
         sigma = noise_for_epsilon(epsilon, delta=delta, sample_rate=sample_rate, steps=total_steps, accountant=acc)
@@ -60,6 +63,7 @@ def plan_budget(
     ]
     return {
         "accountant": accountant,
+        "neighbouring": neighbouring,
         "sample_rate": sample_rate,
         "steps_per_round": steps_per_round,
         "rounds": rounds,
@@ -70,8 +74,13 @@ def plan_budget(
     }
 
 
-def show_budget(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Per client: epsilon spent, delta, rounds joined, remaining budget (from the ledgers).
+def show_budget(run_dir: str | Path, *, sites: str | Path | None = None) -> list[dict[str, Any]]:
+    """Per client: epsilon spent, delta, rounds joined, remaining budget (from the clients' ledgers).
+
+    Args:
+        run_dir: the run folder.
+        sites: the folder of the clients' state folders (default `<run_dir>.sites`); a folder of
+            run folders written before state moved out of the run keeps its ledgers in `ledger/`.
 
     Raises:
         ConfigError: `run_dir` is not a run folder.
@@ -80,8 +89,10 @@ def show_budget(run_dir: str | Path) -> list[dict[str, Any]]:
     if not (root / "config.toml").exists():
         raise ConfigError(f"{root} is not a run folder (no config.toml)")
     config = RunConfig.from_file(root / "config.toml")
+    site_root = Path(sites) if sites is not None else root.with_name(root.name + ".sites")
+    paths = sorted(site_root.glob("client-*/ledger.json")) or sorted((root / "ledger").glob("client-*.json"))
     out = []
-    for path in sorted((root / "ledger").glob("client-*.json")):
+    for path in paths:
         data = json.loads(path.read_text())
         ledger = PrivacyLedger.open(
             path,
@@ -100,8 +111,12 @@ def show_budget(run_dir: str | Path) -> list[dict[str, Any]]:
                 "remaining": max(0.0, ledger.epsilon_budget - spent),
                 "rounds_joined": list(ledger.rounds),
                 "accountant": ledger.accountant_name,
+                "neighbouring": ledger.neighbouring,
             }
         )
     if not out and config.privacy.mechanism != "none":
-        raise ConfigError(f"{root} has no ledgers yet (no round was joined)")
+        raise ConfigError(
+            f"no ledgers under {site_root} (no round was joined yet, or the clients' state lives elsewhere: "
+            "pass --sites)"
+        )
     return out

@@ -39,6 +39,10 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.field=value (repeatable)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/<UTC time>)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue the run in this folder")] = None,
+    sites: Annotated[
+        Path | None,
+        typer.Option(help="folder of the clients' private state folders (default <run>.sites, beside the run)"),
+    ] = None,
     merge: Annotated[bool, typer.Option(help="also save the merged model (merge_and_unload)")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
     engine: Annotated[
@@ -71,7 +75,7 @@ def run(
                 target = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S-flower", time.gmtime())
                 result = run_simulation(cfg or RunConfig(), out=target)
             else:
-                result = run_federation(cfg, out=out, resume=resume, merge=merge, progress=not quiet)
+                result = run_federation(cfg, out=out, resume=resume, merge=merge, progress=not quiet, sites=sites)
     except SecureFedLLMError as exc:
         raise _fail(exc) from exc
     ratio = result.final_perplexity_ratio
@@ -133,6 +137,9 @@ def budget_plan(
     rounds: Annotated[int, typer.Option(help="joins K = min(rounds, max participations)")] = 3,
     delta: Annotated[float | None, typer.Option(help="delta (default 0.1 / records)")] = None,
     accountant: Annotated[str, typer.Option(help="rdp or prv")] = "rdp",
+    neighbouring: Annotated[str, typer.Option(help="replace (one unit swapped; a run's default) or add_remove")] = (
+        "replace"
+    ),
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Noise for a target epsilon, or epsilon for a noise, over K joins at rate q."""
@@ -148,6 +155,7 @@ def budget_plan(
                 epsilon=epsilon,
                 noise_multiplier=noise,
                 accountant=accountant,
+                neighbouring=neighbouring,
             )
     except SecureFedLLMError as exc:
         raise _fail(exc) from exc
@@ -156,7 +164,8 @@ def budget_plan(
         return
     typer.echo(
         f"q={plan['sample_rate']:.4g}, {steps} steps x {rounds} joins, delta={plan['delta']:.3g}, "
-        f"{accountant}: noise multiplier {plan['noise_multiplier']:.4f} -> epsilon {plan['epsilon']:.3f}"
+        f"{accountant} ({neighbouring}): noise multiplier {plan['noise_multiplier']:.4f} -> epsilon "
+        f"{plan['epsilon']:.3f}"
     )
     typer.echo("epsilon after each join: " + ", ".join(f"{e:.3f}" for e in plan["epsilon_after_round"]))
 
@@ -165,12 +174,15 @@ def budget_plan(
 def budget_show(
     run_dir: Annotated[Path, typer.Argument(help="a run folder")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    sites: Annotated[
+        Path | None, typer.Option(help="folder of the clients' state folders (default <run>.sites)")
+    ] = None,
 ) -> None:
     """Per client: epsilon spent, delta, rounds joined, remaining budget."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rows = show_budget(run_dir)
+            rows = show_budget(run_dir, sites=sites)
     except SecureFedLLMError as exc:
         raise _fail(exc) from exc
     if as_json:

@@ -123,12 +123,22 @@ class PrivacyConfig(_Section):
         1.0, description="per-example (or per-user) L2 clipping bound"
     )
     accountant: Literal["rdp", "prv"] = Field("rdp", description="privacy accountant")
+    neighbouring: Literal["replace", "add_remove"] = Field(
+        "replace",
+        description="which datasets epsilon separates: 'replace' (one unit replaced; the sound choice while N_i is "
+        "public, as it sets q_i, delta and size weights here) or 'add_remove' (one unit added or removed; only "
+        "valid where q_i, delta and weights use a public N that does not depend on the data, which this config "
+        "cannot express yet: choosing it asserts that assumption)",
+    )
     max_participations: Annotated[int, Field(ge=1)] | None = Field(None, description="cap on rounds a client joins")
     expected_batch_size: Annotated[int, Field(ge=1)] = Field(32, description="expected Poisson batch size")
     noise_seed: int | None = Field(
         None,
-        description="unset: each client seeds its batch sampling and noise from os.urandom (private); an int "
-        "makes runs reproducible but the noise predictable to anyone who knows it (experiments only)",
+        description="unset (the default, and the only secure mode): each client draws a fresh noise seed per "
+        "release from os.urandom and keeps it in its own state folder; an int puts every site in the INSECURE "
+        "reproducible mode (site secrets, release keys and noise derived from this public number: anyone who "
+        "knows it can regenerate every client's noise; for experiments only, and fixed when a site folder is "
+        "created)",
     )
 
     @model_validator(mode="after")
@@ -145,6 +155,12 @@ class SecureAggregationConfig(_Section):
         "secagg+",
         description="pairwise masking (secagg, secagg+), homomorphic encryption (he-bfv exact; he-ckks for "
         "comparison, decrypted by clients only), or none (updates in the clear)",
+    )
+    setting: Literal["malicious", "semi-honest"] = Field(
+        "malicious",
+        description="malicious: every client holds an Ed25519 identity key and pins the roster of all clients' "
+        "public keys (signatures, consistency round; the server cannot lower the parameters); semi-honest: no "
+        "identity keys (only against a server that follows the protocol)",
     )
     he_mode: Literal["symmetric", "public-key"] = Field(
         "symmetric", description="he-*: every client holds the secret key (symmetric) or only the key holder"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "PrivacyBudgetExhaustedError", "SecureFedLLMError"]
+__all__ = ["ConfigError", "PrivacyBudgetExhaustedError", "ReleaseBindingError", "SecureFedLLMError"]
 
 
 class SecureFedLLMError(Exception):
@@ -25,3 +25,11 @@ class PrivacyBudgetExhaustedError(SecureFedLLMError):
     def __init__(self, message: str, *, spent: float, requested: float, budget: float) -> None:
         super().__init__(message)
         self.spent, self.requested, self.budget = spent, requested, budget
+
+
+class ReleaseBindingError(SecureFedLLMError):
+    """A site refused to send (or answer for) a release outside the one session it is bound to.
+
+    A masked input or ciphertext that went to one session must never enter a second one: the server
+    could difference the two sums and recover the update exactly.
+    """

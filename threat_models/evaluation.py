@@ -2,7 +2,8 @@
 
 Defenses: none (updates in the clear, no DP), SecAgg+ (the server sees only sums), HE (BFV; the
 same view), DP-SGD at epsilon in {inf (clip only), 8, 1} per client, and SecAgg+ with DP. Attacks:
-token recovery from updates (the server's view), model inconsistency (a malicious server), one-run
+token recovery from updates (the server's view), model inconsistency (a malicious server), a
+malicious server against real Flower nodes running our Mod (rerun, downgrade, Sybil roster), one-run
 DP audit (the white-box bound on one client's update), membership inference and canary exposure
 on the released adapter (which no secure aggregation protects: only DP does). Utility beside it:
 held-out perplexity of the released adapter at each epsilon and of the base model.
@@ -31,13 +32,18 @@ from secure_fedllm.models import load_base_model
 from secure_fedllm.tiny_model import save_tiny_llama
 
 from .attacks.backdoor import Backdoor, BackdoorConfig
+from .attacks.downgrade import Downgrade, DowngradeConfig
 from .attacks.dp_audit import DPAuditConfig, OneRunAudit
 from .attacks.dropout_forging import DropoutForging, DropoutForgingConfig
+from .attacks.forged_share import ForgedShare, ForgedShareConfig
+from .attacks.he_oracle import HEOracle, HEOracleConfig
 from .attacks.key_substitution import KeySubstitution, KeySubstitutionConfig
 from .attacks.membership import MembershipConfig, MembershipInference
 from .attacks.model_inconsistency import ModelInconsistency, ModelInconsistencyConfig
 from .attacks.replay import Replay, ReplayConfig
+from .attacks.rerun import Rerun, RerunConfig
 from .attacks.sybil import Sybil, SybilConfig
+from .attacks.sybil_roster import SybilRoster, SybilRosterConfig
 from .report import write_evaluation
 from .results import MatrixRow
 
@@ -83,6 +89,8 @@ def _run_config(model: str, quick: bool, epsilon: float, seed: int) -> RunConfig
         "evaluation.heldout_records=64",
         "privacy.noise_seed=1",
         "secure_aggregation.protocol='secagg+'",
+        # the malicious default with 3 clients (n_C = 1) needs t = 3 = n: it tolerates no dropout
+        "secure_aggregation.dropout_rate=0.0",
     ]
     if quick:
         base += ["data.max_length=256", "federation.local_steps=30"]
@@ -173,6 +181,8 @@ def evaluate(config: EvaluationConfig, *, out: str | Path) -> EvaluationResult:
     for defended, label in ((False, "unbound round, keys reused (modelled)"), (True, "secagg malicious setting")):
         replayed = Replay(ReplayConfig(num_clients=5)).run(updates5, later, defended=defended)
         rows.extend(r.model_copy(update={"defense": label}) for r in replayed.rows())
+    rows.extend(_forged_share_and_he_oracle(config.seed))
+    rows.extend(_server_against_nodes(config.seed, notes))
 
     # a malicious client's boosted backdoor through SecAgg+ (rows carry their own defense labels)
     previous = torch.get_num_threads()
@@ -218,6 +228,58 @@ def _canaries(model: Any, template: ChatTemplate, federation: Any) -> list[Matri
 
     records = [r for client in federation.clients for r in client]
     return list(CanaryExposure().run(model, template, canary_probes(federation.canaries, records)).rows())
+
+
+def _forged_share_and_he_oracle(seed: int) -> list[MatrixRow]:
+    """A malicious share holder forging one share, and the HE decryption oracle: ours vs the weakened control.
+
+    Forged share: one survivor returns a forged share of the target's self-mask seed, once with
+    exactly t responders (the attack: nothing is left to cross-check) and once with one spare (where
+    ours completes the round and names the forger). HE oracle: the server binary-searches 4 of the
+    target's quantized words through a non-releasing client's replies to crafted aggregates.
+    """
+    rng = np.random.default_rng(seed + 12)
+    updates = [rng.normal(0, 0.02, 4096) for _ in range(5)]
+    rows: list[MatrixRow] = []
+    for spare, suffix in ((0, ""), (1, ", t+1 responders")):
+        attack = ForgedShare(ForgedShareConfig(num_clients=5, spare_responders=spare))
+        for defended, label in ((False, "shares unverified (control)"), (True, "secagg malicious setting")):
+            got = attack.run(updates, defended=defended)
+            rows.extend(r.model_copy(update={"defense": label + suffix}) for r in got.rows())
+    small = [rng.uniform(-0.1, 0.1, 16) for _ in range(4)]
+    oracle = HEOracle(HEOracleConfig(num_clients=4, coordinates=4))
+    for defended, label in ((False, "he, decrypts server total (control)"), (True, "he-bfv")):
+        rows.extend(r.model_copy(update={"defense": label}) for r in oracle.run(small, defended=defended).rows())
+    return rows
+
+
+def _server_against_nodes(seed: int, notes: list[str]) -> list[MatrixRow]:
+    """Rerun, downgrade and Sybil roster: a malicious server against real Flower nodes running our Mod.
+
+    Each runs on `LocalGrid` nodes (5 parties, 64-value updates): the control recovers the target's
+    encoded update bit for bit, ours refuses with a typed error and nothing is recovered. Needs the
+    `flower` extra; without it the rows are left out and a note says so.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None:
+        notes.append(
+            "rerun, downgrade and sybil_roster were not run: they need Flower (pip install secure-fedllm[flower])."
+        )
+        return []
+    rng = np.random.default_rng(seed + 13)
+    updates = [rng.normal(0, 0.02, 64) for _ in range(5)]
+    rows: list[MatrixRow] = []
+    for defended, label in ((False, "bindings lost on node restart (control)"), (True, "release bound to one session")):
+        got = Rerun(RerunConfig(num_clients=5)).run(updates, defended=defended)
+        rows.extend(r.model_copy(update={"defense": label}) for r in got.rows())
+    for defended, label in ((False, "node without site policy (control)"), (True, "site policy")):
+        got = Downgrade(DowngradeConfig(num_clients=5)).run(updates, defended=defended)
+        rows.extend(r.model_copy(update={"defense": label}) for r in got.rows())
+    for defended, label in ((False, "node checks only its own key (control)"), (True, "site policy, pinned roster")):
+        got = SybilRoster(SybilRosterConfig(num_clients=5)).run(updates, defended=defended)
+        rows.extend(r.model_copy(update={"defense": label}) for r in got.rows())
+    return rows
 
 
 def _token_recovery(model_name: str, config: EvaluationConfig) -> list[MatrixRow]:

@@ -2,22 +2,42 @@
 
 The server sums ciphertexts and never holds a secret key; dropouts need no recovery round. Packed
 BFV is the default: updates are quantized by the masking protocols' fixed-point encoding and
-several 16-bit values share each slot, so sums are exact integers at about 7.6 bytes per
+several 16-bit values share each slot, so sums are exact integers at about 7.0 bytes per
 parameter. CKKS with NVFlare's parameters is there for comparison.
 
 Threat model (read before choosing HE over masking):
 
-* One client, the key holder (chosen by a public rule), generates the secret key each session and
-  (in symmetric mode, NVFlare's choice) sends it to every other client over pairwise X25519 +
-  AES-GCM channels. Every client then holds the key: the server must not collude with any client,
-  or every individual update it holds decrypts. In public-key mode only the key holder has it, and
-  the server must not collude with that one client.
+* **Single key holder: HE protects an update only when no client colludes with the server.** One
+  client, the key holder (chosen by a public rule), generates a fresh secret key each session; in
+  symmetric mode (NVFlare's choice) it sends it to every other client over pairwise X25519 +
+  AES-GCM channels, so every client holds it and any one colluding client decrypts every upload the
+  server holds. In public-key mode only the key holder has it, and the server must not collude with
+  that one client. TenSEAL has no threshold decryption, so a site that assumes any corrupt client
+  (n_C > 0) must not use HE (the site policy refuses it); masking (SecAgg+) covers that case. A
+  malicious key holder counts as a colluding client: nothing checks that its key is well formed (a
+  zero secret key, or a degenerate public key, would make every upload readable by the server).
+* **The holder rule can be steered by the server (finding 4(b), a stated residual).** The holder is
+  the roster member with the smallest SHA-256(transcript || id); the server picks the session id and
+  the roster, so by trying about n session ids it makes a colluding client the holder. That changes
+  nothing in symmetric mode (every client holds the key anyway) and is covered by the rule above in
+  public-key mode: with n_C = 0 there is no colluder to promote. A commit-reveal of client
+  randomness in the hellos would only turn the offline grind into about n aborted sessions (a
+  withheld reveal must abort, or the server could pick the subset of reveals), which helps only with
+  a per-release cap on aborted sessions; it is not done here.
+* **No decryption oracle (finding 4(a)).** BFV is not IND-CCA1: replies to chosen ciphertexts leak
+  the plaintext and, with enough queries, the key. A client decrypts only the homomorphic sum it
+  computes itself from the individually signed uploads of this transcript (including its own,
+  at least `min_contributions`); never a ciphertext the server chose. Any failed check after the key
+  is loaded ends the session (state ABORTED, key dropped); a client decrypts at most once, then drops
+  the key; a key is made for one session only. With BFV only the key holder decrypts, and it releases
+  the signed integer sum to the server; the other clients drop the key right after encrypting.
+* **No peer bytes reach TenSEAL's parsers (finding 4(c)).** A changed header byte in a serialized
+  TenSEAL context aborts the process (SIGABRT, uncatchable). Contexts are therefore built locally from
+  the validated `HEParams`; keys and ciphertexts travel as bare polynomials whose length and every
+  coefficient (below its modulus) are checked in numpy before this package writes the SEAL objects
+  itself (`_wire.py`). Malformed, empty or short inputs raise `DecodeError` naming the field.
 * Without identity keys a malicious server could substitute its own X25519 key and intercept the
-  secret context: only a semi-honest server is covered then. With identity keys, hellos are signed.
-* Only the key holder releases a decrypted (BFV) sum to the server, once, signed, and only its own
-  homomorphic sum of the individually signed uploads: a server that forges "the sum" (k * E(x_i),
-  or a subset chosen per client) gets nothing. Other clients check signatures and the encrypted
-  counter before they decrypt for themselves.
+  secret key: only a semi-honest server is covered then. With identity keys, hellos are signed.
 * A malicious client's out-of-range values are invisible under encryption; the bound checks after
   decryption (fields, counter) catch accidental overflow and malformed sums, not a deliberately
   skewed but in-range input.
@@ -26,11 +46,13 @@ Threat model (read before choosing HE over masking):
   server (this package would need noise flooding to do that; it does not). BFV decryption is exact:
   the released integer sum is what the server is meant to learn anyway.
 * TenSEAL has no threshold decryption, key rotation or ciphertext authentication: uploads are
-  therefore signed, their length is bounded before parsing, and a key is used for one session.
+  therefore signed, their exact length is checked before parsing, and a key is used for one session.
 """
 
-from ._ciphers import self_test
-from ._client import HEClient
+# ciphertext-level hazmat (like protocols.primitives): for benchmarks and threat models that craft or
+# decrypt ciphertexts themselves; never needed to run a round
+from ._ciphers import decode_words, decrypt_words, load_chunk, self_test
+from ._client import HEClient, HEClientState, key_holder
 from ._messages import (
     HEAck,
     HEHello,
@@ -45,11 +67,13 @@ from ._messages import (
 )
 from ._params import HE_STANDARD_128, HEParams
 from ._server import HEServer, HEServerState
+from ._wire import layout
 
 __all__ = [
     "HE_STANDARD_128",
     "HEAck",
     "HEClient",
+    "HEClientState",
     "HEHello",
     "HEInput",
     "HEKeyOffer",
@@ -61,6 +85,11 @@ __all__ = [
     "HEServerState",
     "HESum",
     "decode_he_message",
+    "decode_words",
+    "decrypt_words",
     "encode_he_message",
+    "key_holder",
+    "layout",
+    "load_chunk",
     "self_test",
 ]

@@ -1,10 +1,12 @@
 """The TenSEAL layer: contexts, packing, chunked encryption, summation and decryption.
 
-Everything that touches TenSEAL lives here, behind functions on bytes and numpy arrays, so that the
-session state machines stay small and TenSEAL is imported only when HE is used. Updates are
-processed one ciphertext at a time: the client encrypts and serializes chunk by chunk, and the
-server deserializes one chunk of one upload, adds it into its running sum and drops it, so peak
-memory does not grow with the number of clients.
+Everything that touches TenSEAL lives here and in `_wire.py`, behind functions on bytes and numpy
+arrays, so that the session state machines stay small and TenSEAL is imported only when HE is used.
+Contexts are only ever built locally (`make_context`, `load_key`); keys and ciphertexts from peers
+are checked polynomials (`_wire.py`). Updates are processed one ciphertext at a time: the client
+encrypts and exports chunk by chunk, the server checks each chunk's format, and the key holder
+loads one chunk of one upload, adds it into its running sum and drops it, so peak memory does not
+grow with the number of clients.
 """
 
 from __future__ import annotations
@@ -16,22 +18,24 @@ import numpy as np
 import numpy.typing as npt
 
 from ..encoding import DecodedSum
-from ..errors import IntegrityError, LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError
 from ..randomness import OsRandom, SecretSource
 from ._params import HEParams
+from ._wire import layout
 
 __all__ = [
     "ChunkSum",
+    "check_chunks",
+    "check_public_key",
     "decode_words",
     "decrypt_ckks",
     "decrypt_words",
     "encrypt_update",
-    "load_public_context",
-    "load_secret_context",
+    "export_key",
+    "load_chunk",
+    "load_key",
     "make_context",
-    "public_context_bytes",
     "quantize",
-    "secret_context_bytes",
     "self_test",
 ]
 
@@ -65,46 +69,64 @@ def make_context(params: HEParams) -> Any:
     return ctx
 
 
-def secret_context_bytes(ctx: Any) -> bytes:
-    """The context with its secret key (for the other clients only, sent encrypted)."""
-    data: bytes = ctx.serialize(
-        save_public_key=True, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
-    )
-    return data
+def export_key(params: HEParams, ctx: Any) -> bytes:
+    """The key the holder delivers, as bare polynomials: the secret key (symmetric) or the public key."""
+    return layout(params).export_key(ctx)
 
 
-def public_context_bytes(ctx: Any, params: HEParams) -> bytes:
-    """The context for the server: no secret key (and a public key only in public-key mode)."""
-    data: bytes = ctx.serialize(
-        save_public_key=params.mode == "public-key",
-        save_secret_key=False,
-        save_galois_keys=False,
-        save_relin_keys=False,
-    )
-    return data
+def load_key(params: HEParams, data: bytes, *, peer_id: int | None = None) -> Any:
+    """A context built locally from `params` holding the delivered key (checked first; never parsed by TenSEAL).
 
+    A secret key is self-tested before use.
 
-def load_public_context(data: bytes) -> Any:
-    """Load the server's context, refusing one that carries a secret key."""
+    Raises:
+        DecodeError: the key has the wrong length or a coefficient not below its modulus.
+        RemoteProtocolError: the delivered secret key fails the self-test.
+    """
+    shape = layout(params)
+    polys = 1 if params.mode == "symmetric" else 2
+    flat = shape.unpack(data, polys, shape.key_moduli, field="key", peer_id=peer_id)
     try:
-        ctx = _ts().context_from(data)
-    except Exception as exc:
-        raise RemoteProtocolError("public HE context does not parse", field="public_context") from exc
-    if ctx.is_private():
-        raise RemoteProtocolError("the server was sent a context holding the secret key", field="public_context")
+        ctx = shape.keyed_context(flat)
+    except Exception as exc:  # our own canonical bytes; a failure here is not the peer's format
+        raise RemoteProtocolError("the delivered key is not a valid key", field="key", peer_id=peer_id) from exc
+    if params.mode == "symmetric":
+        try:
+            self_test(ctx, params)
+        except LocalProtocolError as exc:
+            raise RemoteProtocolError("the delivered secret key fails the self-test", field="key") from exc
     return ctx
 
 
-def load_secret_context(data: bytes, params: HEParams) -> Any:
-    """Load the delivered secret context and run the self-test on it."""
+def check_public_key(params: HEParams, data: bytes, *, peer_id: int | None = None) -> None:
+    """Parse-only check of a delivered public key (the server's: it builds no SEAL object from it)."""
+    shape = layout(params)
+    shape.unpack(data, 2, shape.key_moduli, field="public_key", peer_id=peer_id)
+
+
+def check_chunks(params: HEParams, chunks: Sequence[bytes], *, field: str, peer_id: int | None = None) -> None:
+    """Parse-only check of an upload: the number of chunks, each one's length and every coefficient.
+
+    Raises:
+        RemoteProtocolError: the number of chunks is wrong.
+        DecodeError: a chunk is empty, short, long, or holds a coefficient not below its modulus.
+    """
+    if len(chunks) != params.chunks:
+        raise RemoteProtocolError(f"{len(chunks)} chunks; expected {params.chunks}", field=field, peer_id=peer_id)
+    shape = layout(params)
+    for i, chunk in enumerate(chunks):
+        shape.unpack(chunk, 2, shape.data_moduli, field=f"{field}[{i}]", peer_id=peer_id)
+
+
+def load_chunk(params: HEParams, ctx: Any, data: bytes, index: int, *, field: str, peer_id: int | None = None) -> Any:
+    """One checked ciphertext chunk as a TenSEAL vector of the local context."""
+    shape = layout(params)
+    flat = shape.unpack(data, 2, shape.data_moduli, field=f"{field}[{index}]", peer_id=peer_id)
+    size = params.slots if params.scheme == "bfv" else min(params.slots, params.words - index * params.slots)
     try:
-        ctx = _ts().context_from(data)
-    except Exception as exc:
-        raise RemoteProtocolError("delivered HE context does not parse", field="secret_context") from exc
-    if not ctx.is_private():
-        raise RemoteProtocolError("delivered HE context holds no secret key", field="secret_context")
-    self_test(ctx, params)
-    return ctx
+        return shape.vector(ctx, flat, size)
+    except Exception as exc:  # our own canonical bytes from checked coefficients
+        raise RemoteProtocolError("ciphertext chunk does not load", field=f"{field}[{index}]", peer_id=peer_id) from exc
 
 
 def quantize(
@@ -147,11 +169,12 @@ def encrypt_update(
 ) -> list[bytes]:  # fmt: skip
     """Quantize (bfv) or weight (ckks) one update and encrypt it, one serialized ciphertext per chunk."""
     ts = _ts()
+    shape = layout(params)
     out = []
     if params.scheme == "bfv":
         words = quantize(params, x, weight=weight, rounding_seed=rounding_seed, rng=rng)
         for c in range(params.chunks):
-            out.append(ts.bfv_vector(ctx, _pack(params, words, c)).serialize())
+            out.append(shape.export_chunk(ts.bfv_vector(ctx, _pack(params, words, c))))
         return out
     if not np.isfinite(x).all():
         raise LocalProtocolError("x contains NaN or infinity; fix the update before encrypting")
@@ -160,72 +183,48 @@ def encrypt_update(
     values[-2], values[-1] = weight, 1.0
     step = params.values_per_chunk
     for c in range(params.chunks):
-        out.append(ts.ckks_vector(ctx, values[c * step : (c + 1) * step].tolist()).serialize())
+        out.append(shape.export_chunk(ts.ckks_vector(ctx, values[c * step : (c + 1) * step].tolist())))
     return out
 
 
 class ChunkSum:
-    """The server's running sum of ciphertext chunks (one chunk in memory per upload at a time)."""
+    """A running homomorphic sum of checked uploads (the key holder's own sum; one upload parsed at a time)."""
 
-    def __init__(self, params: HEParams, public_ctx: Any) -> None:
-        self.params, self.ctx = params, public_ctx
+    def __init__(self, params: HEParams, ctx: Any) -> None:
+        self.params, self.ctx = params, ctx
         self._acc: list[Any] = [None] * params.chunks
-        self._broken = False
         self.count = 0
 
     def add(self, chunks: Sequence[bytes], *, sender: int) -> None:
-        """Add one upload; a chunk that does not parse raises IntegrityError and nothing is added."""
-        ts = _ts()
-        load = ts.bfv_vector_from if self.params.scheme == "bfv" else ts.ckks_vector_from
-        if self._broken:
-            raise LocalProtocolError("the running sum was corrupted by a failed addition; abort the round")
+        """Add one upload; a malformed one raises a typed error and nothing is added."""
         if len(chunks) != self.params.chunks:
-            raise RemoteProtocolError(f"{len(chunks)} chunks; expected {self.params.chunks}", field="chunks")
-        parsed = []
-        for i, chunk in enumerate(chunks):  # parse and size-check all first: a bad upload changes nothing
-            try:
-                vector = load(self.ctx, chunk)
-            except Exception as exc:
-                raise IntegrityError(peer_id=sender) from exc
-            if vector.size() != self._size(i):
-                raise RemoteProtocolError(f"chunk {i} holds {vector.size()} values", field="chunks", peer_id=sender)
-            parsed.append(vector)
-        try:
-            for i, vector in enumerate(parsed):
-                if self._acc[i] is None:
-                    self._acc[i] = vector
-                else:
-                    self._acc[i].add_(vector)
-        except Exception as exc:
-            self._broken = True
-            raise IntegrityError(peer_id=sender) from exc
+            raise RemoteProtocolError(
+                f"{len(chunks)} chunks; expected {self.params.chunks}", field="chunks", peer_id=sender
+            )
+        parsed = [load_chunk(self.params, self.ctx, c, i, field="chunks", peer_id=sender) for i, c in enumerate(chunks)]
+        for i, vector in enumerate(parsed):
+            if self._acc[i] is None:
+                self._acc[i] = vector
+            else:
+                self._acc[i].add_(vector)
         self.count += 1
 
-    def _size(self, chunk: int) -> int:
-        if self.params.scheme == "bfv":
-            return self.params.slots  # packed chunks are padded to full slots
-        return min(self.params.slots, self.params.words - chunk * self.params.slots)
-
-    def serialize(self) -> list[bytes]:
-        """The summed chunks."""
-        if self.count == 0 or self._broken:
-            raise LocalProtocolError("no valid sum: no contribution, or a failed addition")
-        return [v.serialize() for v in self._acc]
+    def vectors(self) -> list[Any]:
+        """The summed chunks as TenSEAL vectors of the local context."""
+        if self.count == 0:
+            raise LocalProtocolError("no valid sum: no contribution was added")
+        return list(self._acc)
 
 
-def decrypt_words(params: HEParams, ctx: Any, chunks: Sequence[bytes]) -> npt.NDArray[np.int64]:
-    """Decrypt a summed BFV update to its field sums (d values, weight, counter), read modulo t.
+def decrypt_words(params: HEParams, vectors: Sequence[Any]) -> npt.NDArray[np.int64]:
+    """Decrypt a summed BFV update (vectors of a keyed local context) to its field sums, read modulo t.
 
     Raises:
-        RemoteProtocolError: the chunks do not parse, or a slot exceeds its fields.
+        RemoteProtocolError: a slot exceeds its fields.
     """
-    ts = _ts()
-    if len(chunks) != params.chunks:
-        raise RemoteProtocolError(f"aggregate has {len(chunks)} chunks; expected {params.chunks}", field="chunks")
-    try:
-        slots = [np.asarray(ts.bfv_vector_from(ctx, c).decrypt(), dtype=np.int64) for c in chunks]
-    except Exception as exc:
-        raise RemoteProtocolError("aggregate ciphertext does not parse or decrypt", field="chunks") from exc
+    if len(vectors) != params.chunks:
+        raise LocalProtocolError(f"aggregate has {len(vectors)} chunks; expected {params.chunks}")
+    slots = [np.asarray(v.decrypt(), dtype=np.int64) for v in vectors]
     k, w, t = params.fields_per_slot, params.field_bits, params.plain_modulus
     mask = (1 << w) - 1
     words = []
@@ -265,15 +264,11 @@ def decode_words(params: HEParams, words: npt.NDArray[np.int64]) -> DecodedSum:
     )
 
 
-def decrypt_ckks(params: HEParams, ctx: Any, chunks: Sequence[bytes]) -> DecodedSum:
+def decrypt_ckks(params: HEParams, vectors: Sequence[Any]) -> DecodedSum:
     """Decrypt a CKKS sum (approximate; for key holders only, never for the server)."""
-    ts = _ts()
-    if len(chunks) != params.chunks:
-        raise RemoteProtocolError(f"aggregate has {len(chunks)} chunks; expected {params.chunks}", field="chunks")
-    try:
-        flat = np.concatenate([np.asarray(ts.ckks_vector_from(ctx, c).decrypt()) for c in chunks])[: params.words]
-    except Exception as exc:
-        raise RemoteProtocolError("aggregate ciphertext does not parse or decrypt", field="chunks") from exc
+    if len(vectors) != params.chunks:
+        raise LocalProtocolError(f"aggregate has {len(vectors)} chunks; expected {params.chunks}")
+    flat = np.concatenate([np.asarray(v.decrypt()) for v in vectors])[: params.words]
     count = round(float(flat[-1]))
     return DecodedSum(
         weighted_sum=flat[:-2].astype(np.float64),

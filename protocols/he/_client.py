@@ -1,42 +1,48 @@
 """The client's session of HE aggregation (sans-IO).
 
-Stages: `advertise_keys()` -> HEHello; HERoster -> HEKeyOffer; HEKeys -> HEInput; HESum -> HEAck.
+Stages: `advertise_keys()` -> HEHello; HERoster -> HEKeyOffer; HEKeys -> HEInput; HESum -> HEAck
+(HESum goes only to clients that decrypt: the BFV key holder, or with CKKS every client holding the key).
 
-The key holder is the roster member with the smallest SHA-256(transcript || id), a public rule.
-It generates the session's TenSEAL context, runs the self-test, and
-seals the secret context to every other client under an AES-256-GCM key derived from their
-pairwise X25519 secret (HKDF, label `he-key-delivery`, salted with the transcript); in public-key
-mode the others get only the public context. With identity keys the hellos are signed, so a
-server cannot substitute its own X25519 key and intercept the secret context; without them only a
-semi-honest server is covered.
+The key holder is the roster member with the smallest SHA-256(transcript || id) (`key_holder`), a
+public rule. It generates a fresh TenSEAL context for this session only, runs the self-test, and
+seals its secret key (bare polynomials, `_wire.py`) to every other client under an AES-256-GCM key
+derived from their pairwise X25519 secret (HKDF, label `he-key-delivery`, salted with the
+transcript); in public-key mode the others get only the public key. A client builds its context
+locally from `HEParams` and loads only the checked polynomials, never a peer's TenSEAL context. With
+identity keys the hellos are signed, so a server cannot substitute its own X25519 key and intercept
+the secret key; without them only a semi-honest server is covered.
 
 Each upload is signed with the client's session Ed25519 key over the transcript, its id and the
-digest of its ciphertext chunks. A client decrypts an aggregate only if it lists at least
-`min_contributions` contributions with valid signatures, including its own, and the decrypted
-contribution counter equals that number. Only the key holder releases a decrypted BFV sum to the
-server, once per session, signed: and it does not decrypt the server's sum but its own
-homomorphic sum of the individually signed uploads, which the server sends it. A malicious server
-that returns k * E(x_i), or a sum over a subset chosen per client, gets nothing released; if the
-key holder drops before releasing, the round aborts (a fallback releaser chosen after the fact
-would let the server collect two sums over different subsets). CKKS aggregates are never released
-(see the package docstring).
+digest of its ciphertext chunks. A client decrypts at most once, and only the homomorphic sum it
+computes itself from uploads whose signatures it checked against their chunks: at least
+`min_contributions`, its own among them with the digest it signed; the decrypted counter must
+equal their number. It never decrypts a ciphertext the server chose (that made every non-releasing
+client a decryption oracle: finding 4(a)). Once a key is loaded, any failed check ends the session:
+the state becomes ABORTED and the key is dropped, so a rejected message cannot be retried with a
+variation. With BFV only the key holder decrypts, releases the integer sum signed, once, and drops
+the key; the others drop it right after encrypting. If the key holder drops before releasing, the
+round aborts (a fallback releaser chosen after the fact would let the server collect two sums over
+different subsets). CKKS aggregates are never released (see the package docstring).
 
-The key holder is the roster member with the smallest hash; the server influences the roster (it
-can leave hellos out), so it influences who holds the key, but in symmetric mode every client
-holds the key anyway.
+The holder rule depends only on the session id and the roster, which the server chooses: it can
+grind session ids until a colluding client holds the key (finding 4(b)). This is a stated residual:
+HE is only claimed when no client colludes with the server (the site policy refuses HE when it
+assumes any corrupt client), and in symmetric mode every client holds the key anyway.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from ..encoding import DecodedSum
-from ..errors import InvalidTransitionError, LocalProtocolError, RemoteProtocolError
+from ..errors import AbortError, InvalidTransitionError, LocalProtocolError, RemoteProtocolError
 from ..primitives import (
     LABEL_HE_KEY_DELIVERY,
     derive_key,
@@ -56,16 +62,15 @@ from ._ciphers import (
     decrypt_ckks,
     decrypt_words,
     encrypt_update,
-    load_secret_context,
+    export_key,
+    load_key,
     make_context,
-    public_context_bytes,
-    secret_context_bytes,
     self_test,
 )
 from ._messages import HEAck, HEHello, HEInput, HEKeyOffer, HEKeys, HEMessage, HERoster, HESum, decode_he_message
 from ._params import HEParams
 
-__all__ = ["HEClient", "he_transcript", "holder_rank", "input_digest"]
+__all__ = ["HEClient", "HEClientState", "he_transcript", "holder_rank", "input_digest", "key_holder"]
 
 
 def he_transcript(params: HEParams, *, session: bytes, round_number: int, context: bytes) -> bytes:
@@ -101,15 +106,25 @@ def release_payload(transcript: bytes, contributors: tuple[int, ...], plaintext:
     return b"he/release|" + transcript + hashlib.sha256(ids).digest() + hashlib.sha256(plaintext).digest()
 
 
-def key_payload(transcript: bytes, holder: int, recipient: int, public_context: bytes, box: bytes) -> bytes:
+def key_payload(transcript: bytes, holder: int, recipient: int, public_key: bytes, box: bytes) -> bytes:
     """What the key holder signs for each recipient."""
     return (
         b"he/keys|"
         + transcript
         + struct.pack("<II", holder, recipient)
-        + hashlib.sha256(public_context).digest()
+        + hashlib.sha256(public_key).digest()
         + hashlib.sha256(box).digest()
     )
+
+
+def key_holder(transcript: bytes, roster: Iterable[int]) -> int:
+    """The public key-holder rule: the roster member with the smallest `holder_rank`.
+
+    It depends on the session id (chosen by the server) and the roster (chosen by the server among
+    the hellos it received) only, so a server can grind session ids until a colluding client is the
+    holder (see the module docstring for why that is a stated residual and not a fix).
+    """
+    return min(roster, key=lambda p: holder_rank(transcript, p))
 
 
 def parse_roster(params: HEParams, transcript: bytes, roster: HERoster) -> dict[int, HEHello]:
@@ -129,8 +144,19 @@ def parse_roster(params: HEParams, transcript: bytes, roster: HERoster) -> dict[
     return hellos
 
 
+class HEClientState(enum.Enum):
+    """Where a client is in its round; ABORTED and DONE are terminal."""
+
+    NEW = "new"
+    HELLO_SENT = "hello_sent"
+    OFFERED = "offered"
+    INPUT_SENT = "input_sent"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
 class HEClient:
-    """One client of one HE aggregation round."""
+    """One client of one HE aggregation round (single use: one session, one key, at most one decryption)."""
 
     def __init__(
         self,
@@ -155,17 +181,25 @@ class HEClient:
         self._identity = identity_key
         self._rng = rng or OsRandom()
         self._input: tuple[npt.NDArray[np.floating], float, bytes | None] | None = None
-        self._stage = "new"
+        self.state = HEClientState.NEW
         self._hellos: dict[int, HEHello] = {}
         self._ctx: Any = None
+        self._own_digest: bytes | None = None
         self._result: DecodedSum | None = None
+        self.decryptions = 0
+        """How many aggregates this client decrypted: at most one (BFV is not IND-CCA1)."""
         self.holder: int | None = None
+
+    @property
+    def holds_key(self) -> bool:
+        """Whether a secret or public key is loaded right now (False once ABORTED or DONE)."""
+        return self._ctx is not None
 
     def set_input(
         self, x: npt.NDArray[np.floating], *, weight: float = 1.0, rounding_seed: bytes | None = None
     ) -> None:
         """The update to contribute (weights are folded into the encoding)."""
-        if self._stage not in ("new", "hello_sent"):
+        if self.state not in (HEClientState.NEW, HEClientState.HELLO_SENT):
             raise InvalidTransitionError("set_input() after keys were delivered")
         if not 0 < weight <= self.params.max_weight:
             raise LocalProtocolError(f"weight={weight} must be in (0, max_weight={self.params.max_weight}]")
@@ -173,7 +207,7 @@ class HEClient:
 
     def advertise_keys(self) -> HEHello:
         """Stage 0: fresh X25519 and Ed25519 session keys."""
-        if self._stage != "new":
+        if self.state is not HEClientState.NEW:
             raise InvalidTransitionError("advertise_keys() was already called")
         self._dh_private, dh_public = x25519_generate(self._rng)
         self._sign_private = self._rng.token_bytes(32)
@@ -183,7 +217,7 @@ class HEClient:
             signature = ed25519_sign(
                 self._identity, hello_payload(self.transcript, self.party_id, dh_public, sign_public)
             )
-        self._stage = "hello_sent"
+        self.state = HEClientState.HELLO_SENT
         self._hello = HEHello(
             session=self.session,
             round=self.round_number,
@@ -195,22 +229,60 @@ class HEClient:
         return self._hello
 
     def handle(self, message: HEMessage) -> HEMessage:
-        """Consume one message from the server and return the reply."""
+        """Consume one message from the server and return the reply.
+
+        Once a key is loaded (the holder's at the roster, the others' at the keys), any failed check
+        ends the session: the state becomes ABORTED and the key is dropped, so a server cannot probe
+        the key with crafted messages, one rejected message after another (finding 4(a)).
+
+        Raises:
+            AbortError: the session was aborted earlier; nothing is processed.
+            RemoteProtocolError: the message is invalid (and, with a key loaded, the session aborted).
+            InvalidTransitionError: the message is not expected now (with a key loaded: aborted too).
+        """
+        if self.state is HEClientState.ABORTED:
+            raise AbortError("this HE session was aborted after a failed check; start a new session")
+        keyed = self._ctx is not None or self.state in (HEClientState.INPUT_SENT, HEClientState.DONE)
+        try:
+            return self._dispatch(message)
+        except Exception:
+            if keyed or self._ctx is not None:
+                self._abort()
+            raise
+
+    def _abort(self) -> None:
+        """Terminal: drop the key (and any plaintext input) so nothing more can be decrypted."""
+        self._ctx = None
+        self._input = None
+        self._result = None
+        self.state = HEClientState.ABORTED
+
+    def _dispatch(self, message: HEMessage) -> HEMessage:
         if message.session != self.session or message.round != self.round_number:
             raise RemoteProtocolError("message is for another session or round", field="session")
-        if isinstance(message, HERoster) and self._stage == "hello_sent":
+        if isinstance(message, HERoster) and self.state is HEClientState.HELLO_SENT:
             return self._on_roster(message)
-        if isinstance(message, HEKeys) and self._stage == "offered":
+        if isinstance(message, HEKeys) and self.state is HEClientState.OFFERED:
             return self._on_keys(message)
-        if isinstance(message, HESum) and self._stage == "input_sent":
+        if isinstance(message, HESum) and self.state is HEClientState.INPUT_SENT:
             return self._on_sum(message)
-        raise InvalidTransitionError(f"{type(message).__name__} is not expected in stage {self._stage!r}")
+        raise InvalidTransitionError(f"{type(message).__name__} is not expected in state {self.state.name}")
 
     def result(self) -> DecodedSum:
-        """The decrypted aggregate (every client can read it in symmetric mode)."""
+        """The aggregate this client decrypted (the BFV key holder, and CKKS clients holding the key)."""
         if self._result is None:
-            raise InvalidTransitionError("no aggregate has been decrypted yet")
+            raise InvalidTransitionError("no aggregate has been decrypted by this client")
         return self._result
+
+    @property
+    def decrypts(self) -> bool:
+        """Whether this client decrypts the aggregate.
+
+        The BFV key holder (who releases it), or, for CKKS (never released), every client holding the secret key.
+        """
+        if self.params.scheme == "bfv" or self.params.mode == "public-key":
+            return self.party_id == self.holder
+        return True
 
     def _on_roster(self, roster: HERoster) -> HEKeyOffer:
         hellos = parse_roster(self.params, self.transcript, roster)
@@ -219,51 +291,51 @@ class HEClient:
         if len(hellos) < self.params.min_contributions:
             raise RemoteProtocolError(f"roster has {len(hellos)} parties, below min_contributions", field="hellos")
         self._hellos = hellos
-        self.holder = min(hellos, key=lambda p: holder_rank(self.transcript, p))
-        self._stage = "offered"
+        self.holder = key_holder(self.transcript, hellos)
+        self.state = HEClientState.OFFERED
         base: dict[str, Any] = {"session": self.session, "round": self.round_number, "sender": self.party_id}
         if self.holder != self.party_id:
             return HEKeyOffer(**base)
-        self._ctx = make_context(self.params)
+        self._ctx = make_context(self.params)  # a fresh key for this session only
         self_test(self._ctx, self.params)
-        public = public_context_bytes(self._ctx, self.params)
-        secret = secret_context_bytes(self._ctx) if self.params.mode == "symmetric" else b""
+        key = export_key(self.params, self._ctx)
+        public = key if self.params.mode == "public-key" else b""
         recipients, boxes, signatures = [], [], []
         for peer in sorted(hellos):
             if peer == self.party_id:
                 continue
             box = b""
-            if secret:
-                key = derive_key(
+            if self.params.mode == "symmetric":
+                shared = derive_key(
                     x25519_agree(self._dh_private, hellos[peer].dh_public, peer_id=peer),
                     label=LABEL_HE_KEY_DELIVERY,
                     transcript=self.transcript,
                     a=self.party_id,
                     b=peer,
                 )
-                box = seal(key, secret, aad=self.transcript + struct.pack("<II", self.party_id, peer), rng=self._rng)
+                box = seal(shared, key, aad=self.transcript + struct.pack("<II", self.party_id, peer), rng=self._rng)
             recipients.append(peer)
             boxes.append(box)
             signatures.append(
                 ed25519_sign(self._sign_private, key_payload(self.transcript, self.party_id, peer, public, box))
             )
         return HEKeyOffer(
-            **base,
-            public_context=public,
-            recipients=tuple(recipients),
-            boxes=tuple(boxes),
-            signatures=tuple(signatures),
+            **base, public_key=public, recipients=tuple(recipients), boxes=tuple(boxes), signatures=tuple(signatures)
         )
 
     def _on_keys(self, keys: HEKeys) -> HEInput:
         if keys.holder != self.holder:
             raise RemoteProtocolError(f"keys come from party {keys.holder}, not the key holder", field="holder")
+        if self._input is None:
+            raise InvalidTransitionError("set_input() must be called before keys arrive")
         if self.holder != self.party_id:
             holder = self._hellos[keys.holder]
-            payload = key_payload(self.transcript, keys.holder, self.party_id, keys.public_context, keys.box)
+            payload = key_payload(self.transcript, keys.holder, self.party_id, keys.public_key, keys.box)
             ed25519_verify(holder.sign_public, keys.signature, payload, peer_id=keys.holder)
             if self.params.mode == "symmetric":
-                key = derive_key(
+                if keys.public_key:
+                    raise RemoteProtocolError("symmetric mode carries no public key", field="public_key")
+                shared = derive_key(
                     x25519_agree(self._dh_private, holder.dh_public, peer_id=keys.holder),
                     label=LABEL_HE_KEY_DELIVERY,
                     transcript=self.transcript,
@@ -271,24 +343,28 @@ class HEClient:
                     b=self.party_id,
                 )
                 aad = self.transcript + struct.pack("<II", keys.holder, self.party_id)
-                secret = open_sealed(key, keys.box, aad=aad, peer_id=keys.holder)
-                self._ctx = load_secret_context(secret, self.params)
+                secret = open_sealed(shared, keys.box, aad=aad, peer_id=keys.holder)
+                self._ctx = load_key(self.params, secret, peer_id=keys.holder)
             else:
-                from ._ciphers import _ts
-
-                self._ctx = _ts().context_from(keys.public_context)
-        if self._input is None:
-            raise InvalidTransitionError("set_input() must be called before keys arrive")
+                self._ctx = load_key(self.params, keys.public_key, peer_id=keys.holder)
         x, weight, seed = self._input
         chunks = tuple(encrypt_update(self.params, self._ctx, x, weight=weight, rounding_seed=seed, rng=self._rng))
         self._input = None  # the plaintext update is not kept once encrypted
-        self._stage = "input_sent"
-        signature = ed25519_sign(self._sign_private, input_digest(self.transcript, self.party_id, chunks))
+        self._own_digest = input_digest(self.transcript, self.party_id, chunks)
+        if not self.decrypts:
+            self._ctx = None  # it will never decrypt anything: drop the key now
+        self.state = HEClientState.INPUT_SENT
+        signature = ed25519_sign(self._sign_private, self._own_digest)
         return HEInput(
             session=self.session, round=self.round_number, sender=self.party_id, chunks=chunks, signature=signature
         )
 
     def _on_sum(self, total: HESum) -> HEAck:
+        if not self.decrypts or self._ctx is None:
+            raise RemoteProtocolError(
+                "this client decrypts nothing: only the key holder's signed release gives the BFV sum",
+                field="contributors",
+            )
         contributors = total.contributors
         if not (len(contributors) == len(total.digests) == len(total.signatures)):
             raise RemoteProtocolError("contributors, digests and signatures differ in length", field="contributors")
@@ -302,42 +378,46 @@ class HEClient:
             if sender not in self._hellos:
                 raise RemoteProtocolError(f"contributor {sender} is not in the roster", field="contributors")
             ed25519_verify(self._hellos[sender].sign_public, signature, digest, peer_id=sender)
+        if total.digests[contributors.index(self.party_id)] != self._own_digest:
+            raise RemoteProtocolError("the aggregate lists another upload as this client's", field="digests")
+        vectors = self._own_sum(total)
+        ctx, self._ctx = self._ctx, None  # one decryption per key: the key goes with it
+        self.decryptions += 1
         base: dict[str, Any] = {"session": self.session, "round": self.round_number, "sender": self.party_id}
-        if self._ctx is None or not self._ctx.is_private():
-            self._stage = "done"  # public-key mode: only the key holder can decrypt
-            return HEAck(**base, count=0)
-        releaser = self.party_id == self.holder and self.params.scheme == "bfv"
-        chunks = self._own_sum(total) if releaser else total.chunks
+        del ctx
         if self.params.scheme == "bfv":
-            words = decrypt_words(self.params, self._ctx, chunks)
-            self._result = decode_words(self.params, words)
+            words = decrypt_words(self.params, vectors)
+            result = decode_words(self.params, words)
         else:
-            self._result = decrypt_ckks(self.params, self._ctx, chunks)
-        if self._result.num_inputs != len(contributors):
-            self._result = None
+            result = decrypt_ckks(self.params, vectors)
+        if result.num_inputs != len(contributors):
             raise RemoteProtocolError(
                 "the aggregate's decrypted counter does not match its listed contributions", field="contributors"
             )
-        self._stage = "done"
-        if not releaser:
+        self._result = result
+        self.state = HEClientState.DONE
+        if self.params.scheme != "bfv" or self.party_id != self.holder:
             return HEAck(**base, count=len(contributors))
-        plaintext = words.astype("<i8").tobytes()
+        plaintext = words.astype("<u4").tobytes()
         signature = ed25519_sign(self._sign_private, release_payload(self.transcript, contributors, plaintext))
         return HEAck(**base, count=len(contributors), plaintext=plaintext, signature=signature)
 
-    def _own_sum(self, total: HESum) -> list[bytes]:
-        """The releaser's own homomorphic sum of the signed uploads (the server's sum is not trusted).
+    def _own_sum(self, total: HESum) -> list[Any]:
+        """This client's own homomorphic sum of the signed uploads (a server-chosen ciphertext is never decrypted).
 
-        Without this a malicious server could send k * E(x_i) with k valid signatures listed and
-        receive x_i back; here every signature is checked against the ciphertexts it covers.
+        Without this a malicious server could send k * E(x_i), or E(x_i) plus a chosen offset, and read
+        x_i (or the key) from the reply; here every signature is checked against the ciphertexts it covers.
         """
         per = self.params.chunks
         if len(total.inputs) != per * len(total.contributors):
-            raise RemoteProtocolError("the releaser needs every contributor's chunks", field="inputs")
+            raise RemoteProtocolError(
+                f"{len(total.inputs)} input chunks; {len(total.contributors)} contributors need {per} each",
+                field="inputs",
+            )
         own = ChunkSum(self.params, self._ctx)
         for i, (sender, digest) in enumerate(zip(total.contributors, total.digests, strict=True)):
             chunks = tuple(total.inputs[i * per : (i + 1) * per])
             if input_digest(self.transcript, sender, chunks) != digest:
                 raise RemoteProtocolError(f"contributor {sender}'s chunks do not match its signature", field="inputs")
             own.add(chunks, sender=sender)
-        return own.serialize()
+        return own.vectors()

@@ -33,7 +33,8 @@ __all__ = [
 MAGIC = b"HEAG"
 VERSION = 1
 MAX_BLOB = 1 << 26
-"""Largest single byte string (64 MiB): a secret context is ~70 kB, a ciphertext chunk < 300 kB."""
+"""Largest single byte string (64 MiB): a key is < 300 kB, a ciphertext chunk < 300 kB (exact sizes are
+checked against the parameters before any parsing)."""
 MAX_ITEMS = 1 << 16
 
 Session = Annotated[bytes, Field(min_length=16, max_length=16)]
@@ -72,23 +73,26 @@ class HERoster(HEMessage):
 
 
 class HEKeyOffer(HEMessage):
-    """Stage 1: the key holder's public context and per-recipient sealed secret contexts (others: empty)."""
+    """Stage 1: the key holder's per-recipient sealed secret keys (symmetric) or public key (others: empty).
+
+    Keys travel as bare polynomials (`_wire.py`), never as a TenSEAL context.
+    """
 
     TYPE = 3
-    FIELDS = (("public_context", "blob"), ("recipients", "ints"), ("boxes", "blobs"), ("signatures", "blobs"))
-    public_context: bytes = b""
+    FIELDS = (("public_key", "blob"), ("recipients", "ints"), ("boxes", "blobs"), ("signatures", "blobs"))
+    public_key: bytes = b""
     recipients: tuple[int, ...] = ()
     boxes: tuple[bytes, ...] = ()
     signatures: tuple[bytes, ...] = ()
 
 
 class HEKeys(HEMessage):
-    """Server -> one client: the public context, that client's sealed box and the holder's signature."""
+    """Server -> one client: the public key (public-key mode), that client's sealed box and the holder's signature."""
 
     TYPE = 4
-    FIELDS = (("holder", "u32"), ("public_context", "blob"), ("box", "blob"), ("signature", "blob"))
+    FIELDS = (("holder", "u32"), ("public_key", "blob"), ("box", "blob"), ("signature", "blob"))
     holder: int
-    public_context: bytes
+    public_key: bytes
     box: bytes
     signature: bytes
 
@@ -103,30 +107,26 @@ class HEInput(HEMessage):
 
 
 class HESum(HEMessage):
-    """Server -> clients: the summed chunks and every signed contribution they include."""
+    """Server -> each client that will decrypt: every signed contribution, with its chunks.
+
+    There is no "sum" field: a client decrypts only the homomorphic sum it computes itself from the
+    contributions whose signatures it checked (a server-chosen ciphertext is a decryption oracle).
+    """
 
     TYPE = 6
-    FIELDS = (
-        ("chunks", "blobs"),
-        ("contributors", "ints"),
-        ("digests", "blobs"),
-        ("signatures", "blobs"),
-        ("inputs", "blobs"),
-    )
-    chunks: tuple[bytes, ...]
+    FIELDS = (("contributors", "ints"), ("digests", "blobs"), ("signatures", "blobs"), ("inputs", "blobs"))
     contributors: tuple[int, ...]
     digests: tuple[bytes, ...]
     signatures: tuple[bytes, ...]
-    inputs: tuple[bytes, ...] = ()
-    """For the releaser only: every contributor's chunks, in contributor order, so that it can check
-    each signature against the ciphertexts and add them up itself."""
+    inputs: tuple[bytes, ...]
+    """Every contributor's chunks, in contributor order."""
 
 
 class HEAck(HEMessage):
     """Stage 3: a client checked and decrypted the aggregate.
 
-    The releasing client (BFV) includes the decrypted field sums (little-endian int64): the exact
-    integer sum, which the server is meant to learn.
+    The releasing client (BFV) includes the decrypted field sums (little-endian uint32: each is at most
+    max_parties * 2L < 2^32): the exact integer sum, which the server is meant to learn.
     """
 
     TYPE = 7

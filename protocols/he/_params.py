@@ -186,11 +186,12 @@ class HEParams(BaseModel):
 
     @property
     def max_chunk_bytes(self) -> int:
-        """Upper bound on one serialized ciphertext, checked before parsing.
+        """Exact bytes of one ciphertext chunk on the wire (`_wire.py`), checked before parsing.
 
-        Two polynomials of N 64-bit words per data prime, plus TenSEAL's framing.
+        Two polynomials of N coefficients per data prime, each coefficient in ceil(bits / 8) bytes (SEAL's
+        primes have exactly the requested bits).
         """
-        return 2 * self.poly_modulus_degree * 8 * (len(self.coeff_mod_bit_sizes) - 1) + 8192
+        return 2 * self.poly_modulus_degree * sum((bits + 7) // 8 for bits in self.coeff_mod_bit_sizes[:-1])
 
     @property
     def noise_budget_bits(self) -> float:

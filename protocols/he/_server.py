@@ -1,13 +1,14 @@
-"""The server's session of HE aggregation (sans-IO): it never holds a secret key.
+"""The server's session of HE aggregation (sans-IO): it never holds a secret key, nor parses TenSEAL bytes.
 
-Stages: collect hellos -> roster; collect key offers -> per-client keys (the public context is
-loaded and refused if it holds a secret key); collect signed encrypted inputs, summing them chunk
-by chunk as they arrive -> the sum with its contributions; collect acknowledgements (one of them,
-for BFV, the key holder's, carries the decrypted integer sums, signed) -> result. Dropouts need no
-recovery: the server sums what arrived, and the encrypted weight and counter fields travel with the
-values. Parsed ciphertexts are added one upload at a time; the serialized uploads are kept until
-the sum goes out, because the key holder checks them against their signatures and adds them up
-itself before it releases anything (`AggregateResult.ring_sum` holds the released field sums).
+Stages: collect hellos -> roster; collect key offers -> per-client keys (in public-key mode the
+public key's polynomials are checked; in symmetric mode the offer must carry no key in the clear);
+collect signed encrypted inputs, each checked on arrival (exact length, every coefficient below its
+modulus, then the signature) -> every signed contribution, with its chunks, to the clients that
+decrypt (BFV: the key holder only; it adds them up itself); collect acknowledgements (for BFV the
+key holder's carries the decrypted integer sums, signed) -> result. Dropouts need no recovery: the
+key holder sums what arrived, and the encrypted weight and counter fields travel with the values.
+The server sends no ciphertext of its own choosing to anyone (`AggregateResult.ring_sum` holds the
+released field sums).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import numpy as np
 from ..errors import AbortError, InvalidTransitionError, RemoteProtocolError
 from ..primitives import ed25519_verify, x25519_check_public
 from ..secagg._server import AggregateResult
-from ._ciphers import ChunkSum, decode_words, load_public_context
-from ._client import he_transcript, hello_payload, holder_rank, input_digest, parse_roster, release_payload
+from ._ciphers import check_chunks, check_public_key, decode_words
+from ._client import he_transcript, hello_payload, input_digest, key_holder, parse_roster, release_payload
 from ._messages import HEAck, HEHello, HEInput, HEKeyOffer, HEKeys, HEMessage, HERoster, HESum, encode_he_message
 from ._params import HEParams
 
@@ -47,7 +48,6 @@ class HEServer:
         self.state = HEServerState.COLLECT_HELLOS
         self._hellos: dict[int, HEHello] = {}
         self._offers: dict[int, HEKeyOffer] = {}
-        self._sum: ChunkSum | None = None
         self._contributions: dict[int, tuple[bytes, bytes]] = {}
         self._uploads: dict[int, tuple[bytes, ...]] = {}  # serialized, for the releaser's own check
         self._acks: dict[int, HEAck] = {}
@@ -100,26 +100,11 @@ class HEServer:
                 raise AbortError(f"only {len(self._hellos)} hellos; min_contributions={self.params.min_contributions}")
             roster = HERoster(**base, hellos=tuple(encode_he_message(self._hellos[p]) for p in sorted(self._hellos)))
             parse_roster(self.params, self.transcript, roster)
-            self.holder = min(self._hellos, key=lambda p: holder_rank(self.transcript, p))
+            self.holder = key_holder(self.transcript, self._hellos)
             self.state = HEServerState.COLLECT_OFFERS
             return [(p, roster) for p in sorted(self._hellos)]
         if self.state is HEServerState.COLLECT_OFFERS:
-            assert self.holder is not None
-            offer = self._offers.get(self.holder)
-            if offer is None:
-                raise AbortError(f"the key holder {self.holder} sent no keys")
-            public = load_public_context(offer.public_context)
-            self._sum = ChunkSum(self.params, public)
-            boxes = {r: (b, s) for r, b, s in zip(offer.recipients, offer.boxes, offer.signatures, strict=True)}
-            out: list[tuple[int, HEMessage]] = []
-            for party in sorted(self._offers):
-                box, signature = boxes.get(party, (b"", b""))
-                if party != self.holder and not signature:
-                    continue
-                keys = HEKeys(
-                    **base, holder=self.holder, public_context=offer.public_context, box=box, signature=signature
-                )
-                out.append((party, keys))
+            out = self._deliver_keys(base)
             self.state = HEServerState.COLLECT_INPUTS
             return out
         if self.state is HEServerState.COLLECT_INPUTS:
@@ -127,26 +112,47 @@ class HEServer:
                 raise AbortError(
                     f"only {len(self._contributions)} inputs; min_contributions={self.params.min_contributions}"
                 )
-            assert self._sum is not None and self.holder is not None
-            if self.params.scheme == "bfv" and self.holder not in self._contributions:
-                raise AbortError(f"the key holder {self.holder} sent no input; only it may release the sum")
+            assert self.holder is not None
+            only_holder = self.params.scheme == "bfv" or self.params.mode == "public-key"
+            if only_holder and self.holder not in self._contributions:
+                raise AbortError(f"the key holder {self.holder} sent no input; only it may decrypt the sum")
             senders = tuple(sorted(self._contributions))
             total = HESum(
                 **base,
-                chunks=tuple(self._sum.serialize()),
                 contributors=senders,
                 digests=tuple(self._contributions[p][0] for p in senders),
                 signatures=tuple(self._contributions[p][1] for p in senders),
+                inputs=tuple(c for p in senders for c in self._uploads[p]),
             )
-            releaser = total.model_copy(update={"inputs": tuple(c for p in senders for c in self._uploads[p])})
             self._uploads.clear()
             self.state = HEServerState.COLLECT_ACKS
-            return [(p, releaser if p == self.holder and self.params.scheme == "bfv" else total) for p in senders]
+            return [(p, total) for p in senders if not only_holder or p == self.holder]
         if self.state is HEServerState.COLLECT_ACKS:
             self._finish()
             self.state = HEServerState.DONE
             return []
         raise InvalidTransitionError("the round is over")
+
+    def _deliver_keys(self, base: dict[str, Any]) -> list[tuple[int, HEMessage]]:
+        """The key holder's offer, checked, split into one HEKeys per client it addressed."""
+        assert self.holder is not None
+        offer = self._offers.get(self.holder)
+        if offer is None:
+            raise AbortError(f"the key holder {self.holder} sent no keys")
+        if self.params.mode == "public-key":
+            check_public_key(self.params, offer.public_key, peer_id=self.holder)
+        elif offer.public_key:
+            raise AbortError(f"the key holder {self.holder} sent key material in the clear in symmetric mode")
+        boxes = {r: (b, s) for r, b, s in zip(offer.recipients, offer.boxes, offer.signatures, strict=True)}
+        out: list[tuple[int, HEMessage]] = []
+        for party in sorted(self._offers):
+            box, signature = boxes.get(party, (b"", b""))
+            if party != self.holder and not signature:
+                continue
+            out.append(
+                (party, HEKeys(**base, holder=self.holder, public_key=offer.public_key, box=box, signature=signature))
+            )
+        return out
 
     def result(self) -> AggregateResult:
         """The decoded BFV sum (exact integers) over the listed contributors.
@@ -172,16 +178,9 @@ class HEServer:
         sender = message.sender
         if sender not in self._hellos or sender in self._contributions:
             raise RemoteProtocolError("input from a party outside the roster, or twice", field="sender", peer_id=sender)
-        if len(message.chunks) != self.params.chunks:
-            raise RemoteProtocolError(
-                f"input has {len(message.chunks)} chunks; expected {self.params.chunks}", field="chunks", peer_id=sender
-            )
-        if any(len(c) > self.params.max_chunk_bytes for c in message.chunks):
-            raise RemoteProtocolError("a ciphertext chunk exceeds its size bound", field="chunks", peer_id=sender)
+        check_chunks(self.params, message.chunks, field="chunks", peer_id=sender)  # exact sizes, coefficients < q
         digest = input_digest(self.transcript, sender, message.chunks)
         ed25519_verify(self._hellos[sender].sign_public, message.signature, digest, peer_id=sender)
-        assert self._sum is not None
-        self._sum.add(message.chunks, sender=sender)
         self._contributions[sender] = (digest, message.signature)
         self._uploads[sender] = message.chunks
 
@@ -202,7 +201,13 @@ class HEServer:
             raise AbortError("the key holder did not release the decrypted sum")
         payload = release_payload(self.transcript, contributors, ack.plaintext)
         ed25519_verify(self._hellos[ack.sender].sign_public, ack.signature, payload, peer_id=ack.sender)
-        words = np.frombuffer(ack.plaintext, dtype="<i8").astype(np.int64)
+        if len(ack.plaintext) != 4 * self.params.words:
+            raise RemoteProtocolError(
+                f"the released sum has {len(ack.plaintext)} bytes; expected {4 * self.params.words}",
+                field="plaintext",
+                peer_id=ack.sender,
+            )
+        words = np.frombuffer(ack.plaintext, dtype="<u4").astype(np.int64)
         decoded = decode_words(self.params, words)
         if decoded.num_inputs != len(contributors):
             raise RemoteProtocolError(
@@ -210,5 +215,11 @@ class HEServer:
             )
         dropped = tuple(p for p in sorted(self._hellos) if p not in self._contributions)
         self._result = AggregateResult(
-            decoded=decoded, ring_sum=words, included=contributors, dropped=dropped, insecure=False
+            decoded=decoded,
+            ring_sum=words,
+            included=contributors,
+            dropped=dropped,
+            insecure=False,
+            complaints=(),
+            misbehaving=(),
         )

@@ -9,21 +9,37 @@ setting only as sums over connected groups of honest survivors (see `_params`). 
 input validation (a malicious client may send any value in range), availability (the server can
 always abort), and what the sum itself reveals (use DP for that).
 
+Malicious clients cannot corrupt the sum silently: every Shamir share is signed by its dealer
+(identity key, or a session key advertised in AdvertiseKeys in the semi-honest setting), the server
+discards any returned share that does not verify and rebuilds each secret from any t valid shares,
+or aborts. A share box that does not open is answered with a signed `Complaint` instead of a masked
+input; the server drops accuser and accused (counted against d_max) and goes on with the rest. A
+malicious dealer can still corrupt its own contribution (inconsistent shares of its own secrets are
+like a bad input), and a dealer that spoils many boxes drops many accusers: availability, not privacy.
+
+In the malicious setting, SecAgg+'s neighbour graph is seeded by a commit-reveal coin toss among U1
+(or by a public beacon value the host passes in), not by anything the server chooses; a server can
+only abort a toss, and each site caps the tosses it joins per release (see `_graph`).
+
 The two settings and their thresholds are documented in `SecAggParams`.
 """
 
 from ._client import ClientState, SecAggClient
 from ._codec import WIRE_VERSION, decode_message, encode_message
-from ._graph import NeighbourGraph
+from ._graph import GraphMode, NeighbourGraph
 from ._messages import (
     MAX_PARTIES,
     AdvertiseKeys,
+    Complaint,
     EncryptedShares,
     Envelope,
+    GraphReveal,
+    GraphSeed,
     KeyRoster,
     MaskedInput,
     Message,
     ShareBundle,
+    SignedShare,
     SurvivorSet,
     SurvivorSignature,
     UnmaskRequest,
@@ -40,8 +56,12 @@ __all__ = [
     "AdvertiseKeys",
     "AggregateResult",
     "ClientState",
+    "Complaint",
     "EncryptedShares",
     "Envelope",
+    "GraphMode",
+    "GraphReveal",
+    "GraphSeed",
     "KeyRoster",
     "MaskedInput",
     "Message",
@@ -51,6 +71,7 @@ __all__ = [
     "SecAggServer",
     "ServerState",
     "ShareBundle",
+    "SignedShare",
     "SurvivorSet",
     "SurvivorSignature",
     "UnmaskRequest",

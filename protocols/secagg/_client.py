@@ -6,6 +6,10 @@ malicious server will not abort on its behalf (Bonawitz et al. 2017, section 4, 
 
 * it accepts only rosters that contain its own keys unchanged, no repeated key, and (malicious
   setting) a valid identity signature on every entry;
+* it signs every Shamir share it deals, and checks the dealer's signature on every share it holds;
+* a share box that does not open (or holds a badly signed share) makes it answer with a signed
+  `Complaint` naming the dealer *instead of* its masked input: it never sends that input in this
+  session, and the server drops both parties rather than the whole round;
 * it masks against exactly the neighbours whose share boxes it received and opened;
 * it unmasks only for a survivor set that (malicious setting) it signed itself and that carries a
   quorum of valid signatures, and it never reveals, for one peer, both the self-mask share and the
@@ -25,35 +29,65 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import AbortError, IntegrityError, InvalidTransitionError, LocalProtocolError, RemoteProtocolError
+from ..errors import (
+    AbortError,
+    DecodeError,
+    IntegrityError,
+    InvalidTransitionError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from ..primitives.aead import open_sealed, seal
 from ..primitives.kdf import LABEL_PAIRWISE_MASK, LABEL_SHARE_ENCRYPTION, derive_key
 from ..primitives.keys import ed25519_public, ed25519_sign, ed25519_verify, x25519_agree_all, x25519_generate
 from ..primitives.prg import MaskAccumulator
-from ..primitives.shamir import SHARE_BYTES, split
+from ..primitives.shamir import PRIME, SHARE_BYTES, split
 from ..randomness import OsRandom, SecretSource
 from ._client_state import dump_client_state, load_client_state, peek_identity
-from ._graph import NeighbourGraph
+from ._graph import GraphMode, NeighbourGraph, graph_mode
 from ._messages import (
     AdvertiseKeys,
+    Complaint,
     EncryptedShares,
     Envelope,
+    GraphReveal,
+    GraphSeed,
     KeyRoster,
     MaskedInput,
     Message,
     ShareBundle,
+    SignedShare,
     SurvivorSet,
     SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
 )
 from ._params import SecAggParams
-from ._roster import check_advertisement
-from ._transcript import advertise_statement, box_aad, check_round_identity, survivors_statement, transcript_hash
+from ._roster import check_advertisement, signer_key
+from ._transcript import (
+    MIN_BEACON_BYTES,
+    SHARE_KIND_MASK_KEY,
+    SHARE_KIND_SELF_MASK,
+    advertise_statement,
+    beacon_binding,
+    beacon_graph_seed,
+    box_aad,
+    check_round_identity,
+    complaint_statement,
+    graph_commitment,
+    share_statement,
+    survivors_statement,
+    toss_graph_seed,
+    transcript_hash,
+)
 
-__all__ = ["ClientState", "SecAggClient"]
+__all__ = ["BOX_PLAINTEXT", "ClientState", "SecAggClient"]
 
-_BOX_PLAINTEXT = struct.Struct(f"<II{SHARE_BYTES}s{SHARE_BYTES}s")
+BOX_PLAINTEXT = struct.Struct(f"<II{SHARE_BYTES}s{SHARE_BYTES}s64s64s")
+"""A share box opened: dealer, holder, b-share, s_sk-share, the dealer's signature on each share."""
+
+Held = dict[int, tuple[bytes, bytes, bytes, bytes]]
+"""dealer -> (b-share, s_sk-share, signature of the b-share, signature of the s_sk-share)."""
 
 
 class ClientState(enum.Enum):
@@ -67,6 +101,13 @@ class ClientState(enum.Enum):
     DONE = 5
     ABORTED = 6
     CLOSED = 7
+    COMPLAINED = 8
+    """Terminal: it answered a share bundle with a Complaint and will never send its masked input."""
+    REVEALED = 9
+    """Malicious SecAgg+ only: it revealed its graph nonce and waits for the toss result (GraphSeed).
+
+    Between ADVERTISED and SHARED in protocol order (the value is only a label; `_client_state`
+    orders stages by protocol order when it refuses a rollback)."""
 
 
 class SecAggClient:
@@ -80,6 +121,9 @@ class SecAggClient:
         context: the caller's round context, bound into every key and signature.
         identity_key: this party's raw Ed25519 private key (required iff params has identity keys).
         rng: the CSPRNG for keys, seeds and Shamir coefficients; `os.urandom` by default.
+        beacon: a public randomness value (>= 32 bytes, e.g. a drand round's output) the host fetched
+            and checked itself; the graph seed is then derived from it and no toss is run. Every
+            party and the server must be given the same value (a mismatch is refused at the roster).
     """
 
     def __init__(
@@ -92,6 +136,7 @@ class SecAggClient:
         context: bytes = b"",
         identity_key: bytes | None = None,
         rng: SecretSource | None = None,
+        beacon: bytes | None = None,
     ) -> None:
         if not 0 <= party_id < params.num_parties:
             raise LocalProtocolError(f"party_id={party_id} is outside 0..{params.num_parties - 1}")
@@ -107,13 +152,43 @@ class SecAggClient:
         self.transcript = transcript_hash(
             session=session, round_number=round_number, params_digest=params.digest(), context=context
         )
-        self.graph = NeighbourGraph(params.num_parties, params.neighbours, self.transcript)
+        if beacon is not None and (not isinstance(beacon, bytes) or len(beacon) < MIN_BEACON_BYTES):
+            raise LocalProtocolError(f"beacon must be at least {MIN_BEACON_BYTES} bytes of public randomness")
+        self.graph_mode = graph_mode(malicious=params.malicious, complete=params.complete, beacon=beacon)
+        self._beacon_binding = b"" if beacon is None else beacon_binding(self.transcript, beacon)
+        self._graph: NeighbourGraph | None = None
+        if self.graph_mode is GraphMode.TRANSCRIPT:
+            self._graph = NeighbourGraph(params.num_parties, params.neighbours, self.transcript)
+        elif self.graph_mode is GraphMode.BEACON:
+            assert beacon is not None
+            seed = beacon_graph_seed(self.transcript, beacon)
+            self._graph = NeighbourGraph(params.num_parties, params.neighbours, seed)
         self._identity_key = identity_key
         self._rng = rng or OsRandom()
         self.state = ClientState.IDLE
         self._s: dict[str, Any] = {}  # round secrets and bookkeeping; see export_state()
 
     # -- host-facing API -------------------------------------------------------------------------
+
+    @property
+    def graph(self) -> NeighbourGraph:
+        """The round's neighbour graph; after a graph toss, only once its result has arrived.
+
+        Raises:
+            InvalidTransitionError: the toss has not completed in this session.
+        """
+        if self._graph is None:
+            raise InvalidTransitionError(f"the SecAgg+ graph is not known before the graph toss ({self.state.name})")
+        return self._graph
+
+    @property
+    def revealed_graph_nonce(self) -> bool:
+        """True once this session has revealed its graph nonce (the host counts reveals per release).
+
+        A host enforcing `SecurityPolicy.max_graph_tosses` records the reveal durably before the
+        GraphReveal leaves; this says whether the session is past that point.
+        """
+        return self.graph_mode is GraphMode.TOSS and self.state in _AFTER_REVEAL
 
     def set_input(
         self, x: npt.NDArray[np.floating], *, weight: float = 1.0, rounding_seed: bytes | None = None
@@ -132,9 +207,21 @@ class SecAggClient:
             raise InvalidTransitionError(f"advertise_keys is not allowed in state {self.state.name}")
         share_sk, share_pk = x25519_generate(self._rng)
         mask_sk, mask_pk = x25519_generate(self._rng)
-        signature = b""
-        if self._identity_key is not None:
-            statement = advertise_statement(self.transcript, self.party_id, share_pk, mask_pk)
+        signature, signing_pk = b"", b""
+        if not self.params.malicious:
+            # Semi-honest setting: a fresh session key signs this party's shares and complaints.
+            sign_sk = self._rng.token_bytes(32)
+            signing_pk = ed25519_public(sign_sk)
+        nonce = b""
+        commitment = self._beacon_binding
+        if self.graph_mode is GraphMode.TOSS:
+            nonce = self._rng.token_bytes(32)
+            commitment = graph_commitment(self.transcript, self.party_id, nonce)
+        if self.params.malicious:
+            assert self._identity_key is not None
+            statement = advertise_statement(
+                self.transcript, self.party_id, share_pk, mask_pk, graph_commitment=commitment
+            )
             signature = ed25519_sign(self._identity_key, statement)
         message = AdvertiseKeys(
             session=self.session,
@@ -144,8 +231,14 @@ class SecAggClient:
             share_public_key=share_pk,
             mask_public_key=mask_pk,
             signature=signature,
+            signing_public_key=signing_pk,
+            graph_commitment=commitment,
         )
         self._s.update(share_sk=share_sk, mask_sk=mask_sk, own=message)
+        if nonce:
+            self._s["graph_nonce"] = nonce
+        if not self.params.malicious:
+            self._s["sign_sk"] = sign_sk
         self.state = ClientState.ADVERTISED
         return message
 
@@ -155,11 +248,12 @@ class SecAggClient:
         Raises:
             RemoteProtocolError: the message is invalid (wrong session, round, stage, or content);
                 nothing changed.
-            IntegrityError: a signature or share box failed to verify; nothing changed.
+            IntegrityError: a roster or survivor signature failed to verify; nothing changed. (A share
+                box that fails is not an error: the reply is a `Complaint` and the session ends.)
             AbortError: the server misbehaved or too few parties remain; the session is over.
             InvalidTransitionError: the session is already over, or the input is missing.
         """
-        if self.state in (ClientState.ABORTED, ClientState.CLOSED):
+        if self.state in (ClientState.ABORTED, ClientState.CLOSED, ClientState.COMPLAINED):
             raise InvalidTransitionError(f"the session is over ({self.state.name})")
         if message.session != self.session or message.round != self.round_number:
             raise RemoteProtocolError(
@@ -188,6 +282,7 @@ class SecAggClient:
         identity_key: bytes | None = None,
         rng: SecretSource | None = None,
         min_stage: ClientState | None = None,
+        beacon: bytes | None = None,
     ) -> SecAggClient:
         """Rebuild a session from `export_state()`; params and context must be the original ones.
 
@@ -196,11 +291,15 @@ class SecAggClient:
         second survivor set or answer a second unmask request.
 
         Raises:
-            DecodeError: malformed blob.
+            DecodeError: malformed, truncated or tampered blob: a record its stage needs is missing,
+                one it never holds is present, or one has the wrong type, size or a party id out of
+                range (checked here, so nothing fails later with an untyped error).
             LocalProtocolError: the blob belongs to another party, session, round, params or context,
                 or is older than `min_stage`.
         """
         party, session, round_number = peek_identity(data)
+        if party >= params.num_parties:
+            raise DecodeError(f"state names party {party}, outside 0..{params.num_parties - 1}")
         client = cls(
             params,
             party_id=party,
@@ -209,6 +308,7 @@ class SecAggClient:
             context=context,
             identity_key=identity_key,
             rng=rng,
+            beacon=beacon,
         )
         load_client_state(client, data, min_stage=None if min_stage is None else min_stage.value)
         return client
@@ -229,7 +329,12 @@ class SecAggClient:
     def _holders(self, alive: set[int]) -> list[int]:
         return sorted((self.graph.neighbours_of(self.party_id) & alive) | {self.party_id})
 
-    def _on_roster(self, roster: KeyRoster) -> EncryptedShares:
+    def _signing_key(self) -> bytes:
+        key = self._identity_key if self.params.malicious else self._s["sign_sk"]
+        assert isinstance(key, bytes)
+        return key
+
+    def _on_roster(self, roster: KeyRoster) -> EncryptedShares | GraphReveal:
         me, params = self.party_id, self.params
         keys: dict[int, AdvertiseKeys] = {}
         seen: set[bytes] = set()
@@ -241,35 +346,118 @@ class SecAggClient:
                 session=self.session,
                 round_number=self.round_number,
                 taken=seen,
+                graph=self.graph_mode,
+                beacon_binding=self._beacon_binding,
             )
             seen.update((entry.share_public_key, entry.mask_public_key))
             keys[entry.sender] = entry
         if keys.get(me) != self._s["own"]:
             raise self._abort("the roster does not carry this party's own keys unchanged")
-        holders = self._holders(set(keys))
+        table = {p: (k.share_public_key, k.mask_public_key, signer_key(params, k)) for p, k in keys.items()}
+        if self.graph_mode is not GraphMode.TOSS:
+            return self._share(table)
+        if len(keys) < params.threshold:
+            raise self._abort(f"only {len(keys)} parties in the roster for threshold {params.threshold}")
+        # Every commitment of U1 is fixed now (this party checked each signature): reveal.
+        self._s.update(roster=table, commitments={p: k.graph_commitment for p, k in keys.items()})
+        self.state = ClientState.REVEALED
+        return GraphReveal(session=self.session, round=self.round_number, sender=me, nonce=self._s["graph_nonce"])
+
+    def _on_graph_seed(self, message: GraphSeed) -> EncryptedShares:
+        """The toss result: one nonce per party of this party's roster, each matching its commitment."""
+        commitments: dict[int, bytes] = self._s["commitments"]
+        reveals = {env.peer: env.data for env in message.reveals}
+        if set(reveals) != set(commitments):
+            missing = sorted(set(commitments) - set(reveals))
+            extra = sorted(set(reveals) - set(commitments))
+            raise RemoteProtocolError(
+                f"the graph toss result must hold one nonce for every party of U1: missing {missing}, "
+                f"not in the roster {extra}",
+                field="reveals",
+            )
+        if reveals[self.party_id] != self._s["graph_nonce"]:
+            raise RemoteProtocolError("the graph toss result changes this party's own nonce", field="reveals")
+        for party in sorted(reveals):
+            if graph_commitment(self.transcript, party, reveals[party]) != commitments[party]:
+                raise RemoteProtocolError(
+                    f"party {party}'s nonce in the graph toss result does not match its signed commitment",
+                    peer_id=party,
+                    field="reveals",
+                )
+        seed = toss_graph_seed(self.transcript, reveals)
+        self._graph = NeighbourGraph(self.params.num_parties, self.params.neighbours, seed)
+        try:
+            reply = self._share(self._s["roster"])
+        except Exception:
+            if self.state is ClientState.REVEALED:  # rejected, not aborted: leave the state as it was
+                self._graph = None
+            raise
+        for name in ("commitments", "graph_nonce"):
+            del self._s[name]
+        self._s["graph_seed"] = seed
+        return reply
+
+    def _share(self, roster: dict[int, tuple[bytes, bytes, bytes]]) -> EncryptedShares:
+        """Deal b_u and s_sk_u to this party's neighbours in the roster (the graph is known here)."""
+        me, params = self.party_id, self.params
+        holders = self._holders(set(roster))
         if len(holders) < params.threshold:
             raise self._abort(f"only {len(holders)} holders for threshold {params.threshold}")
         self_mask_seed = self._rng.token_bytes(32)
         b_shares = split(self_mask_seed, holders, params.threshold, self._rng)
         s_shares = split(self._s["mask_sk"], holders, params.threshold, self._rng)
+        sign_sk = self._signing_key()
+        signed: Held = {}
+        for h in holders:
+            b_sig = ed25519_sign(sign_sk, share_statement(self.transcript, SHARE_KIND_SELF_MASK, me, h, b_shares[h]))
+            s_sig = ed25519_sign(sign_sk, share_statement(self.transcript, SHARE_KIND_MASK_KEY, me, h, s_shares[h]))
+            signed[h] = (b_shares[h], s_shares[h], b_sig, s_sig)
         peers = [p for p in holders if p != me]
-        secrets = x25519_agree_all(self._s["share_sk"], {p: keys[p].share_public_key for p in peers})
+        secrets = x25519_agree_all(self._s["share_sk"], {p: roster[p][0] for p in peers})
         boxes = []
         for peer in peers:
             secret = secrets[peer]
             key = derive_key(secret, label=LABEL_SHARE_ENCRYPTION, transcript=self.transcript, a=me, b=peer)
-            plaintext = _BOX_PLAINTEXT.pack(me, peer, b_shares[peer], s_shares[peer])
+            plaintext = BOX_PLAINTEXT.pack(me, peer, *signed[peer])
             box = seal(key, plaintext, aad=box_aad(self.transcript, me, peer), rng=self._rng)
             boxes.append(Envelope(peer=peer, data=box))
-        self._s.update(
-            roster={p: (k.share_public_key, k.mask_public_key) for p, k in keys.items()},
-            self_mask_seed=self_mask_seed,
-            own_shares=(b_shares[me], s_shares[me]),
-        )
+        self._s.update(roster=roster, self_mask_seed=self_mask_seed, own_shares=signed[me])
         self.state = ClientState.SHARED
         return EncryptedShares(session=self.session, round=self.round_number, sender=me, boxes=tuple(boxes))
 
-    def _on_bundle(self, bundle: ShareBundle) -> MaskedInput:
+    def _survivors_statement(self, signer: int, survivors: frozenset[int]) -> bytes:
+        """The consistency-check statement; after a toss it signs the graph seed too."""
+        return survivors_statement(self.transcript, signer, survivors, graph_seed=self._s.get("graph_seed", b""))
+
+    def _open_box(self, env: Envelope, secret: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
+        """The dealer's two shares and signatures from its box, or None if anything about it is wrong."""
+        me = self.party_id
+        key = derive_key(secret, label=LABEL_SHARE_ENCRYPTION, transcript=self.transcript, a=env.peer, b=me)
+        try:
+            plaintext = open_sealed(key, env.data, aad=box_aad(self.transcript, env.peer, me), peer_id=env.peer)
+        except IntegrityError:
+            return None
+        if len(plaintext) != BOX_PLAINTEXT.size:
+            return None
+        sender, recipient, b_share, s_share, b_sig, s_sig = BOX_PLAINTEXT.unpack(plaintext)
+        if (sender, recipient) != (env.peer, me):
+            return None
+        if int.from_bytes(b_share, "big") >= PRIME or int.from_bytes(s_share, "big") >= PRIME:
+            return None  # a "share" outside GF(p): no reconstruction could use it
+        dealer_key = self._s["roster"][env.peer][2]
+        try:
+            # Checked now, so that this party never returns a share the server would take for its forgery.
+            ed25519_verify(
+                dealer_key, b_sig, share_statement(self.transcript, SHARE_KIND_SELF_MASK, env.peer, me, b_share)
+            )
+            ed25519_verify(
+                dealer_key, s_sig, share_statement(self.transcript, SHARE_KIND_MASK_KEY, env.peer, me, s_share)
+            )
+        except IntegrityError:
+            return None
+        return b_share, s_share, b_sig, s_sig
+
+    def _on_bundle(self, bundle: ShareBundle) -> MaskedInput | Complaint:
         me, params = self.party_id, self.params
         if bundle.recipient != me:
             raise RemoteProtocolError(f"bundle addressed to {bundle.recipient}", field="recipient")
@@ -277,22 +465,20 @@ class SecAggClient:
             raise InvalidTransitionError("set_input() must be called before the share bundle is handled")
         roster = self._s["roster"]
         expected = set(self._holders(set(roster))) - {me}
-        held: dict[int, tuple[bytes, bytes]] = {me: self._s["own_shares"]}
+        held: Held = {me: self._s["own_shares"]}
         for env in bundle.boxes:
             if env.peer not in expected:
                 raise RemoteProtocolError(f"share box from non-neighbour {env.peer}", peer_id=env.peer)
         box_secrets = x25519_agree_all(self._s["share_sk"], {e.peer: roster[e.peer][0] for e in bundle.boxes})
+        bad: list[int] = []
         for env in bundle.boxes:
-            key = derive_key(
-                box_secrets[env.peer], label=LABEL_SHARE_ENCRYPTION, transcript=self.transcript, a=env.peer, b=me
-            )
-            plaintext = open_sealed(key, env.data, aad=box_aad(self.transcript, env.peer, me), peer_id=env.peer)
-            if len(plaintext) != _BOX_PLAINTEXT.size:
-                raise IntegrityError(peer_id=env.peer)
-            sender, recipient, b_share, s_share = _BOX_PLAINTEXT.unpack(plaintext)
-            if (sender, recipient) != (env.peer, me):
-                raise IntegrityError(peer_id=env.peer)
-            held[env.peer] = (b_share, s_share)
+            opened = self._open_box(env, box_secrets[env.peer])
+            if opened is None:
+                bad.append(env.peer)
+            else:
+                held[env.peer] = opened
+        if bad:
+            return self._complain(sorted(bad))
         if len(held) < params.threshold:
             raise self._abort(f"only {len(held)} share holders remain for threshold {params.threshold}")
         plus: list[bytes] = [self._s["self_mask_seed"]]
@@ -304,8 +490,8 @@ class SecAggClient:
             (plus if me < peer else minus).append(seed)
         masked = self._s["input"]  # masked in place, a cache-sized chunk at a time
         MaskAccumulator(params.encoding.ring_bits).apply(masked, plus=plus, minus=minus)
-        for name in ("share_sk", "mask_sk", "self_mask_seed", "own_shares", "input"):
-            del self._s[name]
+        for name in ("share_sk", "mask_sk", "self_mask_seed", "own_shares", "input", "sign_sk"):
+            self._s.pop(name, None)
         self._s["held"] = held
         self.state = ClientState.MASKED
         return MaskedInput(
@@ -315,6 +501,25 @@ class SecAggClient:
             ring_bits=params.encoding.ring_bits,
             data=masked.tobytes(),
         )
+
+    def _complain(self, accused: list[int]) -> MaskedInput | Complaint:
+        """Answer a bundle with unusable boxes: a signed complaint, and this party leaves the session.
+
+        Its input, keys and the shares it holds are erased before the reply exists, so no later
+        message (a second bundle, a restored snapshot at this stage) can make it send a masked input
+        for a set of neighbours that the server could then unmask against.
+        """
+        signature = ed25519_sign(self._signing_key(), complaint_statement(self.transcript, self.party_id, accused))
+        complaint = Complaint(
+            session=self.session,
+            round=self.round_number,
+            sender=self.party_id,
+            accused=tuple(accused),
+            signature=signature,
+        )
+        self._s = {"complaint": complaint}
+        self.state = ClientState.COMPLAINED
+        return complaint
 
     def _check_survivors(self, survivors: tuple[int, ...]) -> frozenset[int]:
         alive = frozenset(survivors)
@@ -339,7 +544,7 @@ class SecAggClient:
         if self._identity_key is None:
             raise RemoteProtocolError("no consistency check in the semi-honest setting", field="stage")
         alive = self._check_survivors(request.survivors)
-        signature = ed25519_sign(self._identity_key, survivors_statement(self.transcript, self.party_id, alive))
+        signature = ed25519_sign(self._identity_key, self._survivors_statement(self.party_id, alive))
         self._s["signed"] = alive
         self.state = ClientState.CONFIRMED
         return SurvivorSignature(
@@ -356,7 +561,7 @@ class SecAggClient:
             valid = 0
             for env in request.signatures:
                 if env.peer in alive:
-                    statement = survivors_statement(self.transcript, env.peer, alive)
+                    statement = self._survivors_statement(env.peer, alive)
                     try:
                         ed25519_verify(self.params.identity_keys[env.peer], env.data, statement)
                         valid += 1
@@ -364,7 +569,7 @@ class SecAggClient:
                         continue
             if valid < self.params.consistency_quorum:
                 raise self._abort(f"{valid} valid survivor signatures; {self.params.consistency_quorum} needed")
-        held: dict[int, tuple[bytes, bytes]] = self._s["held"]
+        held: Held = self._s["held"]
         # Write the ledger before building the reply: one answer per round, whatever happens next.
         self._s["revealed"] = {peer: peer in alive for peer in held}
         self._s["answered"] = alive
@@ -372,8 +577,12 @@ class SecAggClient:
             session=self.session,
             round=self.round_number,
             sender=self.party_id,
-            self_mask_shares=tuple(Envelope(peer=p, data=held[p][0]) for p in sorted(held) if p in alive),
-            mask_key_shares=tuple(Envelope(peer=p, data=held[p][1]) for p in sorted(held) if p not in alive),
+            self_mask_shares=tuple(
+                SignedShare(peer=p, share=held[p][0], signature=held[p][2]) for p in sorted(held) if p in alive
+            ),
+            mask_key_shares=tuple(
+                SignedShare(peer=p, share=held[p][1], signature=held[p][3]) for p in sorted(held) if p not in alive
+            ),
         )
         self._s = {"answered": alive, "reply": reply}
         self.state = ClientState.DONE
@@ -386,10 +595,23 @@ class SecAggClient:
         return reply
 
 
+_AFTER_REVEAL = frozenset(
+    {
+        ClientState.REVEALED,
+        ClientState.SHARED,
+        ClientState.MASKED,
+        ClientState.CONFIRMED,
+        ClientState.DONE,
+        ClientState.COMPLAINED,
+    }
+)
+"""States a session of a graph toss reaches only after it revealed its nonce."""
+
 _Handler = Callable[[SecAggClient, Any], Message]
 # The transition table: (state, message type) -> handler. Anything else is rejected.
 _TRANSITIONS: dict[tuple[ClientState, type[Any]], _Handler] = {
     (ClientState.ADVERTISED, KeyRoster): SecAggClient._on_roster,
+    (ClientState.REVEALED, GraphSeed): SecAggClient._on_graph_seed,
     (ClientState.SHARED, ShareBundle): SecAggClient._on_bundle,
     (ClientState.MASKED, SurvivorSet): SecAggClient._on_survivor_set,
     (ClientState.MASKED, UnmaskRequest): SecAggClient._on_unmask,

@@ -5,6 +5,9 @@ Context. The blob is SECRET: it holds X25519 private keys, the self-mask seed an
 of every neighbour. Store it like a private key, and always store the blob of the latest step: it
 carries a stage counter (the `ClientState` value) so a host can refuse to go back, and the ledger of
 revealed shares, which keeps a restored session from giving a second, different unmask answer.
+Stages are compared in protocol order, not by value: REVEALED (9, the SecAgg+ graph toss) comes
+between ADVERTISED and SHARED. A toss session also holds its graph nonce and the roster's
+commitments until the toss result arrives, then the graph seed it rebuilds the graph from.
 
 Layout: `version (u8) | stage (u8) | party (u32) | session (16) | round (u64) | transcript (32)`,
 then records `name id (u8) | length (u32) | value`. Every length is checked before it is read.
@@ -22,6 +25,8 @@ from ..errors import DecodeError, LocalProtocolError
 from ..primitives.prg import ring_dtype
 from ..primitives.shamir import SHARE_BYTES
 from ._codec import decode_message, encode_message
+from ._graph import GraphMode, NeighbourGraph
+from ._transcript import graph_commitment
 
 if TYPE_CHECKING:
     from ._client import SecAggClient
@@ -36,10 +41,12 @@ __all__ = [
     "unpack_ids",
 ]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 _HEAD = struct.Struct("<BBI16sQ32s")
-_PAIR = struct.Struct(f"<I{SHARE_BYTES}s{SHARE_BYTES}s")
-_ROSTER = struct.Struct("<I32s32s")
+_SIGNED_PAIR = struct.Struct(f"<{SHARE_BYTES}s{SHARE_BYTES}s64s64s")
+_PAIR = struct.Struct(f"<I{SHARE_BYTES}s{SHARE_BYTES}s64s64s")
+_ROSTER = struct.Struct("<I32s32s32s")
+_COMMITMENT = struct.Struct("<I32s")
 
 
 def pack_ids(values: Iterable[int]) -> bytes:
@@ -48,51 +55,115 @@ def pack_ids(values: Iterable[int]) -> bytes:
     return struct.pack(f"<{len(ids)}I", *ids)
 
 
-def unpack_ids(raw: bytes) -> tuple[int, ...]:
-    """The inverse of `pack_ids`."""
+def unpack_ids(raw: bytes, num_parties: int | None = None) -> tuple[int, ...]:
+    """The inverse of `pack_ids`; refuses repeated, unsorted or (given n) out-of-range ids."""
     if len(raw) % 4:
         raise DecodeError("bad id list in state")
-    return struct.unpack(f"<{len(raw) // 4}I", raw)
+    ids: tuple[int, ...] = struct.unpack(f"<{len(raw) // 4}I", raw)
+    if list(ids) != sorted(set(ids)):
+        raise DecodeError("id list in state is not sorted or repeats an id")
+    if num_parties is not None and ids and ids[-1] >= num_parties:
+        raise DecodeError(f"id {ids[-1]} in state is outside 0..{num_parties - 1}")
+    return ids
 
 
-def _read_ids(raw: bytes) -> frozenset[int]:
-    return frozenset(unpack_ids(raw))
-
-
-def _held_out(held: dict[int, tuple[bytes, bytes]]) -> bytes:
+def _held_out(held: dict[int, tuple[bytes, bytes, bytes, bytes]]) -> bytes:
     return b"".join(_PAIR.pack(p, *held[p]) for p in sorted(held))
 
 
-def _held_in(raw: bytes) -> dict[int, tuple[bytes, bytes]]:
+def _held_in(raw: bytes) -> dict[int, tuple[bytes, bytes, bytes, bytes]]:
     if len(raw) % _PAIR.size:
         raise DecodeError("bad share table in state")
-    return {p: (b, s) for p, b, s in _PAIR.iter_unpack(raw)}
+    out = {p: (b, s, bs, ss) for p, b, s, bs, ss in _PAIR.iter_unpack(raw)}
+    if len(out) * _PAIR.size != len(raw):
+        raise DecodeError("the share table in state repeats a party")
+    return out
 
 
-def _roster_out(roster: dict[int, tuple[bytes, bytes]]) -> bytes:
+def _own_shares_in(raw: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    if len(raw) != _SIGNED_PAIR.size:
+        raise DecodeError("bad own-share record in state")
+    b, s, bs, ss = _SIGNED_PAIR.unpack(raw)
+    return b, s, bs, ss
+
+
+def _roster_out(roster: dict[int, tuple[bytes, bytes, bytes]]) -> bytes:
     return b"".join(_ROSTER.pack(p, *roster[p]) for p in sorted(roster))
 
 
-def _roster_in(raw: bytes) -> dict[int, tuple[bytes, bytes]]:
+def _roster_in(raw: bytes) -> dict[int, tuple[bytes, bytes, bytes]]:
     if len(raw) % _ROSTER.size:
         raise DecodeError("bad roster in state")
-    return {p: (a, b) for p, a, b in _ROSTER.iter_unpack(raw)}
+    out = {p: (a, b, c) for p, a, b, c in _ROSTER.iter_unpack(raw)}
+    if len(out) * _ROSTER.size != len(raw):
+        raise DecodeError("the roster in state repeats a party")
+    return out
+
+
+def _commitments_out(commitments: dict[int, bytes]) -> bytes:
+    return b"".join(_COMMITMENT.pack(p, commitments[p]) for p in sorted(commitments))
+
+
+def _commitments_in(raw: bytes) -> dict[int, bytes]:
+    if len(raw) % _COMMITMENT.size:
+        raise DecodeError("bad graph commitment table in state")
+    out = {p: c for p, c in _COMMITMENT.iter_unpack(raw)}
+    if len(out) * _COMMITMENT.size != len(raw):
+        raise DecodeError("the graph commitment table in state repeats a party")
+    return out
+
+
+def _key32(raw: bytes) -> bytes:
+    if len(raw) != 32:
+        raise DecodeError(f"a key record in state has {len(raw)} bytes, not 32")
+    return raw
 
 
 _FIELDS: dict[str, tuple[int, Any, Any]] = {
-    "share_sk": (1, bytes, bytes),
-    "mask_sk": (2, bytes, bytes),
-    "self_mask_seed": (3, bytes, bytes),
+    "share_sk": (1, bytes, _key32),
+    "mask_sk": (2, bytes, _key32),
+    "self_mask_seed": (3, bytes, _key32),
     "own": (4, encode_message, decode_message),
-    "own_shares": (5, lambda v: v[0] + v[1], lambda r: (r[:SHARE_BYTES], r[SHARE_BYTES:])),
+    "own_shares": (5, lambda v: _SIGNED_PAIR.pack(*v), _own_shares_in),
     "roster": (6, _roster_out, _roster_in),
     "held": (7, _held_out, _held_in),
-    "signed": (8, pack_ids, _read_ids),
-    "answered": (9, pack_ids, _read_ids),
+    "signed": (8, pack_ids, lambda r: frozenset(unpack_ids(r))),
+    "answered": (9, pack_ids, lambda r: frozenset(unpack_ids(r))),
     "reply": (10, encode_message, decode_message),
     "input": (11, lambda v: v.tobytes(), None),  # decoded with the ring dtype, see load
+    "sign_sk": (12, bytes, _key32),
+    "complaint": (13, encode_message, decode_message),
+    "graph_nonce": (14, bytes, _key32),
+    "commitments": (15, _commitments_out, _commitments_in),
+    "graph_seed": (16, bytes, _key32),
 }
 _BY_ID = {fid: name for name, (fid, _, _) in _FIELDS.items()}
+
+# What each stage holds (ClientState value -> required records, optional records). A blob with a
+# record missing, or one its stage never holds, is refused at import rather than failing later.
+_SECRETS = frozenset({"share_sk", "mask_sk", "own"})
+_STAGE_RECORDS: dict[int, tuple[frozenset[str], frozenset[str]]] = {
+    0: (frozenset(), frozenset({"input"})),  # IDLE
+    1: (_SECRETS, frozenset({"input"})),  # ADVERTISED
+    2: (_SECRETS | {"roster", "self_mask_seed", "own_shares"}, frozenset({"input"})),  # SHARED
+    3: (frozenset({"own", "roster", "held"}), frozenset()),  # MASKED
+    4: (frozenset({"own", "roster", "held", "signed"}), frozenset()),  # CONFIRMED
+    5: (frozenset({"answered", "reply"}), frozenset()),  # DONE
+    6: (frozenset(), frozenset()),  # ABORTED
+    7: (frozenset(), frozenset()),  # CLOSED
+    8: (frozenset({"complaint"}), frozenset()),  # COMPLAINED
+    9: (_SECRETS | {"roster", "commitments", "graph_nonce"}, frozenset({"input"})),  # REVEALED (toss only)
+}
+# A graph toss adds the nonce until it is revealed, then the seed the graph is rebuilt from.
+_TOSS_RECORDS: dict[int, frozenset[str]] = {
+    1: frozenset({"graph_nonce"}),
+    2: frozenset({"graph_seed"}),
+    3: frozenset({"graph_seed"}),
+    4: frozenset({"graph_seed"}),
+}
+_REVEALED = 9
+_ORDER = {0: 0.0, 1: 1.0, 9: 1.5, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0, 6: 6.0, 7: 7.0, 8: 8.0}
+"""Protocol order of the stage values (REVEALED sits between ADVERTISED and SHARED)."""
 
 
 def dump_client_state(client: SecAggClient) -> bytes:
@@ -140,11 +211,82 @@ def peek_identity(data: bytes) -> tuple[int, bytes, int]:
     return party, session, round_number
 
 
+def _check_message(value: Any, cls: type[Any], client: SecAggClient, name: str) -> None:
+    if not isinstance(value, cls):
+        raise DecodeError(f"state record {name!r} holds a {type(value).__name__}, not a {cls.__name__}")
+    if (value.session, value.round, value.sender) != (client.session, client.round_number, client.party_id):
+        raise DecodeError(f"state record {name!r} belongs to another party, session or round")
+
+
+def _check_values(client: SecAggClient, values: dict[str, Any]) -> None:
+    """Types, sizes and id ranges of every record (see `_STAGE_RECORDS` for which are present)."""
+    from ._messages import AdvertiseKeys, Complaint, UnmaskResponse
+
+    n = client.params.num_parties
+    if "own" in values:
+        _check_message(values["own"], AdvertiseKeys, client, "own")
+        if values["own"].transcript != client.transcript:
+            raise DecodeError("state record 'own' carries another transcript")
+        _check_graph_records(client, values)
+    if "reply" in values:
+        _check_message(values["reply"], UnmaskResponse, client, "reply")
+    if "complaint" in values:
+        _check_message(values["complaint"], Complaint, client, "complaint")
+    for name in ("roster", "held"):
+        if name in values:
+            ids = sorted(values[name])
+            if not ids or ids[-1] >= n or client.party_id not in values[name]:
+                raise DecodeError(f"state record {name!r} names a party outside 0..{n - 1} or omits this party")
+    for name in ("signed", "answered"):
+        if name in values and (not values[name] or max(values[name]) >= n):
+            raise DecodeError(f"state record {name!r} names a party outside 0..{n - 1}")
+    if "held" in values and "roster" in values and not set(values["held"]) <= set(values["roster"]):
+        raise DecodeError("state holds shares of a party that is not in its roster")
+    pinned = client.params.identity_keys
+    if pinned is not None and any(entry[2] != pinned[p] for p, entry in values.get("roster", {}).items()):
+        # the key that checks each dealer's share signatures must be its pinned identity key
+        raise DecodeError("state record 'roster' names a signing key other than the pinned identity key")
+
+
+def _check_graph_records(client: SecAggClient, values: dict[str, Any]) -> None:
+    """The own keys' graph_commitment fits the session's graph mode, its nonce and the commitment table."""
+    own = values["own"].graph_commitment
+    if client.graph_mode is GraphMode.TOSS:
+        if len(own) != 32:
+            raise DecodeError("state record 'own' lacks the graph commitment a graph toss needs")
+    elif own != client._beacon_binding:
+        raise DecodeError("state record 'own' carries a graph commitment of another graph mode or beacon")
+    nonce = values.get("graph_nonce")
+    if nonce is not None and graph_commitment(client.transcript, client.party_id, nonce) != own:
+        raise DecodeError("state record 'graph_nonce' does not open this party's own graph commitment")
+    commitments = values.get("commitments")
+    if commitments is not None:
+        if set(commitments) != set(values.get("roster", {})) or commitments.get(client.party_id) != own:
+            raise DecodeError("state record 'commitments' does not match the roster or this party's own commitment")
+
+
+def _records_of(client: SecAggClient, stage: int) -> tuple[frozenset[str], frozenset[str]]:
+    """(required, optional) records at `stage` for this session's setting and graph mode."""
+    required, optional = _STAGE_RECORDS[stage]
+    if not client.params.malicious and stage in (1, 2):
+        required = required | {"sign_sk"}
+    toss = client.graph_mode is GraphMode.TOSS
+    if stage == _REVEALED and not toss:
+        raise DecodeError("state at stage REVEALED belongs to a graph toss, which this session does not run")
+    if toss:
+        required = required | _TOSS_RECORDS.get(stage, frozenset())
+    return required, optional
+
+
 def load_client_state(client: SecAggClient, data: bytes, *, min_stage: int | None = None) -> None:
     """Restore `client` (freshly built with the same params and context) from `dump_client_state`.
 
+    Every record the stage needs must be there, each of the right type and size with its party ids
+    in range, and no other: a tampered or truncated blob is refused here, with a `DecodeError`,
+    instead of failing with a KeyError at the next message.
+
     Raises:
-        DecodeError: the blob is malformed or of another version.
+        DecodeError: the blob is malformed, of another version, or not what its stage holds.
         LocalProtocolError: the blob belongs to another party, session, round, params or context.
     """
     from ._client import ClientState
@@ -165,7 +307,7 @@ def load_client_state(client: SecAggClient, data: bytes, *, min_stage: int | Non
         state = ClientState(stage)
     except ValueError:
         raise DecodeError(f"unknown stage {stage}") from None
-    if min_stage is not None and stage < min_stage:
+    if min_stage is not None and _ORDER[stage] < _ORDER.get(min_stage, min_stage):
         raise LocalProtocolError(f"stale state: stage {state.name} is older than the host's last persisted stage")
     values: dict[str, Any] = {}
     for fid, raw in read_records(data, _HEAD.size, set(_BY_ID)).items():
@@ -177,5 +319,14 @@ def load_client_state(client: SecAggClient, data: bytes, *, min_stage: int | Non
             values[name] = np.frombuffer(raw, dtype=dtype).copy()
         else:
             values[name] = _FIELDS[name][2](raw)
+    required, optional = _records_of(client, stage)
+    missing, extra = required - set(values), set(values) - required - optional
+    if missing or extra:
+        raise DecodeError(
+            f"state at stage {state.name} lacks {sorted(missing)} or holds {sorted(extra)}: tampered or truncated"
+        )
+    _check_values(client, values)
     client.state = state
     client._s = values
+    if "graph_seed" in values:
+        client._graph = NeighbourGraph(client.params.num_parties, client.params.neighbours, values["graph_seed"])

@@ -7,6 +7,7 @@ Layout: `version (u8) | tag (u8) | fields`, fields in declaration order, all int
     bytes          u32 length, then the bytes
     ids            u32 count, then count u32 party ids
     envelopes      u32 count, then per item: u32 peer, u32 length, bytes
+    shares         u32 count, then per item: u32 dealer, 33-byte share, 64-byte dealer signature
     entries        u32 count, then per item: u32 length, an AdvertiseKeys body (no version/tag)
 
 Every length and count is checked against the bytes that remain (and against MAX_PARTIES) before
@@ -22,15 +23,20 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import DecodeError
+from ..primitives.shamir import SHARE_BYTES
 from ._messages import (
     MAX_PARTIES,
     AdvertiseKeys,
+    Complaint,
     EncryptedShares,
     Envelope,
+    GraphReveal,
+    GraphSeed,
     KeyRoster,
     MaskedInput,
     Message,
     ShareBundle,
+    SignedShare,
     SurvivorSet,
     SurvivorSignature,
     UnmaskRequest,
@@ -39,7 +45,7 @@ from ._messages import (
 
 __all__ = ["WIRE_VERSION", "decode_message", "encode_message"]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 _HEADER = (("session", "b16"), ("round", "u64"))
@@ -51,22 +57,28 @@ _LAYOUT: dict[type[Any], tuple[tuple[str, str], ...]] = {
         ("share_public_key", "b32"),
         ("mask_public_key", "b32"),
         ("signature", "bytes"),
+        ("signing_public_key", "bytes"),
+        ("graph_commitment", "bytes"),
     ),
     KeyRoster: (*_HEADER, ("entries", "entries")),
+    GraphReveal: (*_HEADER, ("sender", "u32"), ("nonce", "b32")),
+    GraphSeed: (*_HEADER, ("reveals", "envelopes")),
     EncryptedShares: (*_HEADER, ("sender", "u32"), ("boxes", "envelopes")),
     ShareBundle: (*_HEADER, ("recipient", "u32"), ("boxes", "envelopes")),
     MaskedInput: (*_HEADER, ("sender", "u32"), ("ring_bits", "u32"), ("data", "bytes")),
+    Complaint: (*_HEADER, ("sender", "u32"), ("accused", "ids"), ("signature", "bytes")),
     SurvivorSet: (*_HEADER, ("survivors", "ids")),
     SurvivorSignature: (*_HEADER, ("sender", "u32"), ("signature", "bytes")),
     UnmaskRequest: (*_HEADER, ("survivors", "ids"), ("signatures", "envelopes")),
     UnmaskResponse: (
         *_HEADER,
         ("sender", "u32"),
-        ("self_mask_shares", "envelopes"),
-        ("mask_key_shares", "envelopes"),
+        ("self_mask_shares", "shares"),
+        ("mask_key_shares", "shares"),
     ),
 }
 _BY_TAG: dict[int, type[Any]] = {cls.TAG: cls for cls in _LAYOUT}
+_SIGNED_SHARE = struct.Struct(f"<I{SHARE_BYTES}s64s")
 
 
 def _encode_fields(message: Any, out: list[bytes]) -> None:
@@ -88,6 +100,10 @@ def _encode_fields(message: Any, out: list[bytes]) -> None:
             for env in value:
                 out.append(struct.pack("<II", env.peer, len(env.data)))
                 out.append(env.data)
+        elif kind == "shares":
+            out.append(struct.pack("<I", len(value)))
+            for item in value:
+                out.append(_SIGNED_SHARE.pack(item.peer, item.share, item.signature))
         else:  # entries
             out.append(struct.pack("<I", len(value)))
             for entry in value:
@@ -130,6 +146,35 @@ class _Reader:
         return n
 
 
+def _decode_list(kind: str, name: str, reader: _Reader) -> tuple[Any, ...]:
+    """The variable-length kinds: ids, envelopes, signed shares and roster entries."""
+    if kind == "ids":
+        n = reader.count(name, 4)
+        ids: tuple[int, ...] = struct.unpack(f"<{n}I", reader.take(4 * n, name))
+        return ids
+    if kind == "envelopes":
+        n = reader.count(name, 8)
+        items = []
+        for _ in range(n):
+            peer = reader.u32(name)
+            items.append(Envelope(peer=peer, data=reader.take(reader.u32(name), name)))
+        return tuple(items)
+    if kind == "shares":
+        n = reader.count(name, _SIGNED_SHARE.size)
+        return tuple(
+            SignedShare(peer=peer, share=share, signature=signature)
+            for peer, share, signature in _SIGNED_SHARE.iter_unpack(reader.take(n * _SIGNED_SHARE.size, name))
+        )
+    n = reader.count(name, 4)  # entries
+    entries = []
+    for _ in range(n):
+        sub = _Reader(reader.take(reader.u32(name), name))
+        entries.append(_decode_fields(AdvertiseKeys, sub))
+        if sub.pos != len(sub.data):
+            raise DecodeError(f"trailing bytes in an item of {name!r}", field=name)
+    return tuple(entries)
+
+
 def _decode_fields(cls: type[Any], reader: _Reader) -> Any:
     values: dict[str, Any] = {}
     for name, kind in _LAYOUT[cls]:
@@ -143,25 +188,8 @@ def _decode_fields(cls: type[Any], reader: _Reader) -> Any:
             values[name] = struct.unpack("<Q", reader.take(8, name))[0]
         elif kind == "bytes":
             values[name] = reader.take(reader.u32(name), name)
-        elif kind == "ids":
-            n = reader.count(name, 4)
-            values[name] = struct.unpack(f"<{n}I", reader.take(4 * n, name))
-        elif kind == "envelopes":
-            n = reader.count(name, 8)
-            items = []
-            for _ in range(n):
-                peer = reader.u32(name)
-                items.append(Envelope(peer=peer, data=reader.take(reader.u32(name), name)))
-            values[name] = tuple(items)
-        else:  # entries
-            n = reader.count(name, 4)
-            entries = []
-            for _ in range(n):
-                sub = _Reader(reader.take(reader.u32(name), name))
-                entries.append(_decode_fields(AdvertiseKeys, sub))
-                if sub.pos != len(sub.data):
-                    raise DecodeError(f"trailing bytes in an item of {name!r}", field=name)
-            values[name] = tuple(entries)
+        else:
+            values[name] = _decode_list(kind, name, reader)
     return cls(**values)
 
 

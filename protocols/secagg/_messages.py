@@ -5,15 +5,30 @@ carries the session id and round number, so a message replayed from another sess
 recognisable before anything else is looked at; the stage is implied by the message type. The byte
 format lives in `_codec.py`. The flow, with U1 >= U2 >= U3 >= U4 the parties still alive:
 
-    client -> server   AdvertiseKeys        two fresh X25519 public keys (+ Ed25519 signature)
+    client -> server   AdvertiseKeys        two fresh X25519 public keys (+ Ed25519 signature), and in
+                                            the malicious SecAgg+ setting a commitment to a graph nonce
     server -> client   KeyRoster            the AdvertiseKeys of U1
+    client -> server   GraphReveal          (malicious SecAgg+ only) the nonce behind its commitment
+    server -> client   GraphSeed            (malicious SecAgg+ only) the nonces of every party of U1;
+                                            the graph seed is their hash (see `_graph`)
     client -> server   EncryptedShares      Shamir shares of b_u and s_sk_u, one AEAD box per neighbour
     server -> client   ShareBundle          the boxes addressed to that client (senders: U2)
     client -> server   MaskedInput          y_u = x_u + PRG(b_u) + sum of signed pairwise masks
+                       or Complaint         (instead) a signed accusation of the dealers whose boxes failed
     server -> client   SurvivorSet          U3 (consistency check; malicious-server setting only)
     client -> server   SurvivorSignature    Ed25519 signature of U3 (malicious-server setting only)
     server -> client   UnmaskRequest        U3 (+ the signatures of U4 on it)
-    client -> server   UnmaskResponse       b-shares of survivors, s_sk-shares of dropped neighbours
+    client -> server   UnmaskResponse       b-shares of survivors, s_sk-shares of dropped neighbours,
+                                            each with its dealer's signature
+
+Every Shamir share is signed by its dealer (`SignedShare`), so a holder that returns a modified
+share is caught by the server instead of silently corrupting the sum; a dealer that sends a box
+which does not open (or holds badly signed shares) is named in a signed `Complaint`, and the server
+drops both accuser and accused rather than letting one bad box abort the round.
+
+The graph toss (GraphReveal / GraphSeed) takes all of U1 or nobody: a party of U1 that does not
+reveal, or reveals a nonce other than the one it committed to, aborts the round. With a beacon
+passed in by the host, the toss is skipped and `graph_commitment` carries a binding of the beacon.
 """
 
 from __future__ import annotations
@@ -25,16 +40,21 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..primitives.prg import ring_dtype
+from ..primitives.shamir import SHARE_BYTES
 
 __all__ = [
     "MAX_PARTIES",
     "AdvertiseKeys",
+    "Complaint",
     "EncryptedShares",
     "Envelope",
+    "GraphReveal",
+    "GraphSeed",
     "KeyRoster",
     "MaskedInput",
     "Message",
     "ShareBundle",
+    "SignedShare",
     "SurvivorSet",
     "SurvivorSignature",
     "UnmaskRequest",
@@ -88,12 +108,36 @@ class AdvertiseKeys(_Base):
     share_public_key: PublicKey = Field(description="X25519 key under which peers encrypt shares to sender")
     mask_public_key: PublicKey = Field(description="X25519 key from which pairwise masks are agreed")
     signature: Signature = Field(b"", description="Ed25519 over the transcript and both keys, or empty")
+    signing_public_key: Annotated[bytes, Field(max_length=32)] = Field(
+        b"",
+        description="semi-honest setting: a fresh Ed25519 key that signs this party's shares and complaints; "
+        "empty in the malicious setting, where the identity key signs",
+    )
+    graph_commitment: Annotated[bytes, Field(max_length=32)] = Field(
+        b"",
+        description="malicious SecAgg+: SHA-256 commitment to the sender's graph nonce; beacon mode: the "
+        "binding of the beacon value it uses; else empty. Covered by the signature",
+    )
 
     @field_validator("signature")
     @classmethod
     def _signature_length(cls, value: bytes) -> bytes:
         if len(value) not in (0, 64):
             raise ValueError("signature must be empty or 64 bytes")
+        return value
+
+    @field_validator("signing_public_key")
+    @classmethod
+    def _signing_key_length(cls, value: bytes) -> bytes:
+        if len(value) not in (0, 32):
+            raise ValueError("signing_public_key must be empty or 32 bytes")
+        return value
+
+    @field_validator("graph_commitment")
+    @classmethod
+    def _commitment_length(cls, value: bytes) -> bytes:
+        if len(value) not in (0, 32):
+            raise ValueError("graph_commitment must be empty or 32 bytes")
         return value
 
 
@@ -108,6 +152,40 @@ class KeyRoster(_Base):
     def _distinct(cls, value: tuple[AdvertiseKeys, ...]) -> tuple[AdvertiseKeys, ...]:
         _unique(tuple(e.sender for e in value), "entries")
         return value
+
+
+class GraphReveal(_Base):
+    """Round 0 reply (malicious SecAgg+): the graph nonce behind the sender's signed commitment.
+
+    Sent only once the roster, hence every commitment of U1, is fixed, so no nonce can depend on
+    another. Self-authenticating: it must hash to the commitment in the sender's AdvertiseKeys.
+    """
+
+    TAG: ClassVar[int] = 11
+    sender: PartyId
+    nonce: Annotated[bytes, Field(min_length=32, max_length=32)]
+
+
+def _reveals(values: tuple[Envelope, ...]) -> tuple[Envelope, ...]:
+    _unique_envelopes(values)
+    if any(len(e.data) != 32 for e in values):
+        raise ValueError("every revealed graph nonce must be 32 bytes")
+    if [e.peer for e in values] != sorted(e.peer for e in values):
+        raise ValueError("reveals must be sorted by party id")
+    return values
+
+
+class GraphSeed(_Base):
+    """The toss result: every party of U1 with its revealed nonce (peer = party, data = nonce).
+
+    Each client checks each nonce against the commitment it saw in the roster and that U1 is
+    complete, then hashes them into the graph seed; the server has no say in the result.
+    """
+
+    TAG: ClassVar[int] = 12
+    reveals: tuple[Envelope, ...]
+
+    _reveals = field_validator("reveals")(_reveals)
 
 
 class EncryptedShares(_Base):
@@ -152,6 +230,29 @@ class MaskedInput(_Base):
         return np.frombuffer(self.data, dtype=dtype)
 
 
+class Complaint(_Base):
+    """Round 2, instead of MaskedInput: `sender` could not open the share boxes of `accused`.
+
+    Signed by the sender (identity key, or its advertised session signing key in the semi-honest
+    setting) over the transcript and the accused ids, so the server cannot invent one. The server
+    drops the sender and every accused party; the sender never sends its masked input this session.
+    """
+
+    TAG: ClassVar[int] = 10
+    sender: PartyId
+    accused: tuple[PartyId, ...]
+    signature: Annotated[bytes, Field(min_length=64, max_length=64)]
+
+    @field_validator("accused")
+    @classmethod
+    def _accused(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("a complaint must accuse at least one party")
+        if list(value) != sorted(value):
+            raise ValueError("accused ids must be sorted")
+        return _unique(value, "accused")
+
+
 class SurvivorSet(_Base):
     """Consistency check (malicious setting): the server's claim of U3, for every client to sign."""
 
@@ -180,24 +281,46 @@ class UnmaskRequest(_Base):
     _signatures = field_validator("signatures")(_unique_envelopes)
 
 
+class SignedShare(BaseModel):
+    """One Shamir share returned to the server, with the signature its dealer (`peer`) put on it.
+
+    The dealer signed SHA-256(transcript, kind, dealer, holder, share) (see `_transcript`), so a
+    holder cannot return anything but the share it was dealt: the server checks each one.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    peer: PartyId = Field(description="the dealer: whose secret this is a share of")
+    share: Annotated[bytes, Field(min_length=SHARE_BYTES, max_length=SHARE_BYTES)]
+    signature: Annotated[bytes, Field(min_length=64, max_length=64)]
+
+
+def _unique_shares(values: tuple[SignedShare, ...]) -> tuple[SignedShare, ...]:
+    _unique(tuple(e.peer for e in values), "shares")
+    return values
+
+
 class UnmaskResponse(_Base):
     """Round 3 reply: shares of b for surviving neighbours, of s_sk for dropped ones; never both."""
 
     TAG: ClassVar[int] = 9
     sender: PartyId
-    self_mask_shares: tuple[Envelope, ...]
-    mask_key_shares: tuple[Envelope, ...]
+    self_mask_shares: tuple[SignedShare, ...]
+    mask_key_shares: tuple[SignedShare, ...]
 
-    _a = field_validator("self_mask_shares")(_unique_envelopes)
-    _b = field_validator("mask_key_shares")(_unique_envelopes)
+    _a = field_validator("self_mask_shares")(_unique_shares)
+    _b = field_validator("mask_key_shares")(_unique_shares)
 
 
 Message = (
     AdvertiseKeys
     | KeyRoster
+    | GraphReveal
+    | GraphSeed
     | EncryptedShares
     | ShareBundle
     | MaskedInput
+    | Complaint
     | SurvivorSet
     | SurvivorSignature
     | UnmaskRequest

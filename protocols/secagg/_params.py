@@ -38,7 +38,7 @@ import math
 from functools import cached_property
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from ..encoding import FixedPointEncoding
 from ..errors import InsecureParameterError
@@ -102,10 +102,15 @@ def derive_secagg_plus(
     malicious: bool = False,
     sigma: int = SIGMA,
     eta: int = ETA,
+    corrupt_parties: int | None = None,
+    dropped_parties: int | None = None,
 ) -> tuple[int, int]:
     """The smallest even k (or n - 1) and, for it, the largest t meeting both failure bounds.
 
     Security fails with probability at most 2^-sigma and correctness with at most 2^-eta.
+    `corrupt_parties` / `dropped_parties` replace the counts derived from the fractions at n: a site
+    counts n_C over its whole pinned roster, because the server picks who is in the session and may
+    fill it with colluders, so n_C must not shrink with the announced n.
 
     Raises:
         InsecureParameterError: if even the complete graph cannot meet both (too many dropouts for
@@ -117,6 +122,10 @@ def derive_secagg_plus(
     if not 0 <= corrupt_fraction < 0.5:
         raise InsecureParameterError(f"corrupt_fraction={corrupt_fraction} must be in [0, 0.5)")
     n_c, d_max = _counts(n, dropout_rate, corrupt_fraction)
+    n_c = n_c if corrupt_parties is None else corrupt_parties
+    d_max = d_max if dropped_parties is None else dropped_parties
+    if n_c < 0 or d_max < 0:
+        raise InsecureParameterError("corrupt_parties and dropped_parties must be >= 0")
     if n_c + d_max >= n:
         raise InsecureParameterError(
             f"{n_c} corrupted plus {d_max} dropped parties leave no honest survivor among num_parties={n}; "
@@ -163,6 +172,22 @@ class SecAggParams(BaseModel):
         None, description="Ed25519 public key of each party: enables the malicious-server setting"
     )
     allow_insecure: bool = Field(False, description="accept parameters outside the security bounds")
+    corrupt_parties: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="n_C as a count (overrides corrupt_fraction * n): a site's n_C over its whole pinned roster",
+    )
+    dropped_parties: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="d_max as a count (overrides dropout_rate * n)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _compatible_dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave the explicit counts out while unset, so older parameters keep their JSON and digest."""
+        data: dict[str, Any] = handler(self)
+        for name in ("corrupt_parties", "dropped_parties"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
@@ -179,6 +204,12 @@ class SecAggParams(BaseModel):
         if self.encoding.max_parties < n:
             raise InsecureParameterError(
                 f"encoding.max_parties={self.encoding.max_parties} is below num_parties={n}: sums could wrap"
+            )
+        explicit = self.corrupt_parties is not None or self.dropped_parties is not None
+        if explicit and self.max_corrupt + self.max_dropped >= n:
+            raise InsecureParameterError(
+                f"corrupt_parties={self.max_corrupt} plus {self.max_dropped} dropped parties leave no honest survivor "
+                f"among num_parties={n}; announce more parties"
             )
         if self.identity_keys is not None and len(self.identity_keys) != n:
             raise InsecureParameterError(f"identity_keys has {len(self.identity_keys)} keys; need num_parties={n}")
@@ -205,6 +236,7 @@ class SecAggParams(BaseModel):
         """Plain SecAgg (complete graph); t defaults to n - d_max, the most robust secure choice."""
         n = num_parties
         _, d_max = _counts(n, kw.get("dropout_rate", 0.1), kw.get("corrupt_fraction", 0.05))
+        d_max = d_max if kw.get("dropped_parties") is None else kw["dropped_parties"]
         encoding = kw.pop("encoding", None) or FixedPointEncoding(clip_range=clip_range, max_parties=n)
         t = threshold if threshold is not None else n - d_max
         return cls(num_parties=n, dimension=dimension, threshold=t, neighbours=n - 1, encoding=encoding, **kw)
@@ -231,6 +263,8 @@ class SecAggParams(BaseModel):
                 dropout_rate=kw.get("dropout_rate", 0.1),
                 corrupt_fraction=kw.get("corrupt_fraction", 0.05),
                 malicious=kw.get("identity_keys") is not None,
+                corrupt_parties=kw.get("corrupt_parties"),
+                dropped_parties=kw.get("dropped_parties"),
             )
             t = threshold if threshold is not None else t
         encoding = kw.pop("encoding", None) or FixedPointEncoding(clip_range=clip_range, max_parties=n)
@@ -258,12 +292,16 @@ class SecAggParams(BaseModel):
 
     @property
     def max_corrupt(self) -> int:
-        """n_C."""
+        """n_C: `corrupt_parties` when given, else ceil(corrupt_fraction * n)."""
+        if self.corrupt_parties is not None:
+            return self.corrupt_parties
         return _counts(self.num_parties, self.dropout_rate, self.corrupt_fraction)[0]
 
     @property
     def max_dropped(self) -> int:
-        """d_max."""
+        """d_max: `dropped_parties` when given, else ceil(dropout_rate * n)."""
+        if self.dropped_parties is not None:
+            return self.dropped_parties
         return _counts(self.num_parties, self.dropout_rate, self.corrupt_fraction)[1]
 
     @cached_property

@@ -1,14 +1,30 @@
 """The server side of SecAgg / SecAgg+ as a sans-IO state machine.
 
 The host delivers client messages with `receive()` and decides, from its own clock, when a stage is
-over; `close_stage()` then returns the messages to send, addressed by party id. The server keeps
-one running ring accumulator, adding each masked input as it arrives, so its memory is O(d) however
-many clients there are; the unmask step rebuilds the masks with the same streaming PRG.
+over; `close_stage()` then returns the messages to send, addressed by party id. The masked inputs of
+one stage are held until it closes (a `Complaint` arriving late may still exclude a party whose
+input came first, and the sum must not depend on arrival order); they are then added into one ring
+accumulator and dropped, so from the unmask stage on the server's memory is O(d); the unmask step
+rebuilds the masks with the same streaming PRG.
 
 Safety rules enforced here: a message from the wrong session, round or stage, a duplicate, or a
 masked input from a party already declared dropped is rejected with the state unchanged; every
 stage needs at least t parties (and the consistency check its quorum) or the round aborts with
 nothing revealed; a rebuilt mask key must match the public key it claims to be.
+
+Malicious clients: every returned Shamir share must carry its dealer's signature (`SignedShare`);
+a share that does not verify is discarded and its holder listed in `AggregateResult.misbehaving`,
+and each secret is rebuilt from any t valid shares, or the round aborts: never a silently wrong
+sum. A client whose share box from dealer j would not open sends a signed `Complaint` instead of
+its masked input; the server drops the accuser and the accused (both count against d_max) and
+goes on if at least t parties remain. The accused is then a dropped party: its mask key may be
+rebuilt, its self-mask never, and its masked input (if it came) is not in the sum.
+
+Graph toss (malicious SecAgg+): after the roster, every party of U1 reveals the nonce it committed
+to in its signed keys. The server waits for all of them: a party that does not reveal by the close
+of the stage, or reveals a nonce that does not open its commitment, aborts the round (a server that
+could drop a party after seeing the other nonces could choose among graphs). The toss result goes
+to every party, which checks it and derives the graph itself.
 """
 
 from __future__ import annotations
@@ -23,29 +39,53 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..encoding import DecodedSum
-from ..errors import AbortError, DecodeError, IntegrityError, InvalidTransitionError, RemoteProtocolError
+from ..errors import (
+    AbortError,
+    DecodeError,
+    IntegrityError,
+    InvalidTransitionError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from ..primitives.kdf import LABEL_PAIRWISE_MASK, derive_key
 from ..primitives.keys import ed25519_verify, x25519_agree_all, x25519_check_public, x25519_public
 from ..primitives.prg import MaskAccumulator, ring_dtype
-from ..primitives.shamir import SHARE_BYTES, reconstruct
-from ._graph import NeighbourGraph
+from ..primitives.shamir import reconstruct
+from ._graph import GraphMode, NeighbourGraph, graph_mode
 from ._messages import (
     AdvertiseKeys,
+    Complaint,
     EncryptedShares,
     Envelope,
+    GraphReveal,
+    GraphSeed,
     KeyRoster,
     MaskedInput,
     Message,
     ShareBundle,
+    SignedShare,
     SurvivorSet,
     SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
 )
 from ._params import SecAggParams
-from ._roster import check_advertisement
+from ._roster import check_advertisement, signer_key
 from ._server_state import dump_server_state, load_server_state
-from ._transcript import check_round_identity, survivors_statement, transcript_hash
+from ._transcript import (
+    MIN_BEACON_BYTES,
+    SHARE_KIND_MASK_KEY,
+    SHARE_KIND_SELF_MASK,
+    beacon_binding,
+    beacon_graph_seed,
+    check_round_identity,
+    complaint_statement,
+    graph_commitment,
+    share_statement,
+    survivors_statement,
+    toss_graph_seed,
+    transcript_hash,
+)
 
 __all__ = ["AggregateResult", "SecAggServer", "ServerState"]
 
@@ -62,6 +102,8 @@ class ServerState(enum.Enum):
     COLLECT_UNMASK = 4
     DONE = 5
     ABORTED = 6
+    COLLECT_REVEALS = 7
+    """Malicious SecAgg+ only, between COLLECT_KEYS and COLLECT_SHARES: the graph toss."""
 
 
 class AggregateResult(BaseModel):
@@ -74,24 +116,53 @@ class AggregateResult(BaseModel):
     included: tuple[int, ...] = Field(description="parties whose inputs are in the sum (U3)")
     dropped: tuple[int, ...] = Field(description="parties that advertised keys but are not in the sum")
     insecure: bool = Field(description="True when the parameters missed the security bound")
+    complaints: tuple[tuple[int, int], ...] = Field(
+        default=(), description="(accuser, accused) pairs of verified complaints; both parties are in `dropped`"
+    )
+    misbehaving: tuple[int, ...] = Field(
+        default=(), description="holders that returned a share its dealer had not signed (discarded, never used)"
+    )
 
 
 class SecAggServer:
     """The aggregator's session for one round (see module docstring)."""
 
-    def __init__(self, params: SecAggParams, *, session: bytes, round_number: int, context: bytes = b"") -> None:
+    def __init__(
+        self,
+        params: SecAggParams,
+        *,
+        session: bytes,
+        round_number: int,
+        context: bytes = b"",
+        beacon: bytes | None = None,
+    ) -> None:
         check_round_identity(session, round_number)
+        if beacon is not None and (not isinstance(beacon, bytes) or len(beacon) < MIN_BEACON_BYTES):
+            raise LocalProtocolError(f"beacon must be at least {MIN_BEACON_BYTES} bytes of public randomness")
         self.params = params
         self.session = session
         self.round_number = round_number
         self.transcript = transcript_hash(
             session=session, round_number=round_number, params_digest=params.digest(), context=context
         )
-        self.graph = NeighbourGraph(params.num_parties, params.neighbours, self.transcript)
+        self.graph_mode = graph_mode(malicious=params.malicious, complete=params.complete, beacon=beacon)
+        self._beacon_binding = b"" if beacon is None else beacon_binding(self.transcript, beacon)
+        self._graph: NeighbourGraph | None = None
+        self._graph_seed = b""  # set by a toss only: signed in the consistency check
+        if self.graph_mode is GraphMode.TRANSCRIPT:
+            self._graph = NeighbourGraph(params.num_parties, params.neighbours, self.transcript)
+        elif self.graph_mode is GraphMode.BEACON:
+            assert beacon is not None
+            seed = beacon_graph_seed(self.transcript, beacon)
+            self._graph = NeighbourGraph(params.num_parties, params.neighbours, seed)
+        self._reveals: dict[int, bytes] = {}
         self.state = ServerState.COLLECT_KEYS
         self._keys: dict[int, AdvertiseKeys] = {}
         self._boxes: dict[int, tuple[Envelope, ...]] = {}
         self._masked: set[int] = set()
+        self._inputs: dict[int, MaskedInput] = {}
+        self._complaints: dict[int, Complaint] = {}
+        self._misbehaving: set[int] = set()
         self._signatures: dict[int, bytes] = {}
         self._responses: dict[int, UnmaskResponse] = {}
         self._acc: npt.NDArray[np.unsignedinteger] | None = None
@@ -100,6 +171,17 @@ class SecAggServer:
         self._u3: tuple[int, ...] = ()
 
     # -- host-facing API -------------------------------------------------------------------------
+
+    @property
+    def graph(self) -> NeighbourGraph:
+        """The round's neighbour graph; after a graph toss, only once every party of U1 revealed.
+
+        Raises:
+            InvalidTransitionError: the toss has not completed.
+        """
+        if self._graph is None:
+            raise InvalidTransitionError(f"the SecAgg+ graph is not known before the graph toss ({self.state.name})")
+        return self._graph
 
     def receive(self, message: Message) -> None:
         """Accept one client message for the current stage.
@@ -147,17 +229,20 @@ class SecAggServer:
         return dump_server_state(self)
 
     @classmethod
-    def from_state(cls, data: bytes, params: SecAggParams, *, context: bytes = b"") -> SecAggServer:
+    def from_state(
+        cls, data: bytes, params: SecAggParams, *, context: bytes = b"", beacon: bytes | None = None
+    ) -> SecAggServer:
         """Rebuild a session from `export_state()`; params and context must be the original ones.
 
         Raises:
-            DecodeError: malformed blob.
+            DecodeError: malformed, truncated or tampered blob, or one inconsistent with its stage
+                (see `_server_state.load_server_state` for the checks).
             LocalProtocolError: the blob belongs to another session, round, params or context.
         """
         if len(data) < 26:
             raise DecodeError("server state blob is truncated")
         session, round_number = struct.unpack_from("<16sQ", data, 2)
-        server = cls(params, session=session, round_number=round_number, context=context)
+        server = cls(params, session=session, round_number=round_number, context=context, beacon=beacon)
         load_server_state(server, data)
         return server
 
@@ -173,6 +258,7 @@ class SecAggServer:
         self.state = ServerState.ABORTED
         self._acc = None
         self._boxes.clear()
+        self._inputs.clear()
         self._responses.clear()
         return AbortError(reason)
 
@@ -197,6 +283,8 @@ class SecAggServer:
             session=self.session,
             round_number=self.round_number,
             taken={k for e in self._keys.values() for k in (e.share_public_key, e.mask_public_key)},
+            graph=self.graph_mode,
+            beacon_binding=self._beacon_binding,
         )
         x25519_check_public(m.share_public_key, peer_id=m.sender)
         x25519_check_public(m.mask_public_key, peer_id=m.sender)
@@ -209,8 +297,35 @@ class SecAggServer:
             round=self.round_number,
             entries=tuple(self._keys[p] for p in sorted(self._keys)),
         )
-        self.state = ServerState.COLLECT_SHARES
+        toss = self.graph_mode is GraphMode.TOSS
+        self.state = ServerState.COLLECT_REVEALS if toss else ServerState.COLLECT_SHARES
         return [(p, roster) for p in sorted(self._keys)]
+
+    # -- stage 0b: graph toss (malicious SecAgg+) --------------------------------------------------
+
+    def _on_reveal(self, m: GraphReveal) -> None:
+        self._new_sender(m.sender, self._keys, self._reveals)
+        if graph_commitment(self.transcript, m.sender, m.nonce) != self._keys[m.sender].graph_commitment:
+            raise self._abort(
+                f"graph toss aborted: party {m.sender} revealed a nonce that does not open its signed commitment"
+            )
+        self._reveals[m.sender] = m.nonce
+
+    def _close_reveals(self) -> Outgoing:
+        if missing := sorted(set(self._keys) - set(self._reveals)):
+            raise self._abort(
+                f"graph toss aborted: parties {missing} did not reveal their graph nonce; nobody is dropped "
+                "after committing (the graph would then be the server's choice), so the round ends here"
+            )
+        self._set_toss_seed()
+        reveals = tuple(Envelope(peer=p, data=self._reveals[p]) for p in sorted(self._reveals))
+        message = GraphSeed(session=self.session, round=self.round_number, reveals=reveals)
+        self.state = ServerState.COLLECT_SHARES
+        return [(p, message) for p in sorted(self._keys)]
+
+    def _set_toss_seed(self) -> None:
+        self._graph_seed = toss_graph_seed(self.transcript, self._reveals)
+        self._graph = NeighbourGraph(self.params.num_parties, self.params.neighbours, self._graph_seed)
 
     # -- stage 1: shares ---------------------------------------------------------------------------
 
@@ -233,7 +348,6 @@ class SecAggServer:
                 if env.peer in inbox:
                     inbox[env.peer].append(Envelope(peer=sender, data=env.data))
         self._boxes.clear()
-        self._acc = np.zeros(self.params.dimension + 1, dtype=ring_dtype(self.params.encoding.ring_bits))
         self._u2 = set(inbox)
         self.state = ServerState.COLLECT_MASKED
         return [
@@ -243,8 +357,12 @@ class SecAggServer:
 
     # -- stage 2: masked inputs --------------------------------------------------------------------
 
+    def _excluded(self) -> set[int]:
+        """Accusers and accused of the verified complaints so far."""
+        return {p for c in self._complaints.values() for p in (c.sender, *c.accused)}
+
     def _on_masked(self, m: MaskedInput) -> None:
-        self._new_sender(m.sender, self._u2, self._masked)
+        self._new_sender(m.sender, self._u2, self._masked | set(self._complaints))
         if m.ring_bits != self.params.encoding.ring_bits:
             raise RemoteProtocolError(f"ring_bits={m.ring_bits}", peer_id=m.sender, field="ring_bits")
         words = len(m.data) // ring_dtype(m.ring_bits).itemsize
@@ -254,14 +372,43 @@ class SecAggServer:
                 peer_id=m.sender,
                 field="data",
             )
-        assert self._acc is not None
-        np.add(self._acc, m.vector(), out=self._acc)
         self._masked.add(m.sender)
+        if m.sender not in self._excluded():  # an accused party's input is never summed
+            self._inputs[m.sender] = m
+
+    def _on_complaint(self, m: Complaint) -> None:
+        self._new_sender(m.sender, self._u2, self._masked | set(self._complaints))
+        dealers = self.graph.neighbours_of(m.sender) & self._u2
+        if not set(m.accused) <= dealers:
+            raise RemoteProtocolError(
+                "a complaint may accuse only dealers whose boxes the accuser was sent",
+                peer_id=m.sender,
+                field="accused",
+            )
+        statement = complaint_statement(self.transcript, m.sender, m.accused)
+        ed25519_verify(signer_key(self.params, self._keys[m.sender]), m.signature, statement, peer_id=m.sender)
+        self._complaints[m.sender] = m
+        for accused in m.accused:
+            self._inputs.pop(accused, None)
 
     def _close_masked(self) -> Outgoing:
-        self._require(len(self._masked), self.params.threshold, "masked input collection")
-        self._u3 = tuple(sorted(self._masked))
-        if self.params.malicious:
+        excluded = self._excluded()
+        survivors = sorted(p for p in self._inputs if p not in excluded)
+        self._require(len(survivors), self.params.threshold, "masked input collection")
+        params = self.params
+        if not params.complete and len(survivors) < params.num_parties - params.max_dropped:
+            # The clients refuse such a survivor set (SecAgg+ graph connectivity); complaints count.
+            raise self._abort(
+                f"{len(survivors)} survivors (after {len(self._complaints)} complaints) imply more than "
+                f"d_max={params.max_dropped} dropouts; round aborted"
+            )
+        acc = np.zeros(params.dimension + 1, dtype=ring_dtype(params.encoding.ring_bits))
+        for p in survivors:
+            np.add(acc, self._inputs[p].vector(), out=acc)
+        self._inputs.clear()
+        self._acc = acc
+        self._u3 = tuple(survivors)
+        if params.malicious:
             self.state = ServerState.COLLECT_SIGNATURES
             request: Message = SurvivorSet(session=self.session, round=self.round_number, survivors=self._u3)
         else:
@@ -274,7 +421,7 @@ class SecAggServer:
     def _on_signature(self, m: SurvivorSignature) -> None:
         self._new_sender(m.sender, set(self._u3), self._signatures)
         assert self.params.identity_keys is not None
-        statement = survivors_statement(self.transcript, m.sender, self._u3)
+        statement = survivors_statement(self.transcript, m.sender, self._u3, graph_seed=self._graph_seed)
         ed25519_verify(self.params.identity_keys[m.sender], m.signature, statement, peer_id=m.sender)
         self._signatures[m.sender] = m.signature
 
@@ -295,30 +442,49 @@ class SecAggServer:
         alive = set(self._u3)
         holds = self.graph.neighbours_of(m.sender) | {m.sender}
         for env in m.self_mask_shares:
-            if env.peer not in alive or env.peer not in holds or len(env.data) != SHARE_BYTES:
+            if env.peer not in alive or env.peer not in holds:
                 raise RemoteProtocolError("bad self-mask share", peer_id=m.sender, field="self_mask_shares")
         for env in m.mask_key_shares:
-            if env.peer in alive or env.peer not in self._u2 or env.peer not in holds or len(env.data) != SHARE_BYTES:
+            if env.peer in alive or env.peer not in self._u2 or env.peer not in holds:
                 raise RemoteProtocolError("bad mask-key share", peer_id=m.sender, field="mask_key_shares")
         self._responses[m.sender] = m
 
+    def _share_is_valid(self, kind: int, holder: int, signed: SignedShare) -> bool:
+        """Whether `signed` is the share its dealer dealt to `holder` (the dealer's signature verifies)."""
+        statement = share_statement(self.transcript, kind, signed.peer, holder, signed.share)
+        try:
+            ed25519_verify(signer_key(self.params, self._keys[signed.peer]), signed.signature, statement)
+        except IntegrityError:
+            return False
+        return True
+
     def _collect(self, owner: int, kind: str) -> bytes:
-        shares = {
-            r: env.data for r, resp in self._responses.items() for env in getattr(resp, kind) if env.peer == owner
-        }
+        code = SHARE_KIND_SELF_MASK if kind == "self_mask_shares" else SHARE_KIND_MASK_KEY
+        shares: dict[int, bytes] = {}
+        for holder, resp in self._responses.items():
+            for signed in getattr(resp, kind):
+                if signed.peer != owner:
+                    continue
+                if self._share_is_valid(code, holder, signed):
+                    shares[holder] = signed.share
+                else:
+                    self._misbehaving.add(holder)  # a forgery: discarded, never reconstructed from
         t = self.params.threshold
-        self._require(len(shares), t, f"unmasking party {owner}")
+        if len(shares) < t:
+            raise self._abort(
+                f"unmasking party {owner}: {len(shares)} valid shares, {t} needed "
+                f"(forged shares from {sorted(self._misbehaving) or 'nobody'} were discarded); round aborted"
+            )
         try:
             secret = reconstruct(shares, t)
             if len(shares) > t:
-                # A second, different t-subset must give the same secret: with more than t shares
-                # this catches a single faulty one (with exactly t nothing can be checked, and
-                # colluding clients could still craft consistent forgeries).
+                # Every share here is one the dealer signed, so a second t-subset disagreeing means
+                # the dealer itself dealt shares of different polynomials (a malicious client).
                 top = sorted(shares)[-t:]
                 if reconstruct({h: shares[h] for h in top}, t) != secret:
                     raise ValueError("inconsistent")
         except ValueError:
-            raise self._abort(f"shares of party {owner} are inconsistent") from None
+            raise self._abort(f"party {owner} dealt inconsistent shares (all signed by it)") from None
         return secret
 
     def _close_unmask(self) -> Outgoing:
@@ -350,6 +516,8 @@ class SecAggServer:
             included=self._u3,
             dropped=tuple(sorted(set(self._keys) - alive)),
             insecure=self.params.insecure,
+            complaints=tuple(sorted((a, d) for a, c in self._complaints.items() for d in c.accused)),
+            misbehaving=tuple(sorted(self._misbehaving)),
         )
         self._responses.clear()
         self.state = ServerState.DONE
@@ -358,13 +526,16 @@ class SecAggServer:
 
 _RECEIVERS: dict[tuple[ServerState, type[Any]], Callable[[SecAggServer, Any], None]] = {
     (ServerState.COLLECT_KEYS, AdvertiseKeys): SecAggServer._on_keys,
+    (ServerState.COLLECT_REVEALS, GraphReveal): SecAggServer._on_reveal,
     (ServerState.COLLECT_SHARES, EncryptedShares): SecAggServer._on_shares,
     (ServerState.COLLECT_MASKED, MaskedInput): SecAggServer._on_masked,
+    (ServerState.COLLECT_MASKED, Complaint): SecAggServer._on_complaint,
     (ServerState.COLLECT_SIGNATURES, SurvivorSignature): SecAggServer._on_signature,
     (ServerState.COLLECT_UNMASK, UnmaskResponse): SecAggServer._on_unmask,
 }
 _CLOSERS: dict[ServerState, Callable[[SecAggServer], Outgoing]] = {
     ServerState.COLLECT_KEYS: SecAggServer._close_keys,
+    ServerState.COLLECT_REVEALS: SecAggServer._close_reveals,
     ServerState.COLLECT_SHARES: SecAggServer._close_shares,
     ServerState.COLLECT_MASKED: SecAggServer._close_masked,
     ServerState.COLLECT_SIGNATURES: SecAggServer._close_signatures,

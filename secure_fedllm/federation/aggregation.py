@@ -13,11 +13,20 @@ the global model in a deployment; `he-bfv` releases the exact integer sum, as ma
 
 `clipped_coordinates` (and the runner's `fedit_product_error`) are simulation diagnostics computed
 from the individual updates in process; in a deployment each client keeps its own count.
+
+Masking runs in the malicious-server setting by default (`secure_aggregation.setting`): every
+simulated client holds its own Ed25519 identity key (the runner passes each client's key from its
+site state; callers without one get fresh keys from `simulated_identity_keys`), the roster is every
+client's public key, and each client checks the round's parameters against its own
+`SecurityPolicy` (derived from the RunConfig by `site_security_policy`, n_C counted over the whole
+roster) before its session starts. The server builds the parameters with `policy.derive`, so an
+honest server's parameters are exactly what every site accepts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +36,19 @@ import numpy.typing as npt
 
 from protocols import AbortError, SecAggParams, run_round
 from protocols.he import HEParams
+from protocols.primitives import ed25519_public
 
 from ..config import RunConfig
+from ..site.policy import site_security_policy
 
-__all__ = ["AggregationOutcome", "aggregate_updates", "draw_dropouts", "sample_cohort", "secagg_params"]
+__all__ = [
+    "AggregationOutcome",
+    "aggregate_updates",
+    "draw_dropouts",
+    "sample_cohort",
+    "secagg_params",
+    "simulated_identity_keys",
+]
 
 
 @dataclass
@@ -48,6 +66,7 @@ class AggregationOutcome:
     upload_bytes: int = 0
     download_bytes: int = 0
     insecure: bool = False
+    malicious: bool = False
     neighbours: int = 0
     threshold: int = 0
     extra: dict[str, float] = field(default_factory=dict)
@@ -75,9 +94,45 @@ def draw_dropouts(config: RunConfig, round_number: int, parties: int) -> dict[in
     return {i: int(np.argmax(row)) for i, row in enumerate(draws) if row.any()}
 
 
-def secagg_params(config: RunConfig, n: int, dimension: int) -> SecAggParams:
-    """The masking protocol's public parameters for n parties (SecAgg for "secagg", else SecAgg+)."""
+def simulated_identity_keys(n: int) -> list[bytes]:
+    """Fresh Ed25519 private keys (CSPRNG) for n simulated clients that bring no site state of their own.
+
+    The runner and the Flower nodes use each client's `SiteState.identity_key` instead; this is for
+    direct callers of `aggregate_updates` (tests, benchmarks) in the malicious setting.
+    """
+    return [os.urandom(32) for _ in range(n)]
+
+
+def secagg_params(
+    config: RunConfig,
+    n: int,
+    dimension: int,
+    *,
+    identity_keys: Sequence[bytes] | None = None,
+    roster: Sequence[bytes] | None = None,
+) -> SecAggParams:
+    """The masking protocol's public parameters for n parties (SecAgg for "secagg", else SecAgg+).
+
+    Args:
+        config: the run configuration.
+        n: the parties of this session.
+        dimension: length of each update.
+        identity_keys: the members' Ed25519 public keys in party order: the malicious setting, with
+            the parameters every site derives from its policy (n_C over `roster`).
+        roster: every client's public key (what each site pins); default: `identity_keys`.
+
+    Raises:
+        InsecureParameterError: the sites' policy admits no parameters at this n (or refuses the
+            configured threshold); the message names the field.
+    """
     sa = config.secure_aggregation
+    if identity_keys is not None:
+        policy = site_security_policy(config, roster=roster if roster is not None else identity_keys)
+        params = policy.derive(n, dimension=dimension, clip_range=sa.clip_range, identity_keys=identity_keys)
+        if sa.threshold is not None and sa.threshold != params.threshold:
+            params = SecAggParams(**{**params.model_dump(), "threshold": sa.threshold})
+            policy.check_secagg(params, party_id=0, identity_public_key=identity_keys[0])
+        return params
     make = SecAggParams.secagg if sa.protocol == "secagg" else SecAggParams.secagg_plus
     return make(
         n,
@@ -99,8 +154,28 @@ def aggregate_updates(
     drop_at: dict[int, int],
     tap: Callable[[int, bytes], None] | None = None,
     rounding_seeds: Sequence[bytes] | None = None,
+    identity_keys: Sequence[bytes] | None = None,
+    roster: Sequence[bytes] | None = None,
 ) -> AggregationOutcome:
-    """Securely aggregate `updates` (positions 0..n-1) and return the weighted mean of the survivors."""
+    """Securely aggregate `updates` (positions 0..n-1) and return the weighted mean of the survivors.
+
+    Args:
+        config: the run configuration (protocol, setting, assumptions).
+        updates: one update per position.
+        weights: each position's aggregation weight.
+        round_number: bound into every key and signature.
+        context: bytes every party binds (the plan digest).
+        drop_at: position -> first stage at which it goes silent (simulated dropouts).
+        tap: audit hook called with (position, bytes) for every message a client sends.
+        rounding_seeds: each position's stochastic-rounding seed.
+        identity_keys: each position's own Ed25519 private key (malicious setting; each stays with its
+            client's session); default: fresh keys from `simulated_identity_keys`.
+        roster: every client's public identity key, which each site pins (n_C is counted over it);
+            default: the public halves of `identity_keys`.
+
+    Raises:
+        InsecureParameterError: a site's policy refuses the parameters (malicious setting).
+    """
     sa = config.secure_aggregation
     n = len(updates)
     clip = sa.clip_range
@@ -123,8 +198,17 @@ def aggregate_updates(
             min_contributions=sa.threshold or min(3, n),
             mode=sa.he_mode,
         )
+    elif sa.setting == "malicious" and sa.protocol in ("secagg", "secagg+"):
+        identity_keys = list(identity_keys) if identity_keys is not None else simulated_identity_keys(n)
+        publics = [ed25519_public(k) for k in identity_keys]
+        params = secagg_params(config, n, len(updates[0]), identity_keys=publics, roster=roster)
+        policy = site_security_policy(config, roster=roster if roster is not None else publics)
+        for party, public in enumerate(publics):  # each simulated site checks what it is asked to run
+            policy.check_secagg(params, party_id=party, identity_public_key=public)
     else:
+        identity_keys = None
         params = secagg_params(config, n, len(updates[0]))
+    params_malicious = isinstance(params, SecAggParams) and params.malicious
     try:
         report = run_round(
             params,
@@ -137,6 +221,7 @@ def aggregate_updates(
             clock=time.perf_counter,
             tap=tap,
             rounding_seeds=rounding_seeds,
+            identity_keys=identity_keys if params_malicious else None,
         )
     except AbortError as exc:
         return AggregationOutcome(None, [], sorted(drop_at), str(exc), clipped_coordinates=clipped)
@@ -153,6 +238,7 @@ def aggregate_updates(
         upload_bytes=sum(report.upload_bytes.values()),
         download_bytes=sum(report.download_bytes.values()),
         insecure=result.insecure,
+        malicious=params_malicious,
         neighbours=params.neighbours if isinstance(params, SecAggParams) else 0,
         threshold=params.threshold if isinstance(params, SecAggParams) else params.min_contributions,
     )

@@ -1,9 +1,14 @@
-"""The run folder: where everything of a run lives, and the per-round checkpoint.
+"""The run folder: what the server may publish about a run, and the per-round checkpoint.
 
-Layout (`RunPaths`): `config.toml`, `metrics.jsonl`, `report.md` and its PNGs, `adapter/`,
-`ledger/client-XXXX.json` (each client's privacy ledger), `clients/client-XXXX.json` (each client's
-private seed: in a deployment it never leaves the client), `checkpoint/` (global adapter and the
-last completed round) and `data_manifest.json` (planted canaries, for the attack evaluation).
+Layout (`RunPaths`): `config.toml`, `metrics.jsonl` (with each client's public epsilon per round),
+`report.md` and its PNGs, `adapter/`, `checkpoint/` (global adapter and the last completed round)
+and `data_manifest.json` (planted canaries, for the attack evaluation). Nothing secret: anyone given
+the folder learns only what the server learns.
+
+Each client's secrets (HMAC secret, identity key, noise seeds, stored outputs, session bindings)
+and its ledger live in its own state folder (`secure_fedllm.site.SiteState`), in process under
+`RunPaths.sites` (default: the sibling folder `<run>.sites/client-XXXX/`, mode 0700), on Flower in
+each node's `state-dir`.
 
 A checkpoint is written after the round's metrics, file by file through a temporary name that is
 fsynced and renamed, so a crash leaves the previous round's checkpoint intact. Metrics rows beyond
@@ -22,7 +27,7 @@ import numpy.typing as npt
 
 from ..files import atomic_write
 
-__all__ = ["Checkpoint", "RunPaths", "atomic_write"]
+__all__ = ["Checkpoint", "RunPaths", "atomic_write", "site_folder"]
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,10 @@ class RunPaths:
     def checkpoint(self) -> Path:  # noqa: D102
         return self.root / "checkpoint"
 
-    def ledger(self, client: int) -> Path:
-        """The ledger file of `client`."""
-        return self.root / "ledger" / f"client-{client:04d}.json"
-
-    def client_state(self, client: int) -> Path:
-        """The private state file of `client`."""
-        return self.root / "clients" / f"client-{client:04d}.json"
+    @property
+    def sites(self) -> Path:
+        """The default folder of the clients' state folders: `<run>.sites`, beside (never inside) the run."""
+        return self.root.with_name(self.root.name + ".sites")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All metrics rows, in order."""
@@ -68,6 +70,11 @@ class RunPaths:
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace metrics.jsonl with `rows`."""
         atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def site_folder(sites: Path, client: int) -> Path:
+    """The state folder of `client` under a sites folder (or a node's `state-dir`)."""
+    return sites / f"client-{client:04d}"
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,31 @@
-"""A federated client: its data, its policy, its ledger and its private seed.
+"""A federated client: its data, its policy, its ledger and its private state folder.
 
-Order of events in a joined round: check the whole plan (its model, A0, adapter and manifest
-hashes against the client's own, its DP settings against the client's floors, the weights and the
-cohort size); refuse before any step if the round would exceed the budget; train; charge the
-ledger (written and fsynced); only then return the update, which is the DP output that leaves the
-client.
+Order of events in a joined round: check the whole plan (every field finite and in range; its
+model, A0, adapter and manifest hashes against the client's own; its DP settings against the
+client's floors; the weights and the cohort size); refuse before any step if the round would exceed
+the budget; train; keep the DP output and charge the ledger (both written and fsynced); only then
+return the update, which is the DP output that leaves the client.
 
-Sampling, noise, dropout and rounding generators are derived from the client's private seed and
-the release id: a digest of the round, the plan and the global adapter the client starts from. A
-client that re-runs a round after a crash therefore produces the bitwise-identical update, and is
-not charged twice. A server that asks for round r again with another plan or another global
-adapter is refused: a second release with the same noise would let it cancel the noise by
-subtraction, and one with fresh noise would need a second charge for the same round.
+One update, one session. The release key is an HMAC, under a secret only the site holds
+(`secure_fedllm.site.SiteState`), of everything the update depends on: the job, the round, the
+plan digest, the global adapter, the tokenized data, the hyperparameters and the template. A
+re-request with the same release key gets the stored output (no retraining, no second charge); any
+other request is a new release, charged and trained with a fresh noise seed drawn from os.urandom
+and kept only in the site's state, never derived from the round or the plan. Before its masked
+input (or ciphertext) leaves, the client binds the release to that one session (`bind`), fsynced;
+afterwards it refuses every other session for that release (`refuses`), so a server that re-runs a
+round without some client cannot difference two sums of the same updates.
 
-The generators are torch's Mersenne Twister, which is not a cryptographic RNG: the seed is private
-to the client (os.urandom unless `privacy.noise_seed` fixes it for experiments). The report says so.
+The sampling and noise generators are torch's Mersenne Twister seeded from that per-release seed,
+which is not a cryptographic RNG. `privacy.noise_seed` derives the site secret (hence every seed)
+from a public number for reproducible experiments only: anyone who knows it can regenerate the
+noise. The report says so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,25 +36,55 @@ from peft import PeftModel
 from ..adapters import AdapterManifest, get_vector, set_vector
 from ..data.tokenized import TokenizedDataset
 from ..privacy import PrivacyLedger
+from ..site import SiteState
 from ..training import LocalTrainer, StepSettings
 from .plan import Assignment, ClientPolicy, PlanRefusedError, RoundPlan
 
-__all__ = ["ClientUpdate", "FederatedClient"]
+__all__ = ["ClientUpdate", "FederatedClient", "data_digest"]
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """What leaves the client: the change of the aggregated tensors, and the epsilon after charging."""
+    """What the client releases, plus the site-private handles the host needs to send it.
+
+    `release_key` and `rounding_seed` are SECRET: they stay with the site (the host passes them to
+    the masking session and to `FederatedClient.bind`, never to the server).
+    """
 
     client: int
+    round: int
     delta: npt.NDArray[np.float32]
     epsilon: float
     replayed: bool
-    release: str
+    release_key: bytes
+    rounding_seed: bytes
+
+
+def data_digest(data: TokenizedDataset) -> bytes:
+    """SHA-256 of the tokenized records and their grouping into privacy units (one corrected record changes it)."""
+    digest = hashlib.sha256(b"secure-fedllm/tokenized-data/v1|")
+    for example in data.examples:
+        digest.update(np.asarray(example.input_ids, dtype="<i8").tobytes() + b"|")
+        digest.update(np.asarray(example.labels, dtype="<i8").tobytes() + b"|")
+    digest.update(json.dumps(data.units, separators=(",", ":")).encode())
+    return digest.digest()
 
 
 class FederatedClient:
-    """One client of the in-process federation."""
+    """One client of the in-process federation (and of a Flower node).
+
+    Args:
+        client: the client id.
+        data: its tokenized records.
+        policy: its own floors and budget.
+        ledger: its privacy ledger (None without DP).
+        site: its private state folder (secret, noise seeds, stored outputs, session bindings).
+        learning_rate: the local step size (part of the release key).
+        optimizer: the inner optimiser (part of the release key).
+        fingerprints: the model, A0, adapter and manifest hashes the client checks plans against.
+        job: the job the releases belong to (e.g. a digest of the run configuration).
+        template: a description of the chat template (part of the release key).
+    """
 
     def __init__(
         self,
@@ -57,17 +93,18 @@ class FederatedClient:
         *,
         policy: ClientPolicy,
         ledger: PrivacyLedger | None,
-        secret_seed: bytes,
+        site: SiteState,
         learning_rate: float,
         optimizer: str,
         fingerprints: dict[str, str] | None = None,
+        job: str = "",
+        template: str = "",
     ) -> None:
-        if len(secret_seed) < 32:
-            raise ValueError("secret_seed must be at least 32 bytes")
-        self.client, self.data, self.policy, self.ledger = client, data, policy, ledger
+        self.client, self.data, self.policy, self.ledger, self.site = client, data, policy, ledger, site
         self.fingerprints = dict(fingerprints or {})
-        self._seed = secret_seed
         self.learning_rate, self.optimizer = learning_rate, optimizer
+        self.job, self.template = job, template
+        self._data_digest: bytes | None = None
 
     @property
     def epsilon(self) -> float:
@@ -76,14 +113,14 @@ class FederatedClient:
 
     @property
     def rounds_joined(self) -> list[int]:
-        """Rounds charged to this client."""
+        """Rounds charged to this client (a round appears once per distinct release)."""
         return list(self.ledger.rounds) if self.ledger is not None else []
 
     def willing(self, round_number: int) -> str | None:
         """None if the client can join `round_number`, else why it sits out."""
         event = self.policy.event()
         if event is None or self.ledger is None or round_number in self.ledger.rounds:
-            return None
+            return None  # a re-request of a charged release costs nothing; anything else is checked in train()
         if len(self.ledger.rounds) >= self.policy.max_participations:
             return f"participation cap {self.policy.max_participations} reached"
         if self.ledger.would_exceed(event):
@@ -113,13 +150,14 @@ class FederatedClient:
         """Run the client's part of `plan` and return its (charged) update.
 
         Raises:
-            PlanRefusedError: the plan asks for less privacy than the client's policy.
+            PlanRefusedError: the plan is malformed or asks for less privacy than the client's policy.
             PrivacyBudgetExhaustedError: the round would exceed the budget (raised before any step).
         """
         assignment = self._check_plan(plan)
-        release = self.release_id(plan, global_vector)
+        key = self.release_key(plan, global_vector, assignment)
+        tag = hashlib.sha256(b"secure-fedllm/ledger-tag|" + key).hexdigest()[:32]
         event = self.policy.event()
-        replay = False
+        charged = False
         if event is not None and self.ledger is not None:
             event = event.model_copy(
                 update={
@@ -128,21 +166,82 @@ class FederatedClient:
                     "steps": assignment.steps,
                 }
             )
-            if plan.round in self.ledger.rounds:
-                index = self.ledger.rounds.index(plan.round)
-                replay = self.ledger.events[index] == event and self.ledger.releases[index] == release
-                if not replay:
-                    raise PlanRefusedError(
-                        f"client {self.client}: round {plan.round} was already released from another plan or "
-                        "global adapter; a second release of the same round is refused"
-                    )
-            else:
+            charged = self.ledger.charged(plan.round, tag)
+            if not charged:
                 if len(self.ledger.rounds) >= self.policy.max_participations:
                     raise PlanRefusedError(
                         f"client {self.client}: participation cap {self.policy.max_participations} reached"
                     )
                 if self.ledger.would_exceed(event):
-                    self.ledger.charge(plan.round, event)  # raises PrivacyBudgetExhaustedError, changes nothing
+                    self.ledger.charge(plan.round, event, release=tag)  # raises PrivacyBudgetExhaustedError
+        seed = self.site.noise_seed(self.job, plan.round, key)
+        delta = self.site.load_output(self.job, plan.round, key)
+        if delta is None:
+            if charged:
+                raise PlanRefusedError(
+                    f"client {self.client}: round {plan.round} was charged but its output is missing from "
+                    f"{self.site.root}; refusing to release it again"
+                )
+            delta = self._train(trainer, model, manifest, global_vector, assignment, seed)
+            self.site.save_output(self.job, plan.round, key, delta)
+        if event is not None and self.ledger is not None and not charged:
+            self.ledger.charge(plan.round, event, release=tag)
+        rounding = hashlib.sha256(b"secure-fedllm/rounding|" + seed).digest()
+        return ClientUpdate(self.client, plan.round, delta, self.epsilon, charged, key, rounding)
+
+    def release_key(
+        self, plan: RoundPlan, global_vector: npt.NDArray[np.float32], assignment: Assignment | None = None
+    ) -> bytes:
+        """The site-private HMAC of everything this client's update for `plan` depends on."""
+        if self._data_digest is None:
+            self._data_digest = data_digest(self.data)
+        own = assignment or next(a for a in plan.participants if a.client == self.client)
+        hyper = {"learning_rate": self.learning_rate, "optimizer": self.optimizer, **own.model_dump()}
+        return self.site.release_key(
+            job=self.job,
+            round=plan.round,
+            plan=plan.digest(),
+            global_adapter=np.ascontiguousarray(global_vector, dtype="<f4"),
+            data=self._data_digest,
+            hyperparameters=hyper,
+            template=self.template,
+        )
+
+    def refuses(self, update: ClientUpdate) -> str | None:
+        """Why this release may not join a new session (its masked input already went to one), or None."""
+        binding = self.site.binding(self.job, update.round, update.release_key)
+        if binding is None:
+            return None
+        return (
+            f"client {self.client}: round {update.round} was already sent to session {binding.session.hex()[:16]}...; "
+            "one update goes to one session only"
+        )
+
+    def bind(self, update: ClientUpdate, session: bytes, transcript: bytes) -> None:
+        """Bind the release to the session its masked input is about to go to (fsynced first).
+
+        Raises:
+            ReleaseBindingError: the release is already bound to another session.
+        """
+        self.site.bind(self.job, update.round, update.release_key, session, transcript)
+
+    def check_session(self, update: ClientUpdate, session: bytes, survivors: tuple[int, ...] | None = None) -> None:
+        """Refuse a request for a bound release that names another session or survivor set.
+
+        Raises:
+            ReleaseBindingError: naming the session or survivor set the release is bound to.
+        """
+        self.site.check_binding(self.job, update.round, update.release_key, session=session, survivors=survivors)
+
+    def _train(
+        self,
+        trainer: LocalTrainer,
+        model: PeftModel,
+        manifest: AdapterManifest,
+        global_vector: npt.NDArray[np.float32],
+        assignment: Assignment,
+        seed: bytes,
+    ) -> npt.NDArray[np.float32]:
         set_vector(model, manifest, global_vector)
         settings = StepSettings(
             noise_multiplier=assignment.noise_multiplier,
@@ -153,27 +252,23 @@ class FederatedClient:
             learning_rate=self.learning_rate,
             optimizer=self.optimizer,
         )
-        with torch.random.fork_rng(devices=[]):  # LoRA / model dropout masks, replayable per release
-            torch.manual_seed(self._seed_int(b"dropout", release))
-            trainer.train(
-                self.data,
-                settings,
-                sample_generator=torch.Generator().manual_seed(self._seed_int(b"sample", release)),
-                noise_generator=torch.Generator().manual_seed(self._seed_int(b"noise", release)),
-            )
-        delta = get_vector(model, manifest) - global_vector
-        if event is not None and self.ledger is not None and not replay:
-            self.ledger.charge(plan.round, event, release=release)
-        return ClientUpdate(self.client, delta.astype(np.float32), self.epsilon, replay, release)
-
-    def release_id(self, plan: RoundPlan, global_vector: npt.NDArray[np.float32]) -> str:
-        """Digest of what determines this client's update: round, plan and starting adapter."""
-        digest = hashlib.sha256(b"secure-fedllm/release/v1|" + plan.round.to_bytes(8, "big") + plan.digest())
-        digest.update(np.ascontiguousarray(global_vector, dtype="<f4").tobytes())
-        return digest.hexdigest()
+        try:
+            with torch.random.fork_rng(devices=[]):  # LoRA / model dropout masks, from the release's seed
+                torch.manual_seed(_seed_int(seed, b"dropout"))
+                trainer.train(
+                    self.data,
+                    settings,
+                    sample_generator=torch.Generator().manual_seed(_seed_int(seed, b"sample")),
+                    noise_generator=torch.Generator().manual_seed(_seed_int(seed, b"noise")),
+                )
+            delta = get_vector(model, manifest) - global_vector
+        finally:
+            set_vector(model, manifest, global_vector)  # the shared model never keeps one client's update
+        return delta.astype(np.float32)
 
     def _check_plan(self, plan: RoundPlan) -> Assignment:
-        """Refuse a plan for another model, a weakened one, or one that could single out an update."""
+        """Refuse a malformed plan, one for another model, a weakened one, or one that could single out an update."""
+        plan = plan.validated()
         for name, mine in self.fingerprints.items():
             if getattr(plan, name, mine) != mine:
                 raise PlanRefusedError(
@@ -197,10 +292,6 @@ class FederatedClient:
         self.policy.check(own[0])
         return own[0]
 
-    def rounding_seed(self, release: str) -> bytes:
-        """Seed of the stochastic rounding of this release's encoded update (private, replayable)."""
-        return hashlib.sha256(self._seed + b"|rounding|" + release.encode()).digest()
 
-    def _seed_int(self, purpose: bytes, release: str) -> int:
-        seed = hashlib.sha256(self._seed + b"|" + purpose + b"|" + release.encode()).digest()
-        return int.from_bytes(seed[:8], "big") >> 1
+def _seed_int(seed: bytes, purpose: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(seed + b"|" + purpose).digest()[:8], "big") >> 1

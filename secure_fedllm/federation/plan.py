@@ -9,7 +9,8 @@ different keys and the round aborts rather than mixing incompatible or weakened 
 `ClientPolicy` is what a client enforces whatever the server asks: a noise floor, a clipping
 ceiling, a sampling-rate ceiling, a step ceiling, a participation cap and its budget. The noise is
 calibrated per client for K = min(rounds, max_participations) joins at that client's own sampling
-rate q_i = expected_batch / N_i. Client sampling by the server is not counted as amplification: the
+rate q_i = expected_batch / N_i, under `privacy.neighbouring` (replace-one by default, because N_i is
+public). Client sampling by the server is not counted as amplification: the
 server chooses, so a client cannot rely on being sampled at random.
 """
 
@@ -21,7 +22,7 @@ import math
 import warnings
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import RunConfig
 from ..errors import ConfigError, SecureFedLLMError
@@ -35,16 +36,21 @@ class PlanRefusedError(SecureFedLLMError):
 
 
 class Assignment(BaseModel):
-    """One participant's DP-SGD settings and aggregation weight, as announced by the server."""
+    """One participant's DP-SGD settings and aggregation weight, as announced by the server.
+
+    Every field is finite and in range when the plan is parsed: a NaN noise multiplier hangs the
+    RDP accountant and a negative clip norm wedges the shared trainer, so such a plan must never
+    reach either. `ClientPolicy.check` repeats the checks for plans built without validation.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    client: int
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    steps: int
-    weight: float
+    client: Annotated[int, Field(ge=0)]
+    noise_multiplier: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    sample_rate: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    steps: Annotated[int, Field(ge=1)]
+    weight: Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class RoundPlan(BaseModel):
@@ -52,20 +58,49 @@ class RoundPlan(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    round: int
+    round: Annotated[int, Field(ge=0)]
     base_sha256: str
     a0_sha256: str
     adapter_config_sha256: str
     manifest_sha256: str
     aggregation: str
     protocol: str
-    clip_range: float
-    participants: tuple[Assignment, ...]
+    clip_range: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    participants: Annotated[tuple[Assignment, ...], Field(min_length=1)]
 
     def digest(self) -> bytes:
         """SHA-256 over the canonical JSON form."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(b"secure-fedllm/round-plan/v1|" + canonical.encode()).digest()
+
+    @classmethod
+    def parse(cls, data: str | bytes) -> RoundPlan:
+        """Parse a plan received from the server, refusing any field out of range.
+
+        Raises:
+            PlanRefusedError: naming the first offending field and what it must be.
+        """
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise PlanRefusedError(f"the round plan is refused: {_first_error(exc)}") from exc
+
+    def validated(self) -> RoundPlan:
+        """Re-validate every field (for plans built with `model_construct` or `model_copy`).
+
+        Raises:
+            PlanRefusedError: naming the first offending field.
+        """
+        try:
+            return type(self).model_validate(self.model_dump())
+        except ValidationError as exc:
+            raise PlanRefusedError(f"the round plan of round {self.round} is refused: {_first_error(exc)}") from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}={error.get('input')!r}: {error['msg']}"
 
 
 class ClientPolicy(BaseModel):
@@ -73,16 +108,16 @@ class ClientPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    client: int
+    client: Annotated[int, Field(ge=0)]
     private: bool
     num_units: Annotated[int, Field(ge=1)]
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    steps: int
-    max_participations: int
-    epsilon_budget: float
-    delta: float
+    noise_multiplier: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    sample_rate: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    steps: Annotated[int, Field(ge=1)]
+    max_participations: Annotated[int, Field(ge=1)]
+    epsilon_budget: Annotated[float, Field(gt=0)]
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
     min_weight: float = Field(
         0.1, description="smallest weight relative to the largest that the client accepts in a plan"
     )
@@ -96,14 +131,31 @@ class ClientPolicy(BaseModel):
     def check(self, assignment: Assignment) -> None:
         """Refuse a plan that asks for less noise, a larger clip, a larger q or more steps than allowed.
 
+        Each value must first be finite and in range (0 < q <= 1, clip > 0, noise >= 0, steps >= 1,
+        weight > 0): NaN compares false with every floor, so the range checks come before the floors
+        and are written so that NaN fails them.
+
         Raises:
             PlanRefusedError: naming the setting, the requested value and the client's limit.
         """
+        ranges = (
+            ("noise_multiplier", assignment.noise_multiplier, lambda v: 0 <= v < math.inf, "finite and >= 0"),
+            ("max_grad_norm", assignment.max_grad_norm, lambda v: 0 < v < math.inf, "finite and > 0"),
+            ("sample_rate", assignment.sample_rate, lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("weight", assignment.weight, lambda v: 0 < v < math.inf, "finite and > 0"),
+            ("steps", assignment.steps, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        )
+        for name, value, ok, what in ranges:
+            if not isinstance(value, int | float) or not ok(value):
+                raise PlanRefusedError(
+                    f"client {self.client} refuses round plan: {name}={value!r} must be {what}; the server "
+                    "must announce valid DP settings"
+                )
         rules = (
-            ("noise_multiplier", assignment.noise_multiplier < self.noise_multiplier, self.noise_multiplier, ">="),
-            ("max_grad_norm", assignment.max_grad_norm > self.max_grad_norm, self.max_grad_norm, "<="),
-            ("sample_rate", assignment.sample_rate > self.sample_rate, self.sample_rate, "<="),
-            ("steps", assignment.steps > self.steps, self.steps, "<="),
+            ("noise_multiplier", not assignment.noise_multiplier >= self.noise_multiplier, self.noise_multiplier, ">="),
+            ("max_grad_norm", not assignment.max_grad_norm <= self.max_grad_norm, self.max_grad_norm, "<="),
+            ("sample_rate", not assignment.sample_rate <= self.sample_rate, self.sample_rate, "<="),
+            ("steps", not assignment.steps <= self.steps, self.steps, "<="),
         )
         for name, broken, limit, sign in rules:
             if broken:
@@ -142,7 +194,7 @@ def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolic
             delta=delta,
             sample_rate=q,
             steps=joins * steps,
-            accountant=make_accountant(privacy.accountant),
+            accountant=make_accountant(privacy.accountant, neighbouring=privacy.neighbouring),
         )
     return ClientPolicy(
         client=client,

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ..config import RunConfig
+from ..privacy import neighbouring_statement
 from .checkpoint import RunPaths
 from .plan import ClientPolicy
 
@@ -144,7 +145,8 @@ def write_report(
             )
         lines += [
             "",
-            f"Accountant `{config.privacy.accountant}`; noise calibrated per client for "
+            f"Accountant `{config.privacy.accountant}`, neighbouring relation `{config.privacy.neighbouring}`; noise "
+            "calibrated per client for "
             f"K = min(rounds, max_participations) = {policies[0].max_participations} joins at its own q_i; "
             "a client is charged only for rounds it joins (sampling by the server gives no amplification).",
             "",
@@ -154,12 +156,19 @@ def write_report(
             f"{sidecar['epsilon_max_over_contributors']:.3f} at delta {sidecar['delta_max_over_contributors']:.3g}.",
             "- Each client's number of privacy units N_i is treated as public: it sets q_i, delta and any "
             "size-based weights, and the plan announces them.",
+            f"- {neighbouring_statement(config.privacy.neighbouring, config.privacy.unit)}",
             "- Tuning hyperparameters on private data spends privacy that this ledger does not count.",
-            "- The sampling and noise generators are torch's Mersenne Twister seeded from each client's private "
-            "seed: not a cryptographic RNG.",
+            "- The sampling and noise generators are torch's Mersenne Twister seeded, per release, from a fresh "
+            "os.urandom seed kept in the client's state folder: not a cryptographic RNG.",
         ]
         if config.privacy.noise_seed is not None:
             lines.append("- **privacy.noise_seed is set: the noise is predictable to anyone who knows it.**")
+        if config.privacy.neighbouring == "add_remove":
+            lines.append(
+                "- **privacy.neighbouring is 'add_remove': these epsilons assume q_i, delta and weights come from a "
+                "public N independent of the data, but this run derives them from each client's N_i; the replace-one "
+                "epsilon of the same noise is larger.**"
+            )
     else:
         lines.append("**No differential privacy**: updates are protected in transit only; the adapter is not private.")
     lines += ["", f"![epsilon]({plots[1]})", "", "## Cost", "", "| round | " + " | ".join(
@@ -184,6 +193,7 @@ def write_report(
         "## Files",
         "",
         "`config.toml`, `metrics.jsonl`, `adapter/` (peft; `secure_fedllm_adapter.json` holds the base-model, A0 and "
-        "manifest hashes), `ledger/` (per-client privacy ledgers), `checkpoint/`.",
+        "manifest hashes), `checkpoint/`. Each client's ledger, secrets and noise seeds stay in its own state "
+        "folder (`<run>.sites/client-XXXX/` in process, the node's `state-dir` on Flower), never in the run folder.",
     ]
     paths.report.write_text("\n".join(lines) + "\n")

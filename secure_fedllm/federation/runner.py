@@ -1,20 +1,23 @@
 """The in-process federation: rounds of DP-SGD clients and secure aggregation, checkpointed.
 
 Every client trains on the same peft model object in turn (one copy of the weights in memory, the
-Opacus hooks attached once); what separates clients is their data, policy, ledger and private
-seed. Per round: the server samples a cohort; each client checks its budget (sitting out if a
-round would exceed it); the server announces the `RoundPlan` whose digest binds the base-model, A0,
+Opacus hooks attached once); what separates clients is their data, policy and private state folder
+(`secure_fedllm.site.SiteState`: ledger, secrets, noise seeds, session bindings), kept under the
+sites folder beside the run folder (`<run>.sites` unless `sites` names another), never inside it.
+
+Per round: the server samples a cohort; each client checks its budget (sitting out if a round would
+exceed it); the server announces the `RoundPlan` whose digest binds the base-model, A0,
 adapter-config and manifest hashes and every participant's DP settings into the protocol
-transcript; clients train and charge their ledgers; updates are securely aggregated with the
-configured dropouts; the server applies the decoded mean, evaluates on its own held-out records and
-checkpoints.
+transcript; clients train and charge their ledgers; a client whose release already went to an
+earlier session refuses the new one; each client binds its release to the session right before its
+masked input leaves; updates are securely aggregated with the configured dropouts; the server
+applies the decoded mean, evaluates on its own held-out records and checkpoints.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,10 +35,11 @@ from ..data import ChatTemplate, TokenizedDataset, load_federation_data
 from ..errors import ConfigError
 from ..models import load_base_model, model_fingerprint
 from ..privacy import PrivacyLedger
+from ..site import SiteState, check_setting
 from ..training import LocalTrainer, evaluate, generate_samples
 from .aggregation import aggregate_updates, draw_dropouts, sample_cohort
-from .checkpoint import Checkpoint, RunPaths, atomic_write
-from .client import FederatedClient
+from .checkpoint import Checkpoint, RunPaths, atomic_write, site_folder
+from .client import ClientUpdate, FederatedClient
 from .plan import RoundPlan, client_policy
 from .report import write_report
 
@@ -68,6 +72,7 @@ def run(
     progress: bool = True,
     stop_after: int | None = None,
     tap: Callable[[int, int, bytes], None] | None = None,
+    sites: str | Path | None = None,
 ) -> RunResult:
     """Run (or resume) a federation and return its result.
 
@@ -79,12 +84,18 @@ def run(
         progress: show rich progress bars and a summary per round.
         stop_after: stop after this round, as if the process ended there (resume continues).
         tap: audit hook called with (round, client, bytes) for every message a client sends the server.
+        sites: the folder of the clients' private state folders (default `<run>.sites`, beside the run
+            folder; give the same one to `resume`). Never inside the run folder, which is public.
 
     Raises:
         ConfigError: a bad configuration, an existing run folder, or a resume that does not match.
         PrivacyBudgetExhaustedError: a client asked to train past its budget.
     """
     paths, config = _prepare_folder(config, out, resume)
+    check_setting(config)  # a malicious setting the cohort cannot run fails here, not after round 0
+    sites_root = Path(sites) if sites is not None else paths.sites
+    if sites_root.resolve().is_relative_to(paths.root.resolve()):
+        raise ConfigError(f"sites={sites_root} is inside the run folder {paths.root}, which the server may publish")
     torch.manual_seed(_public_seed(config.federation.seed, "torch"))
     console = Console(quiet=not progress)
     base, tokenizer = load_base_model(config.model)
@@ -99,7 +110,7 @@ def run(
     if data.canaries and not (paths.root / "data_manifest.json").exists():
         atomic_write(paths.root / "data_manifest.json", json.dumps({"canaries": data.canaries}, indent=1).encode())
     own = {"base_sha256": base_sha, "manifest_sha256": manifest.digest(), **fingerprints}
-    clients = [_make_client(config, paths, i, ds, own) for i, ds in enumerate(datasets)]
+    clients = [_make_client(config, sites_root, i, ds, own) for i, ds in enumerate(datasets)]
     trainer = LocalTrainer(model, grad_sample_mode=config.training.grad_sample_mode)
 
     checkpoint = Checkpoint.load(paths)
@@ -153,7 +164,7 @@ def run(
     if merge:
         model.merge_and_unload().save_pretrained(paths.root / "merged")
         tokenizer.save_pretrained(paths.root / "merged")
-    ledgers = [c.ledger.to_dict() if c.ledger else {"client": c.client} for c in clients]
+    ledgers = [c.ledger.to_dict(public=True) if c.ledger else {"client": c.client} for c in clients]
     summary = [
         {"client": i, "records": len(ds.examples), "units": ds.num_units, "dropped": ds.dropped}
         for i, ds in enumerate(datasets)
@@ -200,6 +211,10 @@ def adapter_sidecar(
         "rounds": config.federation.rounds,
         "epsilon_max_over_contributors": epsilon_max,
         "delta_max_over_contributors": delta_max,
+        # An epsilon is only meaningful with the datasets it separates: one privacy unit replaced
+        # ("replace") or added/removed ("add_remove"); see `neighbouring_statement`.
+        "privacy_unit": config.privacy.unit,
+        "neighbouring": config.privacy.neighbouring,
     }
 
 
@@ -235,33 +250,53 @@ def _federated_round(
     )
     task = bars.add_task(f"round {round_number}: clients training", total=len(joining))
     t = time.perf_counter()
-    updates = []
+    trained = []
     for c in joining:
-        updates.append(clients[c].train(trainer, model, manifest, global_vector, plan))
+        trained.append(clients[c].train(trainer, model, manifest, global_vector, plan))
         bars.advance(task)
     bars.remove_task(task)
     training_seconds = time.perf_counter() - t
-    drop_at = draw_dropouts(config, round_number, len(joining))
+    # A release whose masked input already went to an earlier session (a crash after masking) stays there:
+    # its client refuses this session rather than let two sums of the same updates be differenced.
+    refused = {u.client: why for u in trained if (why := clients[u.client].refuses(u)) is not None}
+    if refused:
+        row["refused"] = {str(c): why for c, why in refused.items()}
+        plan_clients = [c for c in joining if c not in refused]
+        if len(plan_clients) < minimum:
+            aborted = f"only {len(plan_clients)} clients can join"
+            row.update(participants=joining, included=[], dropped=[], aborted=aborted)
+            return global_vector
+    updates = [u for u in trained if u.client not in refused]
+    parties = [u.client for u in updates]
+    drop_at = draw_dropouts(config, round_number, len(parties))
     outcome = aggregate_updates(
         config,
         [u.delta for u in updates],
-        [weights[c] for c in joining],
+        [weights[c] for c in parties],
         round_number=round_number,
         context=plan.digest(),
         drop_at=drop_at,
-        tap=(lambda party, wire: tap(round_number, joining[party], wire)) if tap else None,
-        rounding_seeds=[clients[c].rounding_seed(u.release) for c, u in zip(joining, updates, strict=True)],
+        tap=_binding_tap(config, round_number, [clients[c] for c in parties], updates, tap),
+        rounding_seeds=[u.rounding_seed for u in updates],
+        # malicious setting: each client's own identity key (from its site state) and the roster all sites pin
+        identity_keys=[clients[c].site.identity_key for c in parties],
+        roster=[client.site.identity_public_key for client in clients],
     )
     if config.lora.aggregation == "fedit" and outcome.mean is not None:
         row["fedit_product_error"] = _fedit_error(manifest, global_vector, [u.delta for u in updates], outcome)
     row.update(
         participants=joining,
-        included=[joining[i] for i in outcome.included],
-        dropped=[joining[i] for i in range(len(joining)) if i not in outcome.included],
+        included=[parties[i] for i in outcome.included],
+        dropped=[c for c in joining if c not in {parties[i] for i in outcome.included}],
         aborted=outcome.aborted,
         clipped_coordinates=outcome.clipped_coordinates,
         quantization_bound=outcome.max_abs_error,
-        protocol={"neighbours": outcome.neighbours, "threshold": outcome.threshold, "insecure": outcome.insecure},
+        protocol={
+            "neighbours": outcome.neighbours,
+            "threshold": outcome.threshold,
+            "insecure": outcome.insecure,
+            "malicious": outcome.malicious,
+        },
         seconds={
             "training": training_seconds,
             "protocol_client": outcome.client_seconds,
@@ -308,35 +343,84 @@ def _public_seed(seed: int, purpose: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{purpose}".encode()).digest()[:8], "big") >> 1
 
 
+def _binding_tap(
+    config: RunConfig,
+    round_number: int,
+    clients: list[FederatedClient],
+    updates: list[ClientUpdate],
+    audit: Callable[[int, int, bytes], None] | None,
+) -> Callable[[int, bytes], None]:
+    """The hook that runs as each message leaves a client: bind its release before its masked input goes.
+
+    The binding (session id and transcript, fsynced in the client's state folder) is written before
+    the masked input (or HE ciphertext) is handed to the server, so no crash can let it reach a
+    second session.
+    """
+    from protocols import decode_message
+    from protocols.he import decode_he_message
+
+    he = config.secure_aggregation.protocol.startswith("he-")
+    transcripts: dict[int, bytes] = {}
+
+    def hook(party: int, wire: bytes) -> None:
+        message: Any = decode_he_message(wire) if he else decode_message(wire)
+        kind = type(message).__name__
+        if kind == "AdvertiseKeys":
+            transcripts[party] = message.transcript
+        elif kind in ("MaskedInput", "HEInput"):
+            clients[party].bind(updates[party], message.session, transcripts.get(party, b""))
+        if audit is not None:
+            audit(round_number, clients[party].client, wire)
+
+    return hook
+
+
+def job_id(config: RunConfig) -> str:
+    """The job a run's releases belong to: a digest of its configuration (equal on resume and on every engine)."""
+    return hashlib.sha256(b"secure-fedllm/job|" + config.model_dump_json().encode()).hexdigest()[:32]
+
+
+def open_site(config: RunConfig, sites: Path, client: int) -> SiteState:
+    """Client `client`'s state folder under `sites` (reproducible only when `privacy.noise_seed` is set)."""
+    fixed = config.privacy.noise_seed
+    seed = f"noise-seed|{fixed}|{client}".encode() if fixed is not None else None
+    return SiteState.open(site_folder(sites, client), reproducible_seed=seed)
+
+
 def _make_client(
-    config: RunConfig, paths: RunPaths, client: int, data: TokenizedDataset, fingerprints: dict[str, str]
+    config: RunConfig, sites: Path, client: int, data: TokenizedDataset, fingerprints: dict[str, str]
 ) -> FederatedClient:
     policy = client_policy(config, client, data.num_units)
+    site = open_site(config, sites, client)
     ledger = None
     if policy.private:
         ledger = PrivacyLedger.open(
-            paths.ledger(client),
+            site.ledger_path,
             client=client,
             epsilon_budget=policy.epsilon_budget,
             delta=policy.delta,
             accountant=config.privacy.accountant,
+            neighbouring=config.privacy.neighbouring,
         )
-    state_file = paths.client_state(client)
-    if state_file.exists():
-        seed = bytes.fromhex(json.loads(state_file.read_text())["secret_seed"])
-    else:
-        fixed = config.privacy.noise_seed
-        seed = hashlib.sha256(f"noise-seed|{fixed}|{client}".encode()).digest() if fixed is not None else os.urandom(32)
-        atomic_write(state_file, json.dumps({"client": client, "secret_seed": seed.hex()}).encode())
+        if ledger.neighbouring != config.privacy.neighbouring:
+            # The report, sidecar and metrics state the config's relation: a ledger accounted under
+            # another one would make that statement false.
+            raise ConfigError(
+                f"client {client}: its ledger {site.ledger_path} accounts privacy.neighbouring="
+                f"{ledger.neighbouring!r} but the config says {config.privacy.neighbouring!r}; set "
+                "privacy.neighbouring to the ledger's relation or start a new run"
+            )
     return FederatedClient(
         client,
         data,
         policy=policy,
         ledger=ledger,
-        secret_seed=seed,
+        site=site,
         learning_rate=config.training.learning_rate,
         optimizer=config.training.optimizer,
         fingerprints=fingerprints,
+        job=job_id(config),
+        template=json.dumps({"system_prompt": config.data.system_prompt, "max_length": config.data.max_length}),
     )
 
 

@@ -16,12 +16,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .records import INPUT_RECORD, PROTOCOL_RECORD, STATE_RECORD, FlowerIntegrationError, flatten_arrays, split_vector
+from .records import (
+    INPUT_RECORD,
+    PROTOCOL_RECORD,
+    SETUP,
+    STATE_RECORD,
+    STEP,
+    FlowerIntegrationError,
+    RoundSetup,
+    flatten_arrays,
+    split_vector,
+)
 
 if TYPE_CHECKING:
     from .client_mod import ERROR_CODE, SecureAggregationMod, secure_aggregation_mod
     from .fit_workflow import SecureFitWorkflow
-    from .grid_round import GridRoundResult, secure_aggregate
+    from .grid_round import GridRoundResult, collect_identity_keys, secure_aggregate
     from .local_grid import LocalGrid
 
 _LAZY = {
@@ -31,6 +41,7 @@ _LAZY = {
     "SecureFitWorkflow": "fit_workflow",
     "GridRoundResult": "grid_round",
     "secure_aggregate": "grid_round",
+    "collect_identity_keys": "grid_round",
     "LocalGrid": "local_grid",
 }
 
@@ -47,12 +58,16 @@ __all__ = [
     "ERROR_CODE",
     "INPUT_RECORD",
     "PROTOCOL_RECORD",
+    "SETUP",
     "STATE_RECORD",
+    "STEP",
     "FlowerIntegrationError",
     "GridRoundResult",
     "LocalGrid",
+    "RoundSetup",
     "SecureAggregationMod",
     "SecureFitWorkflow",
+    "collect_identity_keys",
     "flatten_arrays",
     "secure_aggregate",
     "secure_aggregation_mod",

@@ -3,7 +3,10 @@
 Run config keys (`[tool.flwr.app.config]`, or `flwr run ... --run-config`):
 `config` (path of a RunConfig TOML, "" for the defaults), `out` (the run folder),
 `train-timeout` and `stage-timeout` (seconds). Node config keys: `partition-id` (which client the node
-is), and optionally `config`, `state-dir`, `secagg-identity-key`, `secagg-allow-insecure`.
+is), and optionally `config`, `state-dir`, `site-policy` (the node's `SitePolicy` file: the security
+parameters it accepts, its pinned roster and identity key; default `<state-dir>/client-XXXX/policy.toml`
+when present), and without a policy `secagg-identity-key`, `secagg-allow-insecure`. Security settings
+come only from the node's own config and files, never from the run config, which the server writes.
 
 Importing this module loads Flower and our protocol code only; torch loads when a node first trains.
 """

@@ -2,10 +2,14 @@
 
 A node is one client of the run: `partition-id` in its node_config picks its records, its privacy
 policy comes from its own copy of the run configuration (node_config `config`, else the run's
-`config`), and its ledger and private seed live in its own state folder (node_config `state-dir`,
-else the run folder, as in-process). The server proposes; the node checks the plan against its
+`config`), and its ledger, secrets, noise seeds and release bindings live in its own state folder
+(`secure_fedllm.site.SiteState` at `<state-dir>/client-XXXX/`; node_config `state-dir`, else
+`<out>.sites` beside the run folder, never the run folder itself, which the server publishes). The
+server proposes; the node checks the plan against its
 policy and its own model fingerprints, trains, charges its ledger and only then lets the update go
-to `secure_aggregation_mod`, which masks it. Three messages reach these handlers:
+to `secure_aggregation_mod`, which masks it. Its release key (secret) goes to the Mod beside the
+update in `INPUT_RECORD`, which the Mod takes out of the reply before anything reaches the server;
+the Mod binds the release to one session before the masked input leaves. Three messages reach these handlers:
 
 * `query.offer`: is the node willing to join round r, and with which DP settings (its `Assignment`)?
 * `train`: the round plan and the global adapter; the reply is the charged update (masked by the Mod).
@@ -64,7 +68,17 @@ _DATA: dict[tuple[str, int], Any] = {}
 def node_config_path(context: Context) -> tuple[Path | None, Path]:
     """(configuration file or None for the default, state folder) of this node."""
     config = context.node_config.get("config") or context.run_config.get("config") or ""
-    state = context.node_config.get("state-dir") or context.run_config.get("out") or "."
+    state = context.node_config.get("state-dir")
+    if not state:
+        out = context.run_config.get("out")
+        if not out:
+            from .records import FlowerIntegrationError
+
+            raise FlowerIntegrationError(
+                "this node has no state folder: set node_config state-dir (its private ledger, secrets and seeds "
+                "live there, never in the run folder)"
+            )
+        state = f"{Path(str(out)).resolve()}.sites"
     return (Path(str(config)) if config else None), Path(str(state))
 
 
@@ -97,7 +111,6 @@ def _shared(config: RunConfig, digest: str) -> _Shared:
 
 def _node(context: Context) -> _Node:
     from ..data import TokenizedDataset
-    from ..federation.checkpoint import RunPaths
     from ..federation.runner import _make_client
 
     config_file, state = node_config_path(context)
@@ -111,7 +124,7 @@ def _node(context: Context) -> _Node:
     data = _DATA[key]
     # The client (and its ledger) is re-read from disk for every message: another worker process may
     # have served this node since, and a stale in-memory ledger would under-count its epsilon.
-    client = _make_client(config, RunPaths(state), partition, data, shared.fingerprints)
+    client = _make_client(config, state, partition, data, shared.fingerprints)
     return _Node(
         config, partition, shared.model, shared.manifest, shared.trainer, client, len(data.examples), data.dropped
     )
@@ -124,14 +137,14 @@ def _facts(context: Context) -> tuple[Any, dict[str, int]]:
     each message is a fresh process, so the counts are cached in the node's state folder (they are
     public: N_i is part of every plan) and the model is built only for training.
     """
-    from ..federation.checkpoint import RunPaths, atomic_write
+    from ..federation.checkpoint import atomic_write, site_folder
     from ..federation.runner import _make_client
 
     config_file, state = node_config_path(context)
     config = RunConfig.from_file(config_file) if config_file else RunConfig()
     partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
     digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
-    path = RunPaths(state).client_state(partition).with_name(f"facts-{partition:04d}.json")
+    path = site_folder(state, partition) / "facts.json"
     facts = json.loads(path.read_text()) if path.exists() else {}
     if facts.get("config") != digest:
         node = _node(context)
@@ -143,7 +156,7 @@ def _facts(context: Context) -> tuple[Any, dict[str, int]]:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(facts).encode())
-    client = _make_client(config, RunPaths(state), partition, _Counts(int(facts["units"])), {})  # type: ignore[arg-type]
+    client = _make_client(config, state, partition, _Counts(int(facts["units"])), {})  # type: ignore[arg-type]
     return client, facts
 
 
@@ -174,11 +187,20 @@ def handle_train(msg: Message, context: Context) -> Message:
     from ..federation.plan import RoundPlan
 
     node = _node(context)
-    plan = RoundPlan.model_validate_json(bytes(msg.content.config_records["plan"]["plan"]))  # type: ignore[arg-type]
+    plan = RoundPlan.parse(bytes(msg.content.config_records["plan"]["plan"]))  # type: ignore[arg-type]
     global_vector = msg.content.array_records["global"].to_numpy_ndarrays()[0].astype(np.float32)
     weight = next(a.weight for a in plan.participants if a.client == node.partition)
     update = node.client.train(node.trainer, node.model, node.manifest, global_vector, plan)
-    extra = {"weight": weight, "rounding_seed": node.client.rounding_seed(update.release), "context": plan.digest()}
+    extra = {
+        "weight": weight,
+        "rounding_seed": update.rounding_seed,
+        "context": plan.digest(),
+        # SECRET, for the Mod only: it binds this release to one session; INPUT_RECORD never reaches the server
+        "release_key": update.release_key,
+        "release_job": node.client.job,
+        "release_round": update.round,
+        "site_state": str(node.client.site.root),
+    }
     return Message(
         RecordDict(
             {
@@ -196,7 +218,7 @@ def handle_ledger(msg: Message, context: Context) -> Message:
     from flwr.app import ConfigRecord, Message, RecordDict
 
     c, facts = _facts(context)
-    ledger = c.ledger.to_dict() if c.ledger is not None else {"client": c.client}
+    ledger = c.ledger.to_dict(public=True) if c.ledger is not None else {"client": c.client}
     summary = {
         "client": c.client,
         "records": facts["records"],

@@ -10,10 +10,34 @@ Later messages carry one protocol message each; the mod restores the session fro
 handles the message, persists the new state and only then returns the reply, so a ClientApp process
 that dies between two messages never rolls a session back (`min_stage`).
 
-What the node decides for itself, not the server: whether parameters below our security bound
-(`allow_insecure`) are acceptable (node_config `secagg-allow-insecure`, default false), and its
-Ed25519 identity key for the malicious-server setting (node_config `secagg-identity-key`, a file of
-64 hex digits), which must be the key the parameters list at its party index.
+What the node decides for itself, not the server: its site policy (node_config `site-policy`, the
+path of a `secure_fedllm.site.SitePolicy` file: protocol family, pinned roster, n_C and dropout
+assumptions, floors; see `protocols.SecurityPolicy`). With a policy, the node derives what it would
+accept for the announced n and refuses weaker parameters (smaller t or k, no identity keys, keys not
+in its roster, another protocol family) with an `InsecureParameterError` naming the field, before it
+trains. Its Ed25519 identity key comes from the policy (or node_config `secagg-identity-key`, a file
+of 64 hex digits) and must be the key the parameters list at its party index; a node that holds one
+refuses parameters without identity keys (a downgrade to the semi-honest setting), policy or not.
+Without a policy a node still refuses `allow_insecure` parameters unless node_config
+`secagg-allow-insecure` is true. An `identify` message is answered with the node's public identity
+key, so a server learns the keys from the nodes (each node then checks them against its own roster)
+instead of shipping keys of its own choosing.
+
+One update, one session: right before the `MaskedInput` reply leaves, the mod binds the release
+(job, round, release key) to this session id and transcript, durably (the site state folder named by
+the ClientApp's `INPUT_RECORD` field `site_state`, fsynced; else a record in `Context.state`). From
+then on the node refuses any setup or step for that release in another session, and an unmask
+request for another survivor set, whatever session state it is restored from, so a server that
+re-runs a round without some client cannot difference the two sums. The release key comes from the
+ClientApp's reply (`INPUT_RECORD` fields `release_key`, `release_job`, `release_round`: SECRET, it
+never enters the reply to the server); a ClientApp that gives none is keyed by an HMAC, under a
+node secret, of the update it returned. A node that sent only keys or shares may join a new session.
+
+Graph tosses (malicious SecAgg+): before a `GraphReveal` leaves, the mod counts it for the release,
+durably, in the same binding book; once the release revealed in `max_graph_tosses` sessions (site
+policy, default 3; see `protocols.SecurityPolicy.max_graph_tosses` for the bias this bounds) it
+refuses to reveal in another with a `ReleaseBindingError`, so a server that aborts tosses until
+it likes the graph gets at most that many tries.
 
 Any protocol error ends the session: the secrets are dropped and the reply is a Flower error, which
 the server counts as a dropout.
@@ -22,12 +46,36 @@ the server counts as a dropout.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocols import ClientState, ProtocolError, SecAggClient, SecretSource, decode_message, encode_message
+from protocols import (
+    ClientState,
+    InsecureParameterError,
+    ProtocolError,
+    SecAggClient,
+    SecretSource,
+    SecurityPolicy,
+    decode_message,
+    encode_message,
+)
+from protocols.primitives import ed25519_public
+from protocols.secagg import GraphReveal, MaskedInput, UnmaskRequest, UnmaskResponse
 
-from .records import PROTOCOL_RECORD, SETUP, STATE_RECORD, FlowerIntegrationError, RoundSetup, extract_update
+from ..errors import ReleaseBindingError
+from ..site.policy import SITES_ENV, SitePolicy, site_policy_path
+from ..site.state import BindingBook, SiteStateError
+from .records import (
+    IDENTIFY,
+    INPUT_RECORD,
+    PROTOCOL_RECORD,
+    SETUP,
+    STATE_RECORD,
+    FlowerIntegrationError,
+    RoundSetup,
+    extract_update,
+)
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -43,11 +91,14 @@ class SecureAggregationMod:
     """A Flower client Mod running our SecAgg / SecAgg+ client session across messages.
 
     Args:
-        identity_key: raw 32-byte Ed25519 private key; default: the file named by node_config
-            `secagg-identity-key`, if any.
+        identity_key: raw 32-byte Ed25519 private key; default: the site policy's key file, else the
+            file named by node_config `secagg-identity-key`, if any.
+        site_policy: the site's policy; default: the file named by node_config `site-policy`, if any.
         allow_insecure: accept parameters below the security bound; default: node_config
             `secagg-allow-insecure` (false).
         rng: the CSPRNG for keys and seeds (os.urandom unless a test injects one).
+        max_graph_tosses: graph-nonce reveals per release; default: the site policy's
+            `max_graph_tosses`, else `SecurityPolicy`'s default (3).
     """
 
     def __init__(
@@ -56,8 +107,14 @@ class SecureAggregationMod:
         identity_key: bytes | None = None,
         allow_insecure: bool | None = None,
         rng: SecretSource | None = None,
+        site_policy: SitePolicy | None = None,
+        max_graph_tosses: int | None = None,
     ) -> None:
+        if max_graph_tosses is not None and max_graph_tosses < 1:
+            raise ValueError(f"max_graph_tosses={max_graph_tosses} must be at least 1")
         self.identity_key, self.allow_insecure, self.rng = identity_key, allow_insecure, rng
+        self.site_policy = site_policy
+        self.max_graph_tosses = max_graph_tosses
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         """Handle our messages; pass every other message to the rest of the ClientApp."""
@@ -67,8 +124,17 @@ class SecureAggregationMod:
         try:
             if record.get("stage") == SETUP:
                 return self._setup(msg, context, call_next, RoundSetup.from_record(record))
+            if record.get("stage") == IDENTIFY:
+                return self._identify(msg, context)
             return self._step(msg, context, bytes(record["payload"]))  # type: ignore[arg-type]
-        except (ProtocolError, FlowerIntegrationError, KeyError, ValueError) as exc:
+        except (
+            ProtocolError,
+            FlowerIntegrationError,
+            ReleaseBindingError,
+            SiteStateError,
+            KeyError,
+            ValueError,
+        ) as exc:
             _forget(context)
             return _error_reply(msg, f"{type(exc).__name__}: {exc}")
 
@@ -76,16 +142,13 @@ class SecureAggregationMod:
         from flwr.app import ConfigRecord, Message, RecordDict
 
         _forget(context)  # a new round replaces any session left over from an earlier one
-        if setup.params.allow_insecure and not self._insecure_ok(context):
-            raise FlowerIntegrationError(
-                "the server asks for parameters below the security bound (allow_insecure); set node_config "
-                "secagg-allow-insecure=true on this SuperNode to accept them"
-            )
+        self._check_params(setup, context)  # before training: refused parameters cost the node nothing
         instruction = RecordDict({k: v for k, v in msg.content.items() if k != PROTOCOL_RECORD})
         inner = Message(content=instruction, metadata=copy.copy(msg.metadata))  # same metadata, our record removed
         reply = call_next(inner, context)
         if reply.has_error():
             return reply
+        release = _release_of(reply.content)  # read before extract_update drops INPUT_RECORD from the reply
         update, rest = extract_update(reply.content)
         params = setup.params
         if update.context is not None and update.context != setup.context:
@@ -112,9 +175,17 @@ class SecureAggregationMod:
             identity_key=self._identity(context),
             rng=self.rng,
         )
+        if not release:
+            release = _derived_release(context, update.vector, update.weight)
+        bound = _book(context, release).binding(*_release_id(release))
+        if bound is not None:  # its masked input already went to a session: never into a second one
+            raise ReleaseBindingError(
+                f"this update was already sent to session {bound.session.hex()[:16]}... (round {bound.round}); "
+                f"session {setup.session.hex()[:16]}... is refused: one update goes to one session only"
+            )
         client.set_input(update.vector, weight=update.weight, rounding_seed=update.rounding_seed)
         advert = client.advertise_keys()
-        _persist(context, client, setup)
+        _persist(context, client, setup, release)
         rest[PROTOCOL_RECORD] = ConfigRecord({"payload": encode_message(advert)})
         return Message(rest, reply_to=msg)
 
@@ -133,9 +204,77 @@ class SecureAggregationMod:
             rng=self.rng,
             min_stage=ClientState(int(saved["stage_reached"])),  # type: ignore[arg-type]
         )
-        reply = client.handle(decode_message(payload))
-        _persist(context, client, setup)
+        release = {k: saved[k] for k in _RELEASE_FIELDS if k in saved}
+        book = _book(context, release)
+        book.check_binding(*_release_id(release), session=setup.session, transcript=client.transcript)
+        request = decode_message(payload)
+        reply = client.handle(request)
+        if isinstance(reply, GraphReveal):  # count, durably, BEFORE the nonce can leave
+            book.record_graph_toss(
+                *_release_id(release), setup.session, max_graph_tosses=self._max_graph_tosses(context)
+            )
+        elif isinstance(reply, MaskedInput):  # bind, durably, BEFORE the masked input can leave
+            book.bind(*_release_id(release), setup.session, client.transcript)
+        elif isinstance(reply, UnmaskResponse) and isinstance(request, UnmaskRequest):
+            book.check_binding(*_release_id(release), session=setup.session, survivors=request.survivors)
+        _persist(context, client, setup, release)
         return Message(RecordDict({PROTOCOL_RECORD: ConfigRecord({"payload": encode_message(reply)})}), reply_to=msg)
+
+    def _check_params(self, setup: RoundSetup, context: Context) -> None:
+        """Refuse parameters weaker than this node's own policy allows (the server cannot lower them)."""
+        params, identity = setup.params, self._identity(context)
+        policy = self._policy(context)
+        if policy is not None:
+            policy.check_secagg(params, party_id=setup.party, identity_key=identity, signed_roster=setup.signed_roster)
+            return
+        if identity is not None and params.identity_keys is None:
+            raise InsecureParameterError(
+                "identity_keys: the server announced no identity keys but this node holds an identity key and runs "
+                "the malicious setting only; a downgrade to the semi-honest setting is refused"
+            )
+        if params.allow_insecure and not self._insecure_ok(context):
+            raise FlowerIntegrationError(
+                "the server asks for parameters below the security bound (allow_insecure); set node_config "
+                "secagg-allow-insecure=true on this SuperNode to accept them"
+            )
+
+    def _identify(self, msg: Message, context: Context) -> Message:
+        """Answer with this node's public identity key (what the server lists at its party index)."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        identity = self._identity(context)
+        if identity is None:
+            raise FlowerIntegrationError(
+                "the server asks for this node's identity key but it holds none; configure one in its site policy"
+            )
+        record = ConfigRecord({"identity_public_key": ed25519_public(identity)})
+        return Message(RecordDict({PROTOCOL_RECORD: record}), reply_to=msg)
+
+    def _policy(self, context: Context) -> SitePolicy | None:
+        """This node's policy: the Mod's own, node_config `site-policy`, or its site folder's `policy.toml`.
+
+        Only node-side settings are read (node config, this machine's environment), never the run
+        config, which the server writes.
+        """
+        if self.site_policy is not None:
+            return self.site_policy
+        path = context.node_config.get("site-policy")
+        if path:
+            return SitePolicy.from_file(str(path))
+        root = context.node_config.get("state-dir") or os.environ.get(SITES_ENV)
+        partition = context.node_config.get("partition-id")
+        if root and partition is not None:
+            candidate = site_policy_path(str(root), int(str(partition)))
+            if candidate.exists():
+                return SitePolicy.from_file(candidate)
+        return None
+
+    def _max_graph_tosses(self, context: Context) -> int:
+        if self.max_graph_tosses is not None:
+            return self.max_graph_tosses
+        policy = self._policy(context)
+        security = policy.security if policy is not None else SecurityPolicy.model_validate({})
+        return security.max_graph_tosses
 
     def _insecure_ok(self, context: Context) -> bool:
         if self.allow_insecure is not None:
@@ -146,6 +285,9 @@ class SecureAggregationMod:
     def _identity(self, context: Context) -> bytes | None:
         if self.identity_key is not None:
             return self.identity_key
+        policy = self._policy(context)
+        if policy is not None and policy.identity_key is not None:
+            return policy.load_identity_key()
         path = context.node_config.get("secagg-identity-key")
         if not path:
             return None
@@ -156,12 +298,91 @@ class SecureAggregationMod:
         return key
 
 
-def _persist(context: Context, client: SecAggClient, setup: RoundSetup) -> None:
+def _persist(context: Context, client: SecAggClient, setup: RoundSetup, release: dict[str, Any]) -> None:
     from flwr.app import ConfigRecord
 
     record: dict[str, Any] = setup.to_record()
-    record.update(session_state=client.export_state(), stage_reached=client.state.value)
+    record.update(session_state=client.export_state(), stage_reached=client.state.value, **release)
     context.state[STATE_RECORD] = ConfigRecord(record)
+
+
+_RELEASE_FIELDS = ("release_key", "release_job", "release_round", "site_state")
+BINDINGS_RECORD = "secure_fedllm.secagg.bindings"
+"""ConfigRecord in a node's Context.state: its release bindings (when no site state folder is named) and
+the node secret that keys releases of ClientApps that give no release key (SECRET)."""
+
+
+def _release_of(content: Any) -> dict[str, Any]:
+    """The release fields the ClientApp put beside its update (empty if it gave no release key)."""
+    if INPUT_RECORD not in content.config_records:
+        return {}
+    extra = content.config_records[INPUT_RECORD]
+    if extra.get("release_key") is None:
+        return {}
+    key = bytes(extra["release_key"])
+    if len(key) < 16:
+        raise FlowerIntegrationError(f"{INPUT_RECORD}.release_key must be at least 16 bytes, got {len(key)}")
+    return {
+        "release_key": key,
+        "release_job": str(extra.get("release_job", "")),
+        "release_round": int(extra.get("release_round", 0)),  # type: ignore[arg-type]
+        "site_state": str(extra.get("site_state", "")),
+    }
+
+
+def _derived_release(context: Context, vector: Any, weight: float) -> dict[str, Any]:
+    """A release key for a ClientApp that gives none: an HMAC, under a node secret, of the very update it returned.
+
+    Only what the ClientApp returned enters it, nothing the server chooses (session, round, context,
+    parameters): a server that re-runs a round under another context still meets the same binding.
+    """
+    import hashlib
+    import hmac
+    import os
+
+    import numpy as np
+    from flwr.app import ConfigRecord
+
+    if BINDINGS_RECORD not in context.state.config_records:
+        context.state[BINDINGS_RECORD] = ConfigRecord({"_secret": os.urandom(32)})
+    secret = bytes(context.state.config_records[BINDINGS_RECORD]["_secret"])  # type: ignore[arg-type]
+    mac = hmac.new(secret, b"secure-fedllm/derived-release/v1|", hashlib.sha256)
+    update = np.ascontiguousarray(vector, dtype="<f8").tobytes()
+    for part in (update, repr(float(weight)).encode()):
+        mac.update(len(part).to_bytes(8, "big") + part)
+    return {"release_key": mac.digest(), "release_job": "", "release_round": 0, "site_state": ""}
+
+
+def _release_id(release: dict[str, Any]) -> tuple[str, int, bytes]:
+    return str(release["release_job"]), int(release["release_round"]), bytes(release["release_key"])
+
+
+def _book(context: Context, release: dict[str, Any]) -> BindingBook:
+    """The site's bindings: files in its state folder when the ClientApp names one, else the node's Context.state."""
+    import json
+
+    from flwr.app import ConfigRecord
+
+    if not release:
+        raise FlowerIntegrationError("the session record lacks its release; was it set up by an older version?")
+    if release.get("site_state"):
+        from ..site.state import SiteState
+
+        return SiteState.bindings_at(Path(str(release["site_state"])))
+
+    def load(tag: str) -> dict[str, Any] | None:
+        record = context.state.config_records.get(BINDINGS_RECORD)
+        if record is None or tag not in record:
+            return None
+        data: dict[str, Any] = json.loads(bytes(record[tag]))  # type: ignore[arg-type]
+        return data
+
+    def store(tag: str, value: dict[str, Any]) -> None:
+        if BINDINGS_RECORD not in context.state.config_records:
+            context.state[BINDINGS_RECORD] = ConfigRecord({})
+        context.state.config_records[BINDINGS_RECORD][tag] = json.dumps(value).encode()
+
+    return BindingBook(load, store)
 
 
 def _forget(context: Context) -> None:

@@ -17,8 +17,13 @@ differences, on purpose:
 * Quantisation: `ring_bits` (32 or 64) replaces `quantization_range` / `modulus_range`; the ring is
   sized so n_max weighted inputs cannot wrap, and rounding is stochastic and unbiased.
 * Masks come from AES-CTR keyed by X25519 + HKDF, not numpy's Mersenne Twister from a 32-bit seed;
-  shares are AES-GCM encrypted and, with `identity_keys`, every message is Ed25519-signed and the
+  shares are AES-GCM encrypted and, with `malicious=True`, every message is Ed25519-signed and the
   survivor set is agreed before anything is unmasked (the malicious-server setting).
+* The server never ships identity keys of its own: with `malicious=True` it asks each sampled node
+  for its public key (`collect_identity_keys`) and lists those; every node checks each listed key
+  against the roster pinned in its own site policy (node_config `site-policy`) and refuses a key it
+  did not pin, a missing key list, or parameters weaker than its policy derives. `policy` (the
+  sites' `SecurityPolicy`) makes the server announce exactly what the sites derive.
 * Training runs in the first message, not the third; a client that fails or times out before its
   masked input arrives is simply not in the sum.
 
@@ -35,9 +40,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from protocols import AbortError, FixedPointEncoding, SecAggParams
+from protocols import AbortError, FixedPointEncoding, SecAggParams, SecurityPolicy
 
-from .grid_round import secure_aggregate
+from .grid_round import collect_identity_keys, secure_aggregate
 from .records import split_vector
 
 if TYPE_CHECKING:
@@ -57,7 +62,10 @@ class SecureFitWorkflow:
         clipping_range: each coordinate is clipped to [-clipping_range, clipping_range].
         ring_bits: 32 or 64.
         dropout_rate, corrupt_fraction: the assumptions the derived (k, t) and the bounds use.
-        identity_keys: node id -> Ed25519 public key (enables signatures and the consistency round).
+        malicious: ask every sampled node for its identity key and run the malicious-server setting
+            (signatures and the consistency round); nodes verify the keys against their own rosters.
+        policy: the sites' security policy: when given, (k, t) and the assumptions come from
+            `policy.derive` (what each site will accept) instead of the knobs above.
         timeout: seconds per protocol stage (default 120); `train_timeout` for the first, training,
             stage (default 3600). Unlike Flower's None, a silent node never blocks a round forever.
         allow_insecure: run parameters below the security bound (nodes must agree too).
@@ -73,7 +81,8 @@ class SecureFitWorkflow:
         ring_bits: int = 32,
         dropout_rate: float = 0.1,
         corrupt_fraction: float = 0.05,
-        identity_keys: Mapping[int, bytes] | None = None,
+        malicious: bool = False,
+        policy: SecurityPolicy | None = None,
         timeout: float | None = None,
         train_timeout: float | None = None,
         allow_insecure: bool = False,
@@ -89,11 +98,16 @@ class SecureFitWorkflow:
         self.num_shares, self.reconstruction_threshold = num_shares, reconstruction_threshold
         self.max_weight, self.clipping_range, self.ring_bits = max_weight, clipping_range, ring_bits
         self.dropout_rate, self.corrupt_fraction = dropout_rate, corrupt_fraction
-        self.identity_keys = dict(identity_keys) if identity_keys is not None else None
+        self.malicious, self.policy = malicious, policy
         self.timeout, self.train_timeout, self.allow_insecure = timeout, train_timeout, allow_insecure
 
-    def params_for(self, nodes: list[int], dimension: int) -> SecAggParams:
-        """The round's public parameters for the sampled `nodes` (sorted) and the flat model size."""
+    def params_for(
+        self, nodes: list[int], dimension: int, identity_keys: Mapping[int, bytes] | None = None
+    ) -> SecAggParams:
+        """The round's public parameters for the sampled `nodes` (sorted) and the flat model size.
+
+        `identity_keys` (node id -> public key) are the keys the nodes themselves reported.
+        """
         n = len(nodes)
         encoding = FixedPointEncoding(
             clip_range=self.clipping_range,
@@ -102,11 +116,13 @@ class SecureFitWorkflow:
             max_weight=self.max_weight,
         )
         keys = None
-        if self.identity_keys is not None:
-            missing = [nid for nid in nodes if nid not in self.identity_keys]
+        if identity_keys is not None:
+            missing = [nid for nid in nodes if nid not in identity_keys]
             if missing:
                 raise ValueError(f"identity_keys has no key for sampled nodes {missing}")
-            keys = tuple(self.identity_keys[nid] for nid in nodes)
+            keys = tuple(identity_keys[nid] for nid in nodes)
+        if self.policy is not None:
+            return self.policy.derive(n, dimension=dimension, encoding=encoding, identity_keys=keys)
         common: dict[str, Any] = {
             "dimension": dimension,
             "clip_range": self.clipping_range,
@@ -150,7 +166,18 @@ class SecureFitWorkflow:
         proxies = {proxy.node_id: proxy for proxy, _ in chosen}
         instructions = {proxy.node_id: compat.fitins_to_recorddict(fitins, True) for proxy, fitins in chosen}
         shapes = [a.shape for a in parameters_to_ndarrays(parameters)]
-        params = self.params_for(sorted(instructions), int(sum(np.prod(s, dtype=np.int64) for s in shapes)))
+        keys = None
+        if self.malicious:  # the keys come from the nodes, never from the server's own configuration
+            keys, unidentified = collect_identity_keys(
+                grid, sorted(instructions), timeout=self.timeout if self.timeout is not None else 120.0
+            )
+            for node, why in unidentified.items():
+                log(WARNING, "node %s gave no identity key and sits this round out: %s", node, why)
+                del instructions[node]
+            if len(instructions) < 3:
+                log(WARNING, "only %s sampled clients gave identity keys; round skipped", len(instructions))
+                return
+        params = self.params_for(sorted(instructions), int(sum(np.prod(s, dtype=np.int64) for s in shapes)), keys)
         log(INFO, "secure aggregation: %s clients, k=%s, t=%s", params.num_parties, params.neighbours, params.threshold)
         try:
             outcome = secure_aggregate(

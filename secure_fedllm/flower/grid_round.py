@@ -14,22 +14,30 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from protocols import AggregateResult, ProtocolError, SecAggParams, SecAggServer, decode_message, encode_message
+from protocols import (
+    AggregateResult,
+    ProtocolError,
+    SecAggParams,
+    SecAggServer,
+    SignedRoster,
+    decode_message,
+    encode_message,
+)
 
-from .records import PROTOCOL_RECORD, STEP, FlowerIntegrationError, RoundSetup
+from .records import IDENTIFY, PROTOCOL_RECORD, STEP, FlowerIntegrationError, RoundSetup
 
 if TYPE_CHECKING:
     from flwr.app import Message, RecordDict
     from flwr.serverapp import Grid
 
-__all__ = ["GridRoundResult", "secure_aggregate"]
+__all__ = ["GridRoundResult", "collect_identity_keys", "secure_aggregate"]
 
 
 @dataclass
@@ -69,6 +77,7 @@ def secure_aggregate(
     poll_interval: float = 0.05,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    signed_roster: SignedRoster | None = None,
 ) -> GridRoundResult:
     """Run one round: train on every node in `instructions`, then securely sum their updates.
 
@@ -86,6 +95,7 @@ def secure_aggregate(
         poll_interval: seconds between two pulls while replies are missing.
         clock: the host's monotonic clock (tests pass a fake).
         sleep: the host's sleep (tests pass a fake).
+        signed_roster: a roster authority's signed roster, relayed to sites that trust the authority.
 
     Raises:
         FlowerIntegrationError: `instructions` and `params` disagree.
@@ -112,7 +122,7 @@ def secure_aggregate(
 
     first = {}
     for node, instruction in instructions.items():
-        setup = RoundSetup(params, party_of[node], session, round_number, context)
+        setup = RoundSetup(params, party_of[node], session, round_number, context, signed_roster)
         content = RecordDict(dict(instruction.items()))
         content[PROTOCOL_RECORD] = ConfigRecord(setup.to_record())
         first[node] = content
@@ -146,6 +156,44 @@ def secure_aggregate(
         timeout = stage_timeout
     out.aggregate = server.result()
     return out
+
+
+def collect_identity_keys(
+    grid: Grid,
+    nodes: Sequence[int],
+    *,
+    message_type: str = "train",
+    timeout: float = 120.0,
+    poll_interval: float = 0.05,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[dict[int, bytes], dict[int, str]]:
+    """Ask each node for its public identity key (the `identify` stage of `secure_aggregation_mod`).
+
+    The server lists these keys in the round's parameters; it never supplies keys of its own, and
+    every node checks each listed key against the roster it pinned itself, so a key the server made
+    up (a Sybil) is refused by every honest node.
+
+    Returns:
+        node -> its 32-byte Ed25519 public key, and node -> why it gave none.
+    """
+    from flwr.app import ConfigRecord, RecordDict
+
+    failures: dict[int, str] = {}
+    exchange = _Exchange(grid, message_type, "identify", poll_interval, clock, sleep)
+    contents = {node: RecordDict({PROTOCOL_RECORD: ConfigRecord({"stage": IDENTIFY})}) for node in nodes}
+    keys: dict[int, bytes] = {}
+    for node, reply in exchange.run(contents, timeout, failures).items():
+        if reply.has_error():
+            failures[node] = f"error reply: {reply.error.reason}"
+            continue
+        record = reply.content.config_records.get(PROTOCOL_RECORD)
+        key = None if record is None else record.get("identity_public_key")
+        if not isinstance(key, bytes) or len(key) != 32:
+            failures[node] = "no 32-byte identity_public_key in the identify reply"
+            continue
+        keys[node] = key
+    return keys, failures
 
 
 def _payload(reply: Message, node: int, failures: dict[int, str]) -> bytes | None:

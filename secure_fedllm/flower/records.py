@@ -2,7 +2,8 @@
 
 Flower moves `RecordDict`s; our protocols move bytes. One `ConfigRecord` named `PROTOCOL_RECORD`
 carries, per message, the protocol bytes (`payload`) and, in the first message of a round, the
-public parameters and round identity (`params`, `party`, `session`, `round`, `context`). Every other
+public parameters and round identity (`params`, `party`, `session`, `round`, `context`, and `roster`:
+a roster authority's `SignedRoster`, for sites that trust one instead of pinning the roster). Every other
 record of the first message is the ClientApp's own instruction (model, config) and passes through.
 
 The client session lives between messages in `Context.state` under `STATE_RECORD`, as the bytes of
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from protocols import SecAggParams
+from protocols import SecAggParams, SignedRoster
 
 from ..errors import SecureFedLLMError
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from flwr.app import RecordDict
 
 __all__ = [
+    "IDENTIFY",
     "INPUT_RECORD",
     "PROTOCOL_RECORD",
     "STATE_RECORD",
@@ -49,6 +51,8 @@ INPUT_RECORD = "secure_fedllm.input"
 `context` (bytes: the round context the ClientApp trained for; the session refuses any other)."""
 
 SETUP, STEP = "setup", "step"
+IDENTIFY = "identify"
+"""Stage of a message asking a node for its public identity key (reply: `identity_public_key`, 32 bytes)."""
 
 
 class FlowerIntegrationError(SecureFedLLMError):
@@ -64,10 +68,12 @@ class RoundSetup:
     session: bytes
     round_number: int
     context: bytes
+    signed_roster: SignedRoster | None = None
+    """The roster a roster authority signed, relayed for sites that trust the authority, not a pinned list."""
 
     def to_record(self) -> dict[str, Any]:
         """The ConfigRecord values (JSON params, so any host and any version can read them)."""
-        return {
+        record: dict[str, Any] = {
             "stage": SETUP,
             "params": self.params.model_dump_json().encode(),
             "party": self.party,
@@ -75,13 +81,19 @@ class RoundSetup:
             "round": self.round_number,
             "context": self.context,
         }
+        if self.signed_roster is not None:
+            record["roster"] = self.signed_roster.model_dump_json().encode()
+        return record
 
     @classmethod
     def from_record(cls, record: Any) -> RoundSetup:
         """Parse and validate (the params re-check every security bound on the client's side)."""
         try:
             params = SecAggParams.model_validate_json(bytes(record["params"]))
+            raw = record.get("roster")
+            signed = SignedRoster.model_validate_json(bytes(raw)) if raw is not None else None
             return cls(
+                signed_roster=signed,
                 params=params,
                 party=int(record["party"]),
                 session=bytes(record["session"]),

@@ -7,6 +7,12 @@ digest is the protocol context, so a node masks only for the plan it checked). T
 decoded mean, evaluates on its own held-out records, writes metrics and a checkpoint; at the end it
 asks every node for its public ledger summary and writes the adapter and report. Dropouts here are
 real ones (silent or failing nodes), not `federation.dropout`'s simulated ones.
+
+In the malicious setting (`secure_aggregation.setting`, the default) the server first asks every
+node for its public identity key (`collect_identity_keys`); it never supplies keys of its own. Each
+round's parameters are what the sites' policy derives for the joining nodes (`secagg_params` with
+their keys, n_C counted over all nodes' keys), and each node checks them against the policy and the
+roster in its own site policy file before it trains.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ def run_on_grid(
     from ..federation.report import write_report
     from ..federation.runner import _prepare_folder, _public_seed, adapter_sidecar, evaluate_round
     from ..models import load_base_model, model_fingerprint
-    from .grid_round import secure_aggregate
+    from ..site import check_setting
+    from .grid_round import collect_identity_keys, secure_aggregate
 
     protocol = config.secure_aggregation.protocol
     if protocol not in ("secagg", "secagg+"):
@@ -68,6 +75,7 @@ def run_on_grid(
             "use the in-process engine for the others"
         )
     paths, config = _prepare_folder(config, out, None)
+    check_setting(config)
     import torch
 
     torch.manual_seed(_public_seed(config.federation.seed, "torch"))
@@ -87,6 +95,17 @@ def run_on_grid(
     # queries may start a fresh ClientApp process that imports the accountant: bounded by train_timeout
     query_timeout = train_timeout
     offers, node_of = _partitions(grid, nodes, config.federation.clients, query_timeout)
+    keys: dict[int, bytes] | None = None
+    if config.secure_aggregation.setting == "malicious":
+        keys, unidentified = collect_identity_keys(grid, [node_of[p] for p in sorted(node_of)], timeout=query_timeout)
+        if unidentified:
+            raise ConfigError(
+                "secure_aggregation.setting='malicious' but nodes gave no identity key: "
+                + "; ".join(f"node {n}: {why}" for n, why in sorted(unidentified.items()))
+                + ". Give each node a site policy (node_config site-policy) with its identity key, or set "
+                "secure_aggregation.setting='semi-honest'"
+            )
+    roster = [keys[node_of[p]] for p in sorted(node_of)] if keys is not None else None
     units = {p: int(offers[n]["units"]) for p, n in node_of.items()}  # type: ignore[arg-type]
     largest = max(units.values())
     weights = {p: 1.0 if config.federation.weighting == "uniform" else units[p] / largest for p in units}
@@ -127,7 +146,14 @@ def run_on_grid(
                         "global": ArrayRecord([global_vector]),
                     }
                 )
-                params = secagg_params(config, len(joining), manifest.dimension)
+                members = sorted(node_of[c] for c in joining)  # party order of secure_aggregate
+                params = secagg_params(
+                    config,
+                    len(joining),
+                    manifest.dimension,
+                    identity_keys=[keys[n] for n in members] if keys is not None else None,
+                    roster=roster,
+                )
                 t = time.perf_counter()
                 try:
                     outcome = secure_aggregate(
@@ -152,7 +178,11 @@ def run_on_grid(
                         aborted=None,
                         quantization_bound=outcome.aggregate.decoded.max_abs_error
                         / max(outcome.aggregate.decoded.total_weight, 1e-300),
-                        protocol={"neighbours": params.neighbours, "threshold": params.threshold},
+                        protocol={
+                            "neighbours": params.neighbours,
+                            "threshold": params.threshold,
+                            "malicious": params.malicious,
+                        },
                         seconds={
                             "round": time.perf_counter() - t,
                             "stages": outcome.stage_seconds,

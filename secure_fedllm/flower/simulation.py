@@ -9,6 +9,13 @@ its own); results land in the usual run folder.
 
 What simulation does not give: every party lives on this machine, in Ray worker processes that
 share one OS user, so it demonstrates the protocol and the engine, not secrecy from the server.
+
+The malicious setting (the default): before the run, `provision_sites` opens each client's state
+folder under `<out>.sites` (creating its Ed25519 identity key there), collects the public keys as
+the roster, and writes each site's `policy.toml` (its `SitePolicy`: the RunConfig's assumptions and
+that roster) beside its key. The SuperLink and its workers get `SECURE_FEDLLM_SITES` in their
+environment (this machine's, not the server's run config), from which each node's Mod reads its
+policy and key; the server learns the keys only by asking the nodes.
 """
 
 from __future__ import annotations
@@ -30,11 +37,20 @@ from typing import TYPE_CHECKING
 
 from ..config import RunConfig
 from ..errors import SecureFedLLMError
+from ..site.policy import check_setting
 
 if TYPE_CHECKING:
     from ..federation import RunResult
 
-__all__ = ["APP_PYPROJECT", "FlowerEngineError", "flwr_run", "run_simulation", "simulation_superlink", "write_app"]
+__all__ = [
+    "APP_PYPROJECT",
+    "FlowerEngineError",
+    "flwr_run",
+    "provision_sites",
+    "run_simulation",
+    "simulation_superlink",
+    "write_app",
+]
 
 APP_PYPROJECT = """\
 [build-system]
@@ -125,11 +141,31 @@ def stop(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
         pass
 
 
+def provision_sites(config: RunConfig, sites: Path) -> list[bytes]:
+    """Give every client of `config` an identity key and a site policy file pinning all clients' keys.
+
+    Each client's state folder is `site_folder(sites, i)` (as the runner and the Flower ClientApp
+    open it); its key stays there, and `policy.toml` next to it names that key and pins the roster.
+    Returns the roster (public keys in client order).
+    """
+    from ..federation.runner import open_site
+    from ..site import SitePolicy, site_policy_path, site_security_policy
+
+    states = [open_site(config, sites, i) for i in range(config.federation.clients)]
+    roster = [state.identity_public_key for state in states]
+    security = site_security_policy(config, roster=roster)
+    for i, state in enumerate(states):
+        policy = SitePolicy(security=security, identity_key=state.identity_key_path.name, state_dir=".")
+        policy.to_file(site_policy_path(sites, i))
+    return roster
+
+
 @contextlib.contextmanager
-def simulation_superlink(work: Path) -> Iterator[dict[str, str]]:
+def simulation_superlink(work: Path, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
     """A SuperLink in simulation mode with its own Flower home under `work`, stopped on exit.
 
-    Yields the environment for `flwr` commands; the connection is named `sim`.
+    Yields the environment for `flwr` commands; the connection is named `sim`. `extra_env` goes to
+    the SuperLink (hence to the simulated nodes).
     """
     home = work / "home"
     home.mkdir(parents=True, exist_ok=True)
@@ -137,7 +173,7 @@ def simulation_superlink(work: Path) -> Iterator[dict[str, str]]:
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = flower_env(home)
+    env = {**flower_env(home), **(extra_env or {})}
     log = work / "superlink.log"
     command = [
         "flower-superlink", "--insecure", "--simulation", "--database", str(home / "state.db"),
@@ -181,8 +217,16 @@ def run_simulation(
     work = Path(tempfile.mkdtemp(prefix="secure-fedllm-flower-"))
     config_file = work / "config.toml"
     config.to_file(config_file)
+    extra_env = {}
+    check_setting(config)
+    if config.secure_aggregation.setting == "malicious" and config.secure_aggregation.protocol in ("secagg", "secagg+"):
+        from ..site import SITES_ENV
+
+        sites = Path(f"{out}.sites")  # where each simulated node keeps its state (flower.client.node_config_path)
+        provision_sites(config, sites)
+        extra_env[SITES_ENV] = str(sites)
     try:
-        with simulation_superlink(work) as env:
+        with simulation_superlink(work, extra_env) as env:
             flwr_run(
                 write_app(work / "app"),
                 env,

@@ -23,8 +23,10 @@ def noise_for_epsilon(
 ) -> float:
     """The smallest noise multiplier, to within 1e-6, whose epsilon is at most the target.
 
-    Guarantee: epsilon(returned sigma) <= target_epsilon under `accountant` (bisection keeps the
-    upper end feasible), and sigma - 1e-6 would exceed it.
+    Guarantee: epsilon(returned sigma) <= target_epsilon under `accountant` and its neighbouring
+    relation (bisection keeps the upper end feasible), and sigma - 1e-6 would exceed it. The relation
+    is part of the accountant (and of the cache key): a ``replace`` accountant calibrates for
+    replace-one, which needs more noise than add/remove-one at the same target.
 
     Raises:
         ConfigError: if even sigma = 1000 cannot reach the target (the message gives that epsilon).
@@ -43,7 +45,8 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
     if best > target_epsilon:
         raise ConfigError(
             f"privacy.target_epsilon={target_epsilon} is out of reach: even noise {_MAX_NOISE} gives epsilon "
-            f"{best:.3g} at q={sample_rate}, {steps} steps, delta={delta}; raise the target or lower q or steps"
+            f"{best:.3g} ({accountant.neighbouring}) at q={sample_rate}, {steps} steps, delta={delta}; raise the "
+            "target or lower q or steps"
         )
     low, high = 0.0, _MAX_NOISE
     while high - low > 1e-6:

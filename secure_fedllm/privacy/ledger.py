@@ -1,7 +1,8 @@
 """A client's persistent privacy ledger: charged, written and synced before its update leaves.
 
 The ledger is the client's own record (a server cannot edit it): one event per joined round, the
-budget and delta it was opened with, and the accountant that reads it. `charge()` first computes
+budget and delta it was opened with, and the accountant and neighbouring relation that read it
+(the relation is stored so that the file says which datasets its epsilon separates). `charge()` first computes
 the epsilon the history would reach; over budget it raises `PrivacyBudgetExhaustedError` and
 changes nothing (in memory or on disk). Writes go to a temporary file that is fsynced and renamed
 over the old one, so a crash leaves either the old ledger or the new one.
@@ -24,10 +25,20 @@ __all__ = ["PrivacyLedger"]
 class PrivacyLedger:
     """Per-client ledger backed by one JSON file."""
 
-    def __init__(self, path: str | Path, *, client: int, epsilon_budget: float, delta: float, accountant: str) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        client: int,
+        epsilon_budget: float,
+        delta: float,
+        accountant: str,
+        neighbouring: str = "add_remove",
+    ) -> None:
         self.path = Path(path)
         self.client, self.epsilon_budget, self.delta, self.accountant_name = client, epsilon_budget, delta, accountant
-        self._accountant = make_accountant(accountant)
+        self._accountant = make_accountant(accountant, neighbouring=neighbouring)
+        self.neighbouring = self._accountant.neighbouring
         self.rounds: list[int] = []
         self.events: list[DPSGDEvent] = []
         self.releases: list[str | None] = []
@@ -45,6 +56,8 @@ class PrivacyLedger:
             epsilon_budget=data["epsilon_budget"],
             delta=data["delta"],
             accountant=data["accountant"],
+            # A ledger written before the relation was recorded was accounted add/remove-one.
+            neighbouring=data.get("neighbouring", "add_remove"),
         )
         ledger.rounds = [int(e["round"]) for e in data["events"]]
         ledger.events = [
@@ -65,14 +78,18 @@ class PrivacyLedger:
     def charge(self, round_number: int, event: DPSGDEvent, *, release: str | None = None) -> float:
         """Record one joined round and persist it; returns the new epsilon.
 
-        `release` identifies what was released (the caller's digest of the inputs that determine
-        the update), so that a re-run of the round can be told apart from a second release.
+        `release` identifies what was released (a site-private tag of everything the update
+        depends on), so that a re-request of the same release is told apart from a new release. A
+        round may be charged more than once, once per distinct release: a second release of a round
+        with other data or settings is a new DP output and costs its own epsilon.
 
         Raises:
             PrivacyBudgetExhaustedError: the event would exceed the budget; nothing changed.
+            ValueError: this release (or, without a release tag, this round) is already charged.
         """
-        if round_number in self.rounds:
-            raise ValueError(f"round {round_number} is already charged to client {self.client}")
+        if any(r == round_number and (release is None or x is None or x == release)
+               for r, x in zip(self.rounds, self.releases, strict=True)):  # fmt: skip
+            raise ValueError(f"round {round_number} (this release) is already charged to client {self.client}")
         prospective = self._accountant.epsilon([*self.events, event], self.delta)
         if prospective > self.epsilon_budget:
             raise PrivacyBudgetExhaustedError(
@@ -88,18 +105,23 @@ class PrivacyLedger:
         self._write()
         return prospective
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form (also what `budget show` prints)."""
+    def charged(self, round_number: int, release: str) -> bool:
+        """True if this release of `round_number` is already charged."""
+        return any(r == round_number and x == release for r, x in zip(self.rounds, self.releases, strict=True))
+
+    def to_dict(self, *, public: bool = False) -> dict[str, Any]:
+        """The JSON form (also what `budget show` prints); `public` leaves out the site-private release tags."""
         return {
             "client": self.client,
             "epsilon_budget": self.epsilon_budget,
             "delta": self.delta,
             "accountant": self.accountant_name,
+            "neighbouring": self.neighbouring,
             "events": [
-                {"round": r, **e.model_dump(), **({"release": x} if x is not None else {})}
+                {"round": r, **e.model_dump(), **({"release": x} if x is not None and not public else {})}
                 for r, e, x in zip(self.rounds, self.events, self.releases, strict=True)
             ],
         }
 
     def _write(self) -> None:
-        atomic_write(self.path, json.dumps(self.to_dict(), indent=1).encode())
+        atomic_write(self.path, json.dumps(self.to_dict(), indent=1).encode(), mode=0o600)

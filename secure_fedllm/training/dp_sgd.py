@@ -21,6 +21,7 @@ make the released update depend on the sampling outcome outside the accounted me
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,6 +48,21 @@ class StepSettings:
     steps: int
     learning_rate: float
     optimizer: str = "adam"
+
+    def __post_init__(self) -> None:
+        """Refuse settings no trainer should see: NaN noise or a non-positive clip would corrupt the shared model."""
+        checks = (
+            ("noise_multiplier", 0 <= self.noise_multiplier < math.inf, "finite and >= 0"),
+            ("max_grad_norm", 0 < self.max_grad_norm < math.inf, "finite and > 0"),
+            ("sample_rate", 0 < self.sample_rate <= 1, "in (0, 1]"),
+            ("expected_batch_size", 0 < self.expected_batch_size < math.inf, "finite and > 0"),
+            ("steps", isinstance(self.steps, int) and self.steps >= 1, "an integer >= 1"),
+            ("learning_rate", 0 < self.learning_rate < math.inf, "finite and > 0"),
+            ("optimizer", self.optimizer in ("adam", "sgd"), "adam or sgd"),
+        )
+        for name, ok, what in checks:
+            if not ok:
+                raise ValueError(f"StepSettings.{name}={getattr(self, name)!r} must be {what}")
 
 
 def per_example_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -97,7 +113,15 @@ class LocalTrainer:
         )
 
     def step(self, optimizer: DPOptimizer, batch: Batch | None) -> None:
-        """One DP-SGD step on the units in `batch` (None or no units: noise only)."""
+        """One DP-SGD step on the units in `batch` (None or no units: noise only); on any error the trainer is reset."""
+        try:
+            self._step(optimizer, batch)
+        except BaseException:
+            optimizer.zero_grad(set_to_none=True)
+            self.reset()
+            raise
+
+    def _step(self, optimizer: DPOptimizer, batch: Batch | None) -> None:
         self.module.train()
         if batch is None or batch.num_units == 0:
             for p in self.params:
@@ -123,14 +147,36 @@ class LocalTrainer:
         sample_generator: torch.Generator,
         noise_generator: torch.Generator,
     ) -> int:
-        """Run `settings.steps` Poisson-sampled DP-SGD steps; returns how many units were used in all."""
+        """Run `settings.steps` Poisson-sampled DP-SGD steps; returns how many units were used in all.
+
+        Whatever happens, the trainer is left clean (no per-sample gradients, no gradients, eval
+        mode): it is shared by every client of the process, and a half-finished step would otherwise
+        leak into (or break) the next client's run.
+        """
         optimizer = self.optimizer(settings, noise_generator=noise_generator)
         used = 0
-        for units in self._poisson(data.num_units, settings, sample_generator):
-            batch = data.batch_of_units(units) if units else None
-            used += len(units)
-            self.step(optimizer, batch)
+        try:
+            for units in self._poisson(data.num_units, settings, sample_generator):
+                batch = data.batch_of_units(units) if units else None
+                used += len(units)
+                self.step(optimizer, batch)
+        finally:
+            self.reset()
         return used
+
+    def reset(self) -> None:
+        """Drop every gradient and per-sample gradient and return to eval mode."""
+        for p in self.params:
+            p.grad = None
+            for name in ("grad_sample", "summed_grad", "_current_grad_sample"):
+                if hasattr(p, name):
+                    setattr(p, name, None)
+        for layer in self.module.modules():  # activations Opacus saved for a backward that never ran
+            if getattr(layer, "activations", None):
+                layer.activations.clear()
+            if hasattr(layer, "max_batch_len"):
+                del layer.max_batch_len
+        self.module.eval()
 
     @staticmethod
     def _poisson(num_units: int, settings: StepSettings, generator: torch.Generator) -> Iterator[list[int]]:

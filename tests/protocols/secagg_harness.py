@@ -16,7 +16,6 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols import (
-    STAGE_OF,
     AggregateResult,
     DeterministicRandom,
     FixedPointEncoding,
@@ -24,14 +23,17 @@ from protocols import (
     SecAggParams,
     SecAggServer,
 )
+from protocols.driver import goes_silent
 from protocols.primitives import ed25519_public, ring_dtype
 from protocols.secagg import (
     AdvertiseKeys,
+    Complaint,
     EncryptedShares,
     Envelope,
     KeyRoster,
     MaskedInput,
     Message,
+    NeighbourGraph,
     ShareBundle,
     SurvivorSet,
     SurvivorSignature,
@@ -84,6 +86,21 @@ def malicious_params(
     return params, private
 
 
+def malicious_plus_params(n: int = 10, *, dimension: int = 8, seed: int = 0) -> tuple[SecAggParams, list[bytes]]:
+    """SecAgg+ with identity keys (a graph toss): n=10, k=4, t=4, d_max=1 by default."""
+    private = identity_private_keys(n, seed)
+    params = SecAggParams.secagg_plus(
+        n, dimension=dimension, clip_range=1.0, dropout_rate=0.1, identity_keys=public_keys(private)
+    )
+    assert not params.complete and params.malicious
+    return params, private
+
+
+def bundle_close(params: SecAggParams) -> int:
+    """How many stage closes until the share bundles go out (one more after a graph toss)."""
+    return 3 if params.malicious and not params.complete else 2
+
+
 def random_inputs(n: int, d: int, clip: float, seed: int) -> list[npt.NDArray[np.float64]]:
     gen = np.random.default_rng(seed)
     return [gen.uniform(-clip, clip, d) for _ in range(n)]
@@ -118,8 +135,11 @@ class HandRound:
         session: bytes = SESSION,
         round_number: int = 0,
         inputs: Sequence[npt.NDArray[np.float64]] | None = None,
+        beacon: bytes | None = None,
+        beacons: Mapping[int, bytes | None] | None = None,
     ) -> None:
         n = params.num_parties
+        beacons = dict(beacons or {})
         self.params = params
         self.seed = seed
         self.session = session
@@ -136,10 +156,13 @@ class HandRound:
                 context=contexts.get(p, server_context),
                 identity_key=None if identity_keys is None else identity_keys[p],
                 rng=party_rng(seed, p),
+                beacon=beacons.get(p, beacon),
             )
             for p in range(n)
         ]
-        self.server = SecAggServer(params, session=session, round_number=round_number, context=server_context)
+        self.server = SecAggServer(
+            params, session=session, round_number=round_number, context=server_context, beacon=beacon
+        )
         self.pending: dict[int, Message] = {}
         self.closes = 0
 
@@ -193,7 +216,7 @@ class HandRound:
                 if p in gone:
                     continue
                 reply = self.clients[p].handle(m)
-                if drop_at.get(p, 99) <= STAGE_OF[type(reply)]:
+                if goes_silent(drop_at.get(p), type(reply)):
                     gone.add(p)
                     continue
                 replies[p] = reply
@@ -204,6 +227,31 @@ class HandRound:
     def state_blob(self, party: int) -> bytes:
         """Everything the client holds (its exported state), to check that a rejection changed nothing."""
         return self.clients[party].export_state()
+
+
+def round_graph(
+    params: SecAggParams,
+    *,
+    session: bytes,
+    seed: int,
+    inputs: Sequence[npt.NDArray[np.float64]],
+    identity_keys: Sequence[bytes] | None = None,
+    drop_at: Mapping[int, int] | None = None,
+) -> NeighbourGraph:
+    """The graph a `run_round(..., rng_for=party_rng(seed, .))` round with these dropouts will use.
+
+    Without a graph toss it is the transcript's; with one (malicious SecAgg+) it depends on the
+    nonces of U1 (the parties that advertise), so the toss is replayed with the same sources.
+    """
+    hand = HandRound(params, seed=seed, identity_keys=identity_keys, session=session, inputs=inputs)
+    if params.identity_keys is None or params.complete:
+        return hand.server.graph
+    gone = {p for p, s in (drop_at or {}).items() if s == 0}
+    hand.submit(hand.advertise(), drop=gone)
+    hand.close()
+    hand.submit(hand.respond())
+    hand.close()
+    return hand.server.graph
 
 
 @contextmanager
@@ -220,6 +268,7 @@ MESSAGE_TYPES = (  # every message class, in protocol order
     EncryptedShares,
     ShareBundle,
     MaskedInput,
+    Complaint,
     SurvivorSet,
     SurvivorSignature,
     UnmaskRequest,

@@ -9,8 +9,10 @@ import pytest
 from secagg_harness import (
     MESSAGE_TYPES,
     HandRound,
+    flip,
     malicious_params,
     semi_honest_params,
+    with_box,
 )
 
 from protocols import (
@@ -23,6 +25,7 @@ from protocols import (
 )
 from protocols.secagg import (
     AdvertiseKeys,
+    Complaint,
     KeyRoster,
     ShareBundle,
     SurvivorSet,
@@ -65,6 +68,7 @@ def _reference_messages(malicious: bool) -> dict[type, Any]:
         replies = hand.respond()
         sample[type(replies[0])] = replies[0]
         hand.submit(replies)
+    sample[Complaint] = _client_in(ClientState.COMPLAINED, malicious)._s["complaint"]
     return sample
 
 
@@ -82,6 +86,10 @@ def _client_in(state: ClientState, malicious: bool) -> SecAggClient:
         return client
     if state is ClientState.CLOSED:
         client.erase()
+        return client
+    if state is ClientState.COMPLAINED:
+        bundle = hand.advance(2)[0]
+        assert isinstance(client.handle(with_box(bundle, 0, flip(bundle.boxes[0].data, 99))), Complaint)
         return client
     steps = {
         ClientState.ADVERTISED: 0,
@@ -102,7 +110,8 @@ def _client_in(state: ClientState, malicious: bool) -> SecAggClient:
 def test_every_state_and_message_type(malicious: bool) -> None:
     sample = _reference_messages(malicious)
     assert set(sample) == set(MESSAGE_TYPES) - ({SurvivorSet, SurvivorSignature} if not malicious else set())
-    states = [s for s in ClientState if malicious or s is not ClientState.CONFIRMED]
+    # REVEALED exists only in a SecAgg+ graph toss (these rounds use the complete graph): test_graph_toss.py
+    states = [s for s in ClientState if (malicious or s is not ClientState.CONFIRMED) and s is not ClientState.REVEALED]
     for state, kind in itertools.product(states, MESSAGE_TYPES):
         if kind not in sample:
             continue
@@ -115,7 +124,7 @@ def test_every_state_and_message_type(malicious: bool) -> None:
         except ProtocolError as exc:
             assert (state, kind) not in ACCEPTED[malicious], f"{state.name} x {kind.__name__}: {exc!r}"
             assert (client.state, client.export_state()) == before, f"{state.name} x {kind.__name__}"
-            if state in (ClientState.ABORTED, ClientState.CLOSED):
+            if state in (ClientState.ABORTED, ClientState.CLOSED, ClientState.COMPLAINED):
                 assert isinstance(exc, InvalidTransitionError)
             else:
                 assert isinstance(exc, RemoteProtocolError) and exc.field == "stage"

@@ -10,18 +10,20 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from secagg_harness import MESSAGE_TYPES, HandRound, malicious_params, semi_honest_params
+from secagg_harness import MESSAGE_TYPES, HandRound, flip, malicious_params, semi_honest_params, with_box
 
 from protocols import DecodeError, decode_message, encode_message
 from protocols.secagg import (
     MAX_PARTIES,
     WIRE_VERSION,
     AdvertiseKeys,
+    Complaint,
     EncryptedShares,
     Envelope,
     KeyRoster,
     MaskedInput,
     ShareBundle,
+    SignedShare,
     SurvivorSet,
     SurvivorSignature,
     UnmaskRequest,
@@ -47,6 +49,19 @@ def envelopes(max_data: int = 80) -> st.SearchStrategy[tuple[Envelope, ...]]:
     ).map(tuple)
 
 
+def signed_shares() -> st.SearchStrategy[tuple[SignedShare, ...]]:
+    return st.lists(
+        st.builds(
+            SignedShare,
+            peer=party,
+            share=st.binary(min_size=33, max_size=33),
+            signature=st.binary(min_size=64, max_size=64),
+        ),
+        max_size=8,
+        unique_by=lambda e: e.peer,
+    ).map(tuple)
+
+
 advertise = st.builds(
     AdvertiseKeys,
     session=sessions,
@@ -55,6 +70,7 @@ advertise = st.builds(
     share_public_key=keys,
     mask_public_key=keys,
     signature=st.one_of(st.just(b""), st.binary(min_size=64, max_size=64)),
+    signing_public_key=st.one_of(st.just(b""), keys),
 )
 
 
@@ -78,6 +94,14 @@ messages = st.one_of(
         ring_bits=st.sampled_from([16, 32, 64]),
         data=st.binary(max_size=64),
     ),
+    st.builds(
+        Complaint,
+        session=sessions,
+        round=rounds,
+        sender=party,
+        accused=st.lists(party, min_size=1, max_size=20, unique=True).map(lambda v: tuple(sorted(v))),
+        signature=st.binary(min_size=64, max_size=64),
+    ),
     st.builds(SurvivorSet, session=sessions, round=rounds, survivors=party_lists),
     st.builds(
         SurvivorSignature, session=sessions, round=rounds, sender=party, signature=st.binary(min_size=64, max_size=64)
@@ -88,8 +112,8 @@ messages = st.one_of(
         session=sessions,
         round=rounds,
         sender=party,
-        self_mask_shares=envelopes(),
-        mask_key_shares=envelopes(),
+        self_mask_shares=signed_shares(),
+        mask_key_shares=signed_shares(),
     ),
 )
 
@@ -123,6 +147,10 @@ def real_messages() -> list:
             replies = hand.respond()
             out += replies.values()
             hand.submit({p: m for p, m in replies.items() if not (drop.get(p, 99) <= 2 and isinstance(m, MaskedInput))})
+    # a complaint: the box from party 1 to party 0 does not open
+    hand = HandRound(semi_honest_params(5), seed=42)
+    bundle = hand.advance(2)[0]
+    out.append(hand.clients[0].handle(with_box(bundle, 0, flip(bundle.boxes[0].data, 99))))
     return out
 
 
@@ -162,7 +190,7 @@ def test_ten_thousand_hostile_inputs_raise_only_decode_error() -> None:
     for _ in range(2500):
         data = bytearray(gen.integers(0, 256, int(gen.integers(0, 300)), dtype=np.uint8).tobytes())
         if len(data) >= 2 and gen.random() < 0.5:
-            data[0], data[1] = WIRE_VERSION, int(gen.integers(1, 10))
+            data[0], data[1] = WIRE_VERSION, int(gen.integers(1, 11))
         _decode_only_decode_errors(bytes(data))
         count += 1
     for wire in wires:
@@ -252,7 +280,7 @@ def test_version_tag_length_and_type_errors() -> None:
     for version in (0, WIRE_VERSION + 1, 255):
         with pytest.raises(DecodeError, match="version"):
             decode_message(bytes([version]) + wire[1:])
-    for tag in (0, 10, 200, 255):
+    for tag in (0, 13, 200, 255):  # 11, 12: GraphReveal, GraphSeed
         with pytest.raises(DecodeError, match="tag"):
             decode_message(wire[:1] + bytes([tag]) + wire[2:])
     for short in (b"", b"\x01"):

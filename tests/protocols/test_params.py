@@ -232,3 +232,22 @@ def test_consistency_quorum_is_never_below_threshold() -> None:
         params = SecAggParams.secagg_plus(n, dimension=1, clip_range=1.0)
         assert params.consistency_quorum >= params.threshold
         assert params.consistency_quorum >= (n + params.max_corrupt) // 2 + 1
+
+
+def test_explicit_counts_replace_the_fractions_and_leave_old_parameters_unchanged() -> None:
+    n = 30
+    by_fraction = derive_secagg_plus(n, dropout_rate=0.1, corrupt_fraction=0.05, malicious=True)
+    counts = {"corrupt_parties": 2, "dropped_parties": 3}  # ceil(0.05 x 30), ceil(0.1 x 30)
+    assert derive_secagg_plus(n, dropout_rate=0.1, corrupt_fraction=0.05, malicious=True, **counts) == by_fraction
+    # n_C over a roster of 200 (ceil(0.05 x 200) = 10) asks for a larger threshold at the same n
+    k, t = derive_secagg_plus(n, dropout_rate=0.1, corrupt_fraction=0.05, malicious=True, corrupt_parties=10)
+    assert t > by_fraction[1]
+    params = SecAggParams.secagg_plus(n, dimension=2, clip_range=1.0, identity_keys=_identity(n), corrupt_parties=10)
+    assert (params.neighbours, params.threshold, params.max_corrupt, params.max_dropped) == (k, t, 10, 3)
+    assert SecAggParams.model_validate_json(params.model_dump_json()) == params
+    plain = SecAggParams.secagg_plus(n, dimension=2, clip_range=1.0)
+    assert "corrupt_parties" not in plain.model_dump_json() and "dropped_parties" not in plain.model_dump_json()
+    with pytest.raises(InsecureParameterError, match="no honest survivor"):
+        SecAggParams.secagg(n, dimension=2, clip_range=1.0, threshold=2, corrupt_parties=27, allow_insecure=True)
+    with pytest.raises(InsecureParameterError, match="must be >= 0"):
+        derive_secagg_plus(n, dropout_rate=0.1, corrupt_fraction=0.05, corrupt_parties=-1)

@@ -15,6 +15,7 @@ from secagg_harness import (
     malicious_params,
     party_rng,
     random_inputs,
+    round_graph,
     semi_honest_params,
 )
 
@@ -188,7 +189,8 @@ def test_malicious_ring_sum_is_bit_exact_with_dropouts(case) -> None:
     n = params.num_parties
     inputs = random_inputs(n, params.dimension, 1.0, seed)
     session = session_for(seed)
-    expected = predict(params, SecAggServer(params, session=session, round_number=0).graph, drop_at)
+    graph = round_graph(params, session=session, seed=seed, inputs=inputs, identity_keys=private, drop_at=drop_at)
+    expected = predict(params, graph, drop_at)
 
     def go():
         return run_round(
@@ -274,7 +276,8 @@ def test_malicious_round_completes_with_dropouts(stage: int, plus: bool) -> None
     inputs = random_inputs(n, 20, 1.0, seed=stage)
     drop_at = {2: stage, 5: stage}
     session = session_for(stage)
-    expected = predict(params, SecAggServer(params, session=session, round_number=0).graph, drop_at)
+    graph = round_graph(params, session=session, seed=stage, inputs=inputs, identity_keys=private, drop_at=drop_at)
+    expected = predict(params, graph, drop_at)
     assert expected is not None
     report = run_round(
         params,

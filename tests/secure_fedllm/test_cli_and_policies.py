@@ -75,7 +75,7 @@ def test_noise_is_calibrated_per_client_for_its_own_sampling_rate_and_joins():
     small, large = client_policy(config, 0, 64), client_policy(config, 1, 1024)
     assert small.sample_rate == 0.5 and large.sample_rate == 32 / 1024
     assert small.max_participations == 2 and small.noise_multiplier > large.noise_multiplier
-    rdp = make_accountant("rdp")
+    rdp = make_accountant("rdp", neighbouring=config.privacy.neighbouring)  # the run's relation (replace by default)
     for policy in (small, large):
         event = policy.event()
         assert event is not None

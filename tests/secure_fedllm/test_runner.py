@@ -33,6 +33,8 @@ def tiny_config(model_dir, *extra: str) -> RunConfig:
             "privacy.expected_batch_size=8",
             "lora.r=4",
             "privacy.noise_seed=11",
+            # the malicious default with 3 clients (n_C = 1) needs t = 3 = n: it tolerates no dropout
+            "secure_aggregation.dropout_rate=0.0",
             *extra,
         ]
     )
@@ -62,7 +64,9 @@ def test_end_to_end_run_writes_every_artefact(finished, tiny_model_dir):
         assert (result.out / name).stat().st_size > 0
     report = (result.out / "report.md").read_text()
     assert "holds even if secure aggregation fails" in report and "not a cryptographic RNG" in report
-    assert len(list((result.out / "ledger").glob("client-*.json"))) == 3
+    sites = result.out.with_name(result.out.name + ".sites")
+    assert len(list(sites.glob("client-*/ledger.json"))) == 3
+    assert not (result.out / "ledger").exists() and not (result.out / "clients").exists()
 
 
 def test_saved_adapter_loads_with_peft_and_carries_a0_and_base_hash(finished, tiny_model_dir):
@@ -94,12 +98,13 @@ def test_resume_after_a_stop_and_a_crash_matches_an_uninterrupted_run(finished, 
 
     with pytest.raises(RuntimeError, match="killed"):
         run(resume=out, progress=False, tap=crash)
-    ledger = json.loads((out / "ledger" / "client-0000.json").read_text())
+    sites, reference_sites = out.with_name("resumed.sites"), reference.out.with_name(reference.out.name + ".sites")
+    ledger = json.loads((sites / "client-0000" / "ledger.json").read_text())
     assert [e["round"] for e in ledger["events"]] == [1, 2]  # charged before its update left
-    resumed = run(resume=out, progress=False)  # replays round 2 bit for bit; no second charge
+    resumed = run(resume=out, progress=False)  # re-sends round 2's stored outputs (only keys had left); no charge
     for client in range(3):
-        name = f"client-{client:04d}.json"
-        assert (out / "ledger" / name).read_text() == (reference.out / "ledger" / name).read_text()
+        name = f"client-{client:04d}/ledger.json"
+        assert (sites / name).read_text() == (reference_sites / name).read_text()
     ours = load_file(str(resumed.adapter / "adapter_model.safetensors"))
     theirs = load_file(str(reference.adapter / "adapter_model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -134,6 +139,7 @@ def lone_client(finished, tmp_path):
     from secure_fedllm.data import ChatTemplate, TokenizedDataset, load_federation_data
     from secure_fedllm.federation import FederatedClient, RoundPlan, client_policy
     from secure_fedllm.privacy import PrivacyLedger
+    from secure_fedllm.site import SiteState
     from secure_fedllm.training import LocalTrainer
 
     config, _ = finished
@@ -146,11 +152,16 @@ def lone_client(finished, tmp_path):
     data = TokenizedDataset.build(load_federation_data(config).clients[0], template)
     policy = client_policy(config, 0, data.num_units)
     ledger = PrivacyLedger.open(
-        tmp_path / "ledger.json", client=0, epsilon_budget=8.0, delta=policy.delta, accountant="rdp"
+        tmp_path / "ledger.json",
+        client=0,
+        epsilon_budget=8.0,
+        delta=policy.delta,
+        accountant="rdp",
+        neighbouring=config.privacy.neighbouring,
     )
     client = FederatedClient(
-        0, data, policy=policy, ledger=ledger, secret_seed=b"s" * 32, learning_rate=0.1, optimizer="adam",
-        fingerprints=own,
+        0, data, policy=policy, ledger=ledger, site=SiteState.open(tmp_path / "site"), learning_rate=0.1,
+        optimizer="adam", fingerprints=own, job="lone",
     )  # fmt: skip
 
     def plan(round_number, *, weights=(1.0, 1.0, 1.0), **change):
@@ -182,7 +193,12 @@ def test_a_client_asked_past_its_budget_refuses_before_any_step(lone_client, tmp
     assert (tmp_path / "ledger.json").read_text() == ledger_before
 
 
-def test_a_round_is_released_once_replays_are_identical_and_uncharged(lone_client, tmp_path):
+def test_a_release_is_replayed_uncharged_and_any_change_is_a_new_charged_release(lone_client, tmp_path):
+    """The same release key gets the stored output; another plan or adapter is a new release with fresh noise.
+
+    (Before issue 12 a changed request for the same round was refused, and a same-plan request re-trained
+    from a seed derived from the round: see tests/secure_fedllm/test_release_binding.py for the attacks.)
+    """
     from secure_fedllm.adapters import get_vector
 
     client, trainer, model, manifest, plan = lone_client
@@ -190,12 +206,16 @@ def test_a_round_is_released_once_replays_are_identical_and_uncharged(lone_clien
     first = client.train(trainer, model, manifest, start, plan(1))
     again = client.train(trainer, model, manifest, start, plan(1))  # a re-run after a crash
     assert again.replayed and (again.delta == first.delta).all() and again.epsilon == first.epsilon
+    assert again.release_key == first.release_key and again.rounding_seed == first.rounding_seed
     assert len(json.loads((tmp_path / "ledger.json").read_text())["events"]) == 1
     moved = start + np.float32(1e-3)
-    with pytest.raises(PlanRefusedError, match="already released"):  # same noise on another model: refused
-        client.train(trainer, model, manifest, moved, plan(1))
-    with pytest.raises(PlanRefusedError, match="already released"):
-        client.train(trainer, model, manifest, start, plan(1, clip_range=0.2))
+    other = client.train(trainer, model, manifest, moved, plan(1))  # another global adapter: a new release
+    assert not other.replayed and other.release_key != first.release_key and other.epsilon > first.epsilon
+    assert other.rounding_seed != first.rounding_seed and not np.array_equal(other.delta, first.delta)
+    assert client.release_key(plan(1, clip_range=0.2), start) not in (first.release_key, other.release_key)
+    events = json.loads((tmp_path / "ledger.json").read_text())["events"]
+    assert [e["round"] for e in events] == [1, 1]  # two releases of round 1, each charged
+    assert "release" not in json.dumps(client.ledger.to_dict(public=True))  # the tags stay with the site
 
 
 @pytest.mark.parametrize(
@@ -203,7 +223,7 @@ def test_a_round_is_released_once_replays_are_identical_and_uncharged(lone_clien
     [
         ({"a0_sha256": "0" * 64}, "a0_sha256"),
         ({"base_sha256": "1" * 64}, "base_sha256"),
-        ({"weights": (1.0, 0.0, 0.0)}, "single out"),
+        ({"weights": (1.0, 0.05, 0.05)}, "single out"),  # a zero weight is refused as malformed: test_plan_validation
         ({"weights": (1.0, 1.0)}, "secure aggregation over 2 clients"),
     ],
 )
@@ -297,7 +317,7 @@ def test_fedit_reports_its_product_error_and_user_level_dp_counts_people(tiny_mo
     result = run(config, out=tmp_path / "fedit", progress=False, merge=True)
     row = result.metrics[1]
     assert 0 < row["fedit_product_error"] < 1  # mean(B) mean(A) != mean(B_i A_i), but close
-    ledger = json.loads((result.out / "ledger" / "client-0000.json").read_text())
+    ledger = json.loads((result.out.with_name("fedit.sites") / "client-0000" / "ledger.json").read_text())
     people = 64 // 4 + 4  # four records per person, and a few canaries owned by existing people
     assert ledger["delta"] >= 0.1 / people  # N_i counts people, not records
     assert ledger["events"][0]["sample_rate"] > 4 / 64

@@ -43,7 +43,7 @@ def test_fresh_keys_alone_make_the_unbound_replay_fail_at_the_share_boxes():
     first, second = _rounds(5)
     result = Replay(ReplayConfig(reuse_key_material=False)).run(first, second, defended=False)
     assert not result.key_material_reused and result.aborted and not result.recovered
-    assert result.reason.startswith("IntegrityError on ShareBundle") and not result.masked_input_sent
+    assert result.reason.startswith("Complaint on ShareBundle") and not result.masked_input_sent
 
 
 def test_config_errors_name_the_field():

@@ -2,13 +2,18 @@
 
 from .backdoor import Backdoor, BackdoorConfig, BackdoorOutcome, BackdoorResult
 from .canary_exposure import CanaryExposure, CanaryExposureConfig, canary_probes
+from .downgrade import Downgrade, DowngradeConfig, DowngradeResult
 from .dp_audit import DPAuditConfig, OneRunAudit
 from .dropout_forging import DropoutForging, DropoutForgingConfig
+from .forged_share import ForgedShare, ForgedShareConfig, ForgedShareResult, unverified_unmask
+from .he_oracle import HEOracle, HEOracleConfig, HEOracleResult, LeakyHEClient
 from .key_substitution import KeySubstitution, KeySubstitutionConfig, KeySubstitutionResult
 from .membership import MembershipConfig, MembershipInference
 from .model_inconsistency import ModelInconsistency, ModelInconsistencyConfig
 from .replay import Replay, ReplayConfig, ReplayResult
+from .rerun import Rerun, RerunConfig, RerunResult
 from .sybil import Sybil, SybilConfig, SybilResult
+from .sybil_roster import SybilRoster, SybilRosterConfig, SybilRosterResult
 from .token_recovery import TokenRecovery, TokenRecoveryConfig
 
 __all__ = [
@@ -19,11 +24,21 @@ __all__ = [
     "CanaryExposure",
     "CanaryExposureConfig",
     "DPAuditConfig",
+    "Downgrade",
+    "DowngradeConfig",
+    "DowngradeResult",
     "DropoutForging",
     "DropoutForgingConfig",
+    "ForgedShare",
+    "ForgedShareConfig",
+    "ForgedShareResult",
+    "HEOracle",
+    "HEOracleConfig",
+    "HEOracleResult",
     "KeySubstitution",
     "KeySubstitutionConfig",
     "KeySubstitutionResult",
+    "LeakyHEClient",
     "MembershipConfig",
     "MembershipInference",
     "ModelInconsistency",
@@ -32,10 +47,17 @@ __all__ = [
     "Replay",
     "ReplayConfig",
     "ReplayResult",
+    "Rerun",
+    "RerunConfig",
+    "RerunResult",
     "Sybil",
     "SybilConfig",
     "SybilResult",
+    "SybilRoster",
+    "SybilRosterConfig",
+    "SybilRosterResult",
     "TokenRecovery",
     "TokenRecoveryConfig",
     "canary_probes",
+    "unverified_unmask",
 ]

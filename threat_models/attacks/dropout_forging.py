@@ -174,8 +174,8 @@ class DropoutForging:
                     responses.append(response)
         except ProtocolError as exc:
             return self._failed(True, aborted=True, reason=type(exc).__name__)
-        b_shares = {r.sender: e.data for r in responses for e in r.self_mask_shares if e.peer == 0}
-        s_shares = {r.sender: e.data for r in responses for e in r.mask_key_shares if e.peer == 0}
+        b_shares = {r.sender: e.share for r in responses for e in r.self_mask_shares if e.peer == 0}
+        s_shares = {r.sender: e.share for r in responses for e in r.mask_key_shares if e.peer == 0}
         if masked_target is None or len(b_shares) < params.threshold or len(s_shares) < params.threshold:
             return self._failed(True, aborted=False, reason="too few shares of the target's secrets")
         self_seed = reconstruct(b_shares, params.threshold)

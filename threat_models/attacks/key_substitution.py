@@ -126,7 +126,7 @@ class KeySubstitution:
         masked, advert = seen[MaskedInput][target], seen[AdvertiseKeys][target]
         assert isinstance(masked, MaskedInput) and isinstance(advert, AdvertiseKeys)
         b_shares = {
-            r.sender: e.data
+            r.sender: e.share
             for r in seen[UnmaskResponse].values()
             if isinstance(r, UnmaskResponse)
             for e in r.self_mask_shares

@@ -18,7 +18,8 @@ and keeps the identity signatures (it shows that signatures alone do not stop a 
   secrets from a per-client long-term seed (`DeterministicRandom`), as in protocols that set keys
   up once per session. With `reuse_key_material=False` the control's clients draw fresh keys like
   ours, and the replay fails even unbound: the replayed roster names the peers' old share keys, so
-  the replayed boxes do not open (`IntegrityError` on the ShareBundle); nothing leaks.
+  the replayed boxes do not open: the target answers the ShareBundle with a signed `Complaint`
+  instead of its masked input; nothing leaks.
 
 Against our protocol the replayed roster fails at the first entry: its signature covers round A's
 transcript, so the first honest client raises `IntegrityError` on the KeyRoster (unrelabelled
@@ -38,7 +39,7 @@ from pydantic import Field
 
 from protocols import DeterministicRandom, SecretSource, ServerState
 from protocols.primitives import ring_dtype
-from protocols.secagg import AdvertiseKeys, KeyRoster, MaskedInput, Message, ShareBundle
+from protocols.secagg import AdvertiseKeys, Complaint, KeyRoster, MaskedInput, Message, ShareBundle
 
 from ..errors import AttackConfigError
 from ..results import MatrixRow
@@ -151,6 +152,17 @@ class Replay:
                 refused_by=refused.party,
                 masked_input_sent=sent,
                 reason=refused.reason,
+            )
+        complaint = seen_b.get(Complaint, {}).get(target)
+        if isinstance(complaint, Complaint):  # the replayed boxes did not open: no masked input was sent
+            return ReplayResult(
+                defended=defended,
+                key_material_reused=reuse,
+                aborted=True,
+                recovered=False,
+                refused_by=target,
+                masked_input_sent=target in seen_b.get(MaskedInput, {}),
+                reason=f"Complaint on ShareBundle (accusing {list(complaint.accused)})",
             )
         y_a, y_b = seen_a[MaskedInput][target], seen_b[MaskedInput][target]
         assert isinstance(y_a, MaskedInput) and isinstance(y_b, MaskedInput)

@@ -2,8 +2,10 @@
 
 Inputs are fixed byte patterns; outputs are computed here from first principles with the standard
 library and `cryptography`'s raw AES block cipher (ECB over counter blocks, HMAC-SHA256 HKDF per
-RFC 5869, Horner evaluation over GF(2^256 + 297)), not with `protocols`, so the vectors check our
-implementation against the specification. Run: python tests/protocols/vectors/make_vectors.py
+RFC 5869, Horner evaluation over GF(2^256 + 297), Ed25519 (RFC 8032, deterministic) over the byte
+strings the signed-share and complaint formats specify, and the wire layout of `_codec.py` written
+out field by field), not with `protocols`, so the vectors check our implementation against the
+specification. Run: python tests/protocols/vectors/make_vectors.py
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import json
 import struct
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 PRIME = 2**256 + 297
 LABELS = {
@@ -40,6 +44,54 @@ def ctr_keystream(key: bytes, nbytes: int) -> bytes:
     blocks = (nbytes + 15) // 16
     counters = b"".join(i.to_bytes(16, "big") for i in range(blocks))
     return ecb.update(counters)[:nbytes]
+
+
+def signed_share_vectors(transcript: bytes, shares: dict[str, str]) -> dict[str, object]:
+    """Dealer signatures on shares, a complaint, the box plaintext and an UnmaskResponse on the wire.
+
+    Spec: a dealer signs SHA-256(transcript | "share" | u8 kind | u32le dealer | u32le holder | share)
+    with Ed25519 (kind 0: self-mask seed b, 1: mask key s_sk); an accuser signs
+    transcript | "complaint" | u32le accuser | u32le count | u32le ids (sorted). A share box opens to
+    u32le dealer | u32le holder | b-share (33) | s-share (33) | sig(b) (64) | sig(s) (64). Wire v2:
+    u8 version | u8 tag (9) | session (16) | u64le round | u32le sender | u32le count | per share:
+    u32le dealer | share (33) | signature (64) | ... (the mask-key list likewise).
+    """
+    seed = hashlib.sha256(b"kat-dealer").digest()
+    dealer_key = Ed25519PrivateKey.from_private_bytes(seed)
+    public = dealer_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    dealer, holder = 4, 9
+    b_share, s_share = bytes.fromhex(shares["9"]), bytes.fromhex(shares["4"])
+    cases = []
+    for kind, share in ((0, b_share), (1, s_share)):
+        digest = hashlib.sha256(transcript + b"share" + struct.pack("<BII", kind, dealer, holder) + share).digest()
+        cases.append(
+            {
+                "kind": kind,
+                "dealer": dealer,
+                "holder": holder,
+                "share": share.hex(),
+                "statement": digest.hex(),
+                "signature": dealer_key.sign(digest).hex(),
+            }
+        )
+    accused = [2, 4, 7]
+    complaint = transcript + b"complaint" + struct.pack("<II3I", holder, len(accused), *accused)
+    box = struct.pack("<II", dealer, holder) + b_share + s_share
+    box += bytes.fromhex(cases[0]["signature"]) + bytes.fromhex(cases[1]["signature"])  # type: ignore[arg-type]
+    session, round_number, sender = bytes(range(16)), 7, holder
+    wire = bytes((2, 9)) + session + struct.pack("<QI", round_number, sender)
+    wire += struct.pack("<I", 1) + struct.pack("<I", dealer) + b_share + bytes.fromhex(cases[0]["signature"])  # type: ignore[arg-type]
+    wire += struct.pack("<I", 0)
+    return {
+        "transcript": transcript.hex(),
+        "dealer_private": seed.hex(),
+        "dealer_public": public.hex(),
+        "shares": cases,
+        "complaint": {"accuser": holder, "accused": accused, "statement": complaint.hex(),
+                      "signature": dealer_key.sign(complaint).hex()},
+        "box_plaintext": box.hex(),
+        "unmask_response": {"session": session.hex(), "round": round_number, "sender": sender, "wire": wire.hex()},
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -89,6 +141,7 @@ def main() -> None:
         "holders": holders,
         "shares": shares,
     }
+    vectors["signed_shares"] = signed_share_vectors(transcript, shares)
     path = Path(__file__).with_name("secagg_v1.json")
     path.write_text(json.dumps(vectors, indent=1) + "\n")
 

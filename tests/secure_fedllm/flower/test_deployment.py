@@ -42,7 +42,12 @@ from secure_fedllm import run
 STAGE_TIMEOUT = 30.0
 TRAIN_TIMEOUT = 240.0
 RUN_TIMEOUT = 900.0
-SECAGG = ('secure_aggregation.protocol="secagg+"', "secure_aggregation.dropout_rate=0.3")
+# 3-4 nodes that tolerate a killed node: only the semi-honest setting can (malicious needs 2t > n + n_C)
+SECAGG = (
+    'secure_aggregation.protocol="secagg+"',
+    "secure_aggregation.dropout_rate=0.3",
+    'secure_aggregation.setting="semi-honest"',
+)
 
 
 @pytest.fixture
@@ -77,9 +82,23 @@ def _describe(process) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory):
-    """The in-process run of the 3-client SecAgg+ job."""
-    config = tiny_config(tiny_model_dir, *SECAGG)
+    """The in-process run of the 3-client SecAgg+ job, in the default (malicious) setting."""
+    config = tiny_config(tiny_model_dir, 'secure_aggregation.protocol="secagg+"')
+    assert config.secure_aggregation.setting == "malicious"
     return config, run(config, out=tmp_path_factory.mktemp("ref") / "run", progress=False)
+
+
+def _provision(config, d: Deployment, clients: int) -> list[bytes]:
+    """Each node's identity key and site policy in its own state folder (the roster pins all their keys)."""
+    from secure_fedllm.federation import open_site
+    from secure_fedllm.site import SitePolicy, site_policy_path, site_security_policy
+
+    folders = [d.work / f"node-{i}" / "state" for i in range(clients)]
+    roster = [open_site(config, folder, i).identity_public_key for i, folder in enumerate(folders)]
+    security = site_security_policy(config, roster=roster)
+    for i, folder in enumerate(folders):
+        SitePolicy(security=security, identity_key="identity.key").to_file(site_policy_path(folder, i))
+    return roster
 
 
 def _config_files(config, work: Path, clients: int) -> tuple[Path, list[Path]]:
@@ -128,10 +147,11 @@ def _check_tls(d: Deployment) -> None:
 
 @pytest.mark.parametrize("transport", [pytest.param("insecure", marks=pytest.mark.slow), "tls"])
 def test_deployment_run_equals_the_in_process_run(transport, reference, deployments, tmp_path) -> None:
-    """SuperLink + 3 SuperNodes, 2 rounds of SecAgg+: the run folder, the ledgers, the same perplexities."""
+    """SuperLink + 3 SuperNodes, 2 rounds of SecAgg+ (malicious setting): run folder, ledgers, same perplexities."""
     config, ref = reference
     d = deployments(transport, tls=transport == "tls")
     server_config, node_configs = _config_files(config, tmp_path, 3)
+    _provision(config, d, 3)
     d.start_superlink()
     if transport == "tls":
         _check_tls(d)
@@ -149,10 +169,11 @@ def test_deployment_run_equals_the_in_process_run(transport, reference, deployme
     for row in rows[1:]:
         assert row["aborted"] is None and row["included"] == [0, 1, 2] and row["dropped"] == []
         assert row["protocol"]["threshold"] >= 2 and row["bytes"]["upload"] > 0
+        assert row["protocol"]["malicious"]  # keys from the nodes, checked against each node's own policy
     assert (out / "report.md").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
     assert not (out / "ledger").exists(), "ledgers belong to the nodes, not the server's run folder"
     for node in d.nodes:
-        ledger = json.loads((node.state_dir / "ledger" / f"client-{node.partition:04d}.json").read_text())
+        ledger = json.loads((node.state_dir / f"client-{node.partition:04d}" / "ledger.json").read_text())
         assert [e["round"] for e in ledger["events"]] == [1, 2]
     # the same job as in process: bit-identical perplexities and epsilons
     assert [r["perplexity"] for r in rows] == [r["perplexity"] for r in ref.metrics]
@@ -201,8 +222,8 @@ def test_deployment_survives_a_supernode_killed_during_secure_aggregation(
     assert second["aborted"] is None and second["included"] == [0, 1, 2], second
     assert (out / "report.md").exists()
     # the killed node's ledger is intact and lists only the round it trained (charged before masking)
-    ledger = json.loads((victim.state_dir / "ledger" / "client-0003.json").read_text())
+    ledger = json.loads((victim.state_dir / "client-0003" / "ledger.json").read_text())
     assert [e["round"] for e in ledger["events"]] == [1]
     for node in d.nodes[:3]:
-        ledger = json.loads((node.state_dir / "ledger" / f"client-{node.partition:04d}.json").read_text())
+        ledger = json.loads((node.state_dir / f"client-{node.partition:04d}" / "ledger.json").read_text())
         assert [e["round"] for e in ledger["events"]] == [1, 2]
