@@ -8,7 +8,7 @@ bytes. Secrets come from a `SecretSource` (the OS CSPRNG unless a test injects o
 Dependencies: numpy, cryptography and pydantic only.
 """
 
-from .driver import STAGE_OF, RoundReport, run_round
+from .driver import RoundReport, family_for, run_round, run_sessions
 from .encoding import DecodedSum, FixedPointEncoding
 from .errors import (
     AbortError,
@@ -20,7 +20,8 @@ from .errors import (
     ProtocolError,
     RemoteProtocolError,
 )
-from .plaintext import PlaintextClient, PlaintextServer
+from .he import HEFamily
+from .plaintext import PlaintextClient, PlaintextFamily, PlaintextServer
 from .policy import PROTOCOL_FAMILIES, SecurityPolicy, SignedRoster
 from .randomness import DeterministicRandom, OsRandom, SecretSource
 from .secagg import (
@@ -28,6 +29,7 @@ from .secagg import (
     ClientState,
     Complaint,
     SecAggClient,
+    SecAggFamily,
     SecAggParams,
     SecAggServer,
     ServerState,
@@ -36,38 +38,47 @@ from .secagg import (
     derive_secagg_plus,
     encode_message,
 )
+from .session import ClientSession, RoundStep, ServerSession, SessionFamily
 
 __all__ = [
     "PROTOCOL_FAMILIES",
-    "STAGE_OF",
     "AbortError",
     "AggregateResult",
+    "ClientSession",
     "ClientState",
     "Complaint",
     "DecodeError",
     "DecodedSum",
     "DeterministicRandom",
     "FixedPointEncoding",
+    "HEFamily",
     "InsecureParameterError",
     "IntegrityError",
     "InvalidTransitionError",
     "LocalProtocolError",
     "OsRandom",
     "PlaintextClient",
+    "PlaintextFamily",
     "PlaintextServer",
     "ProtocolError",
     "RemoteProtocolError",
     "RoundReport",
+    "RoundStep",
     "SecAggClient",
+    "SecAggFamily",
     "SecAggParams",
     "SecAggServer",
     "SecretSource",
     "SecurityPolicy",
+    "ServerSession",
     "ServerState",
+    "SessionFamily",
     "SignedRoster",
     "SignedShare",
     "decode_message",
     "derive_secagg_plus",
     "encode_message",
+    "family_for",
     "run_round",
+    "run_sessions",
 ]

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Set everything up in .venv (torch==2.13.0 first: it is the local CPU wheel), then lint, type-check
-# and run the fast test suite. This is the README's test command and what CI runs.
+# and run both test tiers: the fast one (plain `pytest`, minutes) first, then the integration tier
+# (real SuperLink deployments and Ray simulation, `-m integration`). This is the README's test command
+# and what CI runs. Arguments go to both pytest runs (paths, -x, -k ...); a -m among them replaces
+# the tier's own selection.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3.11}"
@@ -13,3 +16,8 @@ command -v "$PY" >/dev/null || PY=python3
 .venv/bin/ruff format --check .
 .venv/bin/mypy --strict protocols
 .venv/bin/python -m pytest -q "$@"
+# Slow tests stay opt-in (-m slow) in both tiers. Exit status 5 is "nothing selected" (e.g. a path
+# holding no integration test): not a failure.
+status=0
+.venv/bin/python -m pytest -q -m 'integration and not slow' "$@" || status=$?
+if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi

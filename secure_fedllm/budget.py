@@ -5,12 +5,13 @@ epsilon over K joins of `steps` DP-SGD steps at sampling rate q, and which epsil
 gives. `show` reads the ledgers a run's clients wrote (they, not the metrics, are the record of what
 each client spent): each lives in its client's private state folder, `<run>.sites/client-XXXX/` by
 default (or a node's `state-dir`), so `show` needs read access to those, never to anything the
-server published.
+server published. A site's ledgers last across jobs (one per population of data subjects,
+`<state-dir>/ledgers/<population>.json`); `show_state_dir` reads one site's spending over all of
+its jobs.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from .config import RunConfig
 from .errors import ConfigError
 from .privacy import DPSGDEvent, PrivacyLedger, make_accountant, noise_for_epsilon
 
-__all__ = ["plan_budget", "show_budget"]
+__all__ = ["format_state_dir", "plan_budget", "show_budget", "show_state_dir"]
 
 
 def plan_budget(
@@ -39,7 +40,10 @@ def plan_budget(
         ConfigError: neither or both given, or a value out of range.
     """
     if (epsilon is None) == (noise_multiplier is None):
-        raise ConfigError("give exactly one of --epsilon (to get the noise) or --noise (to get epsilon)")
+        raise ConfigError(
+            "budget plan: both or neither of --epsilon and --noise given; "
+            "give exactly one: --epsilon (to get the noise) or --noise (to get epsilon)"
+        )
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample rate {sample_rate} must be in (0, 1]; q = expected batch / records")
     if not 0 < delta < 1:
@@ -90,17 +94,11 @@ def show_budget(run_dir: str | Path, *, sites: str | Path | None = None) -> list
         raise ConfigError(f"{root} is not a run folder (no config.toml)")
     config = RunConfig.from_file(root / "config.toml")
     site_root = Path(sites) if sites is not None else root.with_name(root.name + ".sites")
-    paths = sorted(site_root.glob("client-*/ledger.json")) or sorted((root / "ledger").glob("client-*.json"))
+    paths = sorted(site_root.glob("client-*/ledgers/*.json")) + sorted(site_root.glob("client-*/ledger.json"))
+    paths = paths or sorted((root / "ledger").glob("client-*.json"))
     out = []
     for path in paths:
-        data = json.loads(path.read_text())
-        ledger = PrivacyLedger.open(
-            path,
-            client=data["client"],
-            epsilon_budget=data["epsilon_budget"],
-            delta=data["delta"],
-            accountant=data["accountant"],
-        )
+        ledger = _read(path)
         spent = ledger.epsilon
         out.append(
             {
@@ -109,9 +107,11 @@ def show_budget(run_dir: str | Path, *, sites: str | Path | None = None) -> list
                 "delta": ledger.delta,
                 "budget": ledger.epsilon_budget,
                 "remaining": max(0.0, ledger.epsilon_budget - spent),
-                "rounds_joined": list(ledger.rounds),
+                "rounds_joined": [e.round for e in ledger.entries],
                 "accountant": ledger.accountant_name,
                 "neighbouring": ledger.neighbouring,
+                "population": ledger.population,
+                "jobs": len(ledger.jobs),
             }
         )
     if not out and config.privacy.mechanism != "none":
@@ -120,3 +120,49 @@ def show_budget(run_dir: str | Path, *, sites: str | Path | None = None) -> list
             "pass --sites)"
         )
     return out
+
+
+def show_state_dir(state_dir: str | Path) -> dict[str, Any]:
+    """One site's spending over all of its jobs: per population ledger, each job's rounds and the lifetime epsilon.
+
+    The lifetime epsilon is the accountant's composition of every job's events, not the sum of
+    the per-job epsilons (listed as `epsilon_alone` for comparison). Reads the ledger files only:
+    it opens no secret and creates nothing.
+
+    Raises:
+        ConfigError: `state_dir` is not a site state folder, or a ledger is unreadable (named).
+    """
+    root = Path(state_dir)
+    if not (root / "site.json").is_file():
+        raise ConfigError(
+            f"--state-dir {str(root)!r}: not a site state folder (no site.json); give a node's state-dir "
+            "(or <run>.sites/client-XXXX)"
+        )
+    paths = sorted((root / "ledgers").glob("*.json"))
+    if (root / "ledger.json").exists():
+        paths.append(root / "ledger.json")
+    return {"state_dir": str(root), "ledgers": [_read(p).summary() for p in paths]}
+
+
+def format_state_dir(report: dict[str, Any]) -> str:
+    """The text `budget show --state-dir` prints for `show_state_dir`'s result."""
+    lines = [f"site state {report['state_dir']}"]
+    if not report["ledgers"]:
+        lines.append("  no ledger yet (no DP round was charged at this site)")
+    for led in report["ledgers"]:
+        name = led["population"] or "(single-run ledger, not yet migrated)"
+        lines.append(
+            f"  population {name}: epsilon {led['epsilon']:.3f} of {led['budget']:g} (remaining "
+            f"{led['remaining']:.3f}) at delta {led['delta']:.3g}, {led['accountant']}, {led['neighbouring']}"
+        )
+        for job in led["jobs"]:
+            lines.append(
+                f"    job {job['job']}: {job['releases']} releases, rounds {job['rounds']}, "
+                f"epsilon alone {job['epsilon_alone']:.3f}"
+            )
+    return "\n".join(lines)
+
+
+def _read(path: Path) -> PrivacyLedger:
+    """A ledger with its own stored settings (`open` lets the file's settings win)."""
+    return PrivacyLedger.open(path, client=0, epsilon_budget=0.0, delta=0.0, accountant="rdp")

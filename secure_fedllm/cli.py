@@ -1,39 +1,85 @@
-"""`secure-fedllm`: a thin command line over the Python API (`secure_fedllm.run` and friends)."""
+"""The commands of `secure-fedllm` and the one error path every command line here goes through.
+
+The console script itself is `secure_fedllm_cli`, which assembles these commands and
+`threat_models`' `evaluate` on one app; this module registers nothing on anyone else's app and
+imports nothing from `threat_models` (imports point one way). `python -m secure_fedllm.cli` runs
+the same commands without `evaluate`.
+
+Error path (`run_cli`): a user error is one line on stderr, `error: <where>: <problem>; <fix>`, and
+exit status 2; a bug keeps its traceback. Click's usage errors are caught here rather than left to
+typer, whose handling changed between releases (typer >= 0.2x vendors click as `typer._click`, and
+its rich error panels and tracebacks depend on the version and its settings).
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
+from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import BaseModel
 
-from .budget import plan_budget, show_budget
+from .budget import format_state_dir, plan_budget, show_budget, show_state_dir
 from .config import RunConfig, toml_value
 from .errors import ConfigError, SecureFedLLMError
 
-__all__ = ["app", "main"]
+__all__ = [
+    "app",
+    "budget_commands",
+    "build_app",
+    "demo",
+    "init_config",
+    "main",
+    "new_app",
+    "one_line",
+    "run",
+    "run_cli",
+]
 
-app = typer.Typer(
-    name="secure-fedllm",
-    help="Federated LoRA fine-tuning with DP-SGD and secure aggregation.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-budget_app = typer.Typer(help="Plan privacy budgets before a run, show what a run spent.", no_args_is_help=True)
-app.add_typer(budget_app, name="budget")
+PROG = "secure-fedllm"
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+EXIT_USER_ERROR = 2
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code=2)
+def _version(value: bool) -> None:
+    if value:
+        try:
+            version = metadata.version("secure-fedllm")
+        except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+            version = "unknown (not installed)"
+        typer.echo(f"{PROG} {version}")
+        raise typer.Exit(0)
 
 
-@app.command()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Federated LoRA fine-tuning with DP-SGD and secure aggregation."""
+
+
+def new_app() -> typer.Typer:
+    """An empty `secure-fedllm` app with `-h`/`--help` and `--version`, for assembling commands on."""
+    # Not no_args_is_help: click 8.2+ turned that into an error whose message is the whole help text;
+    # a missing command is a usage error like any other (one line, pointing at --help).
+    app = typer.Typer(
+        name=PROG,
+        no_args_is_help=False,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings=CONTEXT_SETTINGS,
+    )
+    app.callback()(_root)
+    return app
+
+
 def run(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML/YAML run configuration")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.field=value (repeatable)")] = None,
@@ -53,51 +99,44 @@ def run(
     from .federation import run as run_federation
 
     if engine not in ("inprocess", "flower"):
-        raise _fail(ConfigError(f"--engine {engine}: choose inprocess or flower"))
+        raise ConfigError(f"--engine {engine}: unknown engine; choose inprocess or flower")
     if engine == "flower" and (resume is not None or merge):
-        raise _fail(ConfigError("--engine flower runs fresh runs only: drop --resume and --merge"))
+        raise ConfigError("--engine flower: runs fresh runs only; drop --resume and --merge")
 
-    try:
-        cfg: RunConfig | None = None
-        if config is not None:  # with --resume, it must equal the run's config (run() checks)
-            cfg = RunConfig.from_file(config).with_overrides(list(set_ or []))
-        elif resume is not None:
-            cfg = RunConfig.from_file(resume / "config.toml").with_overrides(list(set_ or [])) if set_ else None
+    cfg: RunConfig | None = None
+    if config is not None:  # with --resume, it must equal the run's config (run() checks)
+        cfg = RunConfig.from_file(config).with_overrides(list(set_ or []))
+    elif resume is not None:
+        cfg = RunConfig.from_file(resume / "config.toml").with_overrides(list(set_ or [])) if set_ else None
+    else:
+        cfg = RunConfig().with_overrides(list(set_ or []))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
+        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        if engine == "flower":
+            from .flower.simulation import run_simulation
+
+            target = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S-flower", time.gmtime())
+            result = run_simulation(cfg or RunConfig(), out=target)
         else:
-            cfg = RunConfig().with_overrides(list(set_ or []))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
-            warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            if engine == "flower":
-                from .flower.simulation import run_simulation
-
-                target = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S-flower", time.gmtime())
-                result = run_simulation(cfg or RunConfig(), out=target)
-            else:
-                result = run_federation(cfg, out=out, resume=resume, merge=merge, progress=not quiet, sites=sites)
-    except SecureFedLLMError as exc:
-        raise _fail(exc) from exc
+            result = run_federation(cfg, out=out, resume=resume, merge=merge, progress=not quiet, sites=sites)
     ratio = result.final_perplexity_ratio
     typer.echo(f"held-out perplexity ratio (final / round 0): {ratio:.3f}")
     typer.echo(f"run folder: {result.out}")
 
 
-@app.command("init-config")
 def init_config(
     path: Annotated[Path, typer.Argument(help="where to write (.toml or .yaml)")] = Path("secure-fedllm.toml"),
     force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
 ) -> None:
     """Write the default configuration, every field commented."""
     if path.exists() and not force:
-        raise _fail(FileExistsError(f"{path} exists; pass --force to overwrite"))
+        raise ConfigError(f"{path}: exists; pass --force to overwrite")
     if path.suffix == ".toml":
         path.write_text(commented_toml(RunConfig()))
     else:
-        try:
-            RunConfig().to_file(path)
-        except SecureFedLLMError as exc:
-            raise _fail(exc) from exc
+        RunConfig().to_file(path)
     typer.echo(f"wrote {path}")
 
 
@@ -126,7 +165,6 @@ def commented_toml(config: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-@budget_app.command("plan")
 def budget_plan(
     epsilon: Annotated[float | None, typer.Option(help="target epsilon -> noise multiplier")] = None,
     noise: Annotated[float | None, typer.Option(help="noise multiplier -> epsilon")] = None,
@@ -143,22 +181,21 @@ def budget_plan(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Noise for a target epsilon, or epsilon for a noise, over K joins at rate q."""
+    if records < 1:
+        raise ConfigError(f"--records {records}: must be at least 1; give the number of privacy units")
     q = sample_rate if sample_rate is not None else min(1.0, batch / records)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            plan = plan_budget(
-                sample_rate=q,
-                steps_per_round=steps,
-                rounds=rounds,
-                delta=delta if delta is not None else 0.1 / records,
-                epsilon=epsilon,
-                noise_multiplier=noise,
-                accountant=accountant,
-                neighbouring=neighbouring,
-            )
-    except SecureFedLLMError as exc:
-        raise _fail(exc) from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = plan_budget(
+            sample_rate=q,
+            steps_per_round=steps,
+            rounds=rounds,
+            delta=delta if delta is not None else 0.1 / records,
+            epsilon=epsilon,
+            noise_multiplier=noise,
+            accountant=accountant,
+            neighbouring=neighbouring,
+        )
     if as_json:
         typer.echo(json.dumps(plan, indent=1))
         return
@@ -170,21 +207,29 @@ def budget_plan(
     typer.echo("epsilon after each join: " + ", ".join(f"{e:.3f}" for e in plan["epsilon_after_round"]))
 
 
-@budget_app.command("show")
 def budget_show(
-    run_dir: Annotated[Path, typer.Argument(help="a run folder")],
+    run_dir: Annotated[Path | None, typer.Argument(help="a run folder")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     sites: Annotated[
         Path | None, typer.Option(help="folder of the clients' state folders (default <run>.sites)")
     ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="one site's state folder: its spending over all of its jobs")
+    ] = None,
 ) -> None:
-    """Per client: epsilon spent, delta, rounds joined, remaining budget."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rows = show_budget(run_dir, sites=sites)
-    except SecureFedLLMError as exc:
-        raise _fail(exc) from exc
+    """Per client: epsilon spent, delta, rounds joined, remaining budget (or one site's, with --state-dir)."""
+    if (run_dir is None) == (state_dir is None):
+        raise ConfigError(
+            f"{PROG} budget show: give a run folder or --state-dir (one of them); see `{PROG} budget show --help`"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if state_dir is not None:
+            report = show_state_dir(state_dir)
+            typer.echo(json.dumps(report, indent=1) if as_json else format_state_dir(report))
+            return
+        assert run_dir is not None
+        rows = show_budget(run_dir, sites=sites)
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -196,7 +241,6 @@ def budget_show(
         )
 
 
-@app.command()
 def demo(
     clients: int = 20,
     dimension: Annotated[int | None, typer.Option(help="update length (default: SmolLM2 q,v r=16)")] = None,
@@ -207,35 +251,124 @@ def demo(
     """One secure-aggregation round over simulated clients, with dropouts (no model)."""
     from .demo import SMOLLM2_QV_LORA_R16, DemoConfig, run_demo
 
-    try:
-        lines: list[str] = []
-        cfg = DemoConfig(
-            clients=clients,
-            dimension=dimension or SMOLLM2_QV_LORA_R16,
-            protocol=protocol,
-            dropout=dropout,
-            seed=seed,
-        )
-        run_demo(cfg, out=lines)
-    except SecureFedLLMError as exc:
-        raise _fail(exc) from exc
+    lines: list[str] = []
+    cfg = DemoConfig(
+        clients=clients,
+        dimension=dimension or SMOLLM2_QV_LORA_R16,
+        protocol=protocol,
+        dropout=dropout,
+        seed=seed,
+    )
+    run_demo(cfg, out=lines)
     typer.echo("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+def budget_commands() -> typer.Typer:
+    """The `budget` command group (`plan`, `show`)."""
+    budget = typer.Typer(
+        help="Plan privacy budgets before a run, show what a run (or a site) spent.",
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings=CONTEXT_SETTINGS,
+    )
+    budget.command("plan")(budget_plan)
+    budget.command("show")(budget_show)
+    return budget
+
+
+def build_app() -> typer.Typer:
+    """This package's commands (`run`, `init-config`, `budget`, `demo`) on a fresh app."""
+    app = new_app()
+    app.command("run")(run)
+    app.command("init-config")(init_config)
+    app.add_typer(budget_commands(), name="budget")
+    app.command("demo")(demo)
+    return app
+
+
+app = build_app()
+
+
+def _click_classes() -> tuple[type[Exception], type[Exception]]:
+    """`ClickException` and `UsageError` of the click that typer runs on.
+
+    Older typers use the `click` package; newer ones vendor it as `typer._click`. `typer.BadParameter`
+    is a `UsageError` of whichever it is, so its ancestors name both classes without importing either.
+    """
+    ancestors = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+    return ancestors["ClickException"], ancestors["UsageError"]
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace (newlines included) made one space."""
+    return " ".join(text.split())
+
+
+def _usage_message(exc: Exception) -> str:
+    ctx = getattr(exc, "ctx", None)
+    where = str(getattr(ctx, "command_path", "") or PROG)
+    option, possibilities = getattr(exc, "option_name", None), getattr(exc, "possibilities", None)
+    if option and possibilities is not None:  # NoSuchOption: its own message differs between clicks
+        problem = f"no such option {option}"
+        if possibilities:
+            problem += " (did you mean " + " or ".join(sorted(possibilities)) + "?)"
+    else:
+        format_message = getattr(exc, "format_message", None)
+        problem = one_line(str(format_message() if callable(format_message) else exc)).rstrip(".")
+        problem = problem[:1].lower() + problem[1:]
+    return f"{where}: {problem}; see `{where} --help`"
+
+
+def _os_message(exc: OSError) -> str:
+    where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    problem = exc.strerror or type(exc).__name__
+    return f"{where}: {problem}; check the path (an input must exist and be readable, an output folder writable)"
+
+
+def _error(message: str) -> int:
+    typer.secho(f"error: {one_line(message)}", err=True, fg=typer.colors.RED)
+    return EXIT_USER_ERROR
+
+
+def run_cli(
+    command_app: typer.Typer,
+    argv: Sequence[str] | None = None,
+    *,
+    user_errors: tuple[type[BaseException], ...] = (SecureFedLLMError,),
+) -> int:
+    """Run `command_app` on `argv` and return the exit status, with one error path.
+
+    Usage errors (a misspelt option, a missing argument, an unknown command), the `user_errors`
+    (whose messages already read `<where>: <problem>; <fix>`) and OSErrors that name a path print
+    one line, `error: <message>`, on stderr and give 2. `--help`/`-h` and `--version` give 0.
+    Anything else is a bug and propagates with its traceback.
+    """
+    click_exception, usage_error = _click_classes()
+    command = typer.main.get_command(command_app)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        status = app(args=argv, standalone_mode=False)
-    except typer.Exit as exc:
+        status = command.main(args=args, prog_name=PROG, standalone_mode=False)
+    except typer.Exit as exc:  # raised by --help, --version and commands that stop early
         return int(exc.exit_code)
-    except SystemExit as exc:  # click's usage errors
-        return int(exc.code or 0)
-    except Exception as exc:  # click.UsageError and friends
-        if exc.__class__.__module__.startswith("click"):
-            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-            return 2
-        raise
+    except typer.Abort:
+        typer.secho("error: aborted", err=True, fg=typer.colors.RED)
+        return 1
+    except usage_error as exc:
+        return _error(_usage_message(exc))
+    except click_exception as exc:  # e.g. a FileError of a typer.FileText option
+        return _error(_usage_message(exc))
+    except user_errors as exc:
+        return _error(str(exc))
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # no path the user gave: a bug, keep the traceback
+        return _error(_os_message(exc))
     return status if isinstance(status, int) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m secure_fedllm.cli` (no `evaluate`); returns the exit status."""
+    return run_cli(app, argv)
 
 
 if __name__ == "__main__":

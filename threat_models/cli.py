@@ -1,7 +1,8 @@
-"""The `secure-fedllm` command with `evaluate` added.
+"""The `evaluate` command of `secure-fedllm`.
 
-`secure_fedllm` must not import this package (imports point one way), so the console script lives
-here: it is `secure_fedllm.cli.app` plus the `evaluate` command.
+A plain function with typer annotations: it registers itself nowhere. The console script
+(`secure_fedllm_cli`) puts it on the app beside `secure_fedllm`'s commands, so neither package
+touches the other's app.
 """
 
 from __future__ import annotations
@@ -12,13 +13,9 @@ from typing import Annotated
 
 import typer
 
-from secure_fedllm.cli import app
-from secure_fedllm.cli import main as _main
-
-__all__ = ["main"]
+__all__ = ["evaluate"]
 
 
-@app.command()
 def evaluate(
     out: Annotated[Path, typer.Option(help="folder for results.json, report.md and the plots")],
     quick: Annotated[bool, typer.Option(help="tiny random LLaMA models (minutes); default: embedded SmolLM2")] = False,
@@ -31,8 +28,3 @@ def evaluate(
     result = run_evaluation(EvaluationConfig(quick=quick, seed=seed), out=out)
     typer.echo(json.dumps(result.summary(), indent=1))
     typer.echo(f"report: {result.report}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `secure-fedllm` console script."""
-    return _main(argv)

@@ -53,6 +53,7 @@ Threat model (read before choosing HE over masking):
 # decrypt ciphertexts themselves; never needed to run a round
 from ._ciphers import decode_words, decrypt_words, load_chunk, self_test
 from ._client import HEClient, HEClientState, key_holder
+from ._family import HEFamily
 from ._messages import (
     HEAck,
     HEHello,
@@ -74,6 +75,7 @@ __all__ = [
     "HEAck",
     "HEClient",
     "HEClientState",
+    "HEFamily",
     "HEHello",
     "HEInput",
     "HEKeyOffer",

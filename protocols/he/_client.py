@@ -35,8 +35,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -69,6 +69,7 @@ from ._ciphers import (
 )
 from ._messages import HEAck, HEHello, HEInput, HEKeyOffer, HEKeys, HEMessage, HERoster, HESum, decode_he_message
 from ._params import HEParams
+from ._state import dump_he_client, load_he_client, peek_he_identity
 
 __all__ = ["HEClient", "HEClientState", "he_transcript", "holder_rank", "input_digest", "key_holder"]
 
@@ -156,7 +157,12 @@ class HEClientState(enum.Enum):
 
 
 class HEClient:
-    """One client of one HE aggregation round (single use: one session, one key, at most one decryption)."""
+    """One client of one HE aggregation round (single use: one session, one key, at most one decryption).
+
+    A `protocols.ClientSession`; `TRANSITIONS` is its transition table.
+    """
+
+    TRANSITIONS: ClassVar[Mapping[tuple[Any, type[Any]], Any]]
 
     def __init__(
         self,
@@ -189,6 +195,68 @@ class HEClient:
         self.decryptions = 0
         """How many aggregates this client decrypted: at most one (BFV is not IND-CCA1)."""
         self.holder: int | None = None
+        self._dh_private = self._sign_private = b""
+
+    @property
+    def stage(self) -> HEClientState:
+        """The session's stage (`ClientSession` interface; the same as `state`)."""
+        return self.state
+
+    @property
+    def finished(self) -> bool:
+        """True once DONE or ABORTED."""
+        return self.state in (HEClientState.DONE, HEClientState.ABORTED)
+
+    def start(self) -> HEHello:
+        """The first message (`ClientSession` interface): `advertise_keys()`."""
+        return self.advertise_keys()
+
+    def export_state(self) -> bytes:
+        """The session as bytes: SECRET; keep it in the site's own state folder (see `_state`).
+
+        It holds the session keys, the plaintext update until it is encrypted, and the HE secret key
+        until the one decryption.
+        """
+        return dump_he_client(self, _CLIENT_ORDER)
+
+    @classmethod
+    def from_state(
+        cls,
+        data: bytes,
+        params: HEParams,
+        *,
+        context: bytes = b"",
+        identity_key: bytes | None = None,
+        rng: SecretSource | None = None,
+        min_stage: HEClientState | None = None,
+    ) -> HEClient:
+        """Rebuild a session from `export_state()`; params, context and identity key must be the original ones.
+
+        Persist the blob exported after `handle()` before sending its reply and pass the stage last
+        persisted as `min_stage`: a rolled-back INPUT_SENT snapshot would otherwise decrypt a second
+        aggregate (over another contributor set) with the same key.
+
+        Raises:
+            DecodeError: malformed, truncated or inconsistent blob (records, keys, roster, holder).
+            LocalProtocolError: another party, session, round, params or context; older than `min_stage`.
+        """
+        stage, party, session, round_number = peek_he_identity(data)
+        if min_stage is not None and stage < len(_CLIENT_ORDER) and stage < _CLIENT_ORDER.index(min_stage):
+            raise LocalProtocolError(
+                f"HE state is at stage {_CLIENT_ORDER[stage].name}, older than min_stage={min_stage.name}: a rollback "
+                "is refused (it could decrypt a second aggregate)"
+            )
+        client = cls(
+            params,
+            party_id=party,
+            session=session,
+            round_number=round_number,
+            context=context,
+            identity_key=identity_key,
+            rng=rng,
+        )
+        load_he_client(client, data, _CLIENT_ORDER)
+        return client
 
     @property
     def holds_key(self) -> bool:
@@ -421,3 +489,13 @@ class HEClient:
                 raise RemoteProtocolError(f"contributor {sender}'s chunks do not match its signature", field="inputs")
             own.add(chunks, sender=sender)
         return own.vectors()
+
+
+_CLIENT_ORDER: tuple[HEClientState, ...] = tuple(HEClientState)
+"""Protocol order of the stages (ABORTED last); the stage index carried by exported state."""
+
+HEClient.TRANSITIONS = {
+    (HEClientState.HELLO_SENT, HERoster): (HEClientState.OFFERED, HEClientState.ABORTED),
+    (HEClientState.OFFERED, HEKeys): (HEClientState.INPUT_SENT, HEClientState.ABORTED),
+    (HEClientState.INPUT_SENT, HESum): (HEClientState.DONE, HEClientState.ABORTED),
+}

@@ -14,7 +14,8 @@ released field sums).
 from __future__ import annotations
 
 import enum
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from ._ciphers import check_chunks, check_public_key, decode_words
 from ._client import he_transcript, hello_payload, input_digest, key_holder, parse_roster, release_payload
 from ._messages import HEAck, HEHello, HEInput, HEKeyOffer, HEKeys, HEMessage, HERoster, HESum, encode_he_message
 from ._params import HEParams
+from ._state import dump_he_server, load_he_server
 
 __all__ = ["HEServer", "HEServerState"]
 
@@ -37,10 +39,14 @@ class HEServerState(enum.Enum):
     COLLECT_INPUTS = "collect_inputs"
     COLLECT_ACKS = "collect_acks"
     DONE = "done"
+    ABORTED = "aborted"
+    """Terminal: a stage closed with too few parties or without the key holder; nothing was revealed."""
 
 
 class HEServer:
-    """The aggregator of one HE round."""
+    """The aggregator of one HE round (a `protocols.ServerSession`; `TRANSITIONS` is its table)."""
+
+    TRANSITIONS: ClassVar[Mapping[tuple[Any, type[Any]], Any]]
 
     def __init__(self, params: HEParams, *, session: bytes, round_number: int, context: bytes = b"") -> None:
         self.params, self.session, self.round_number = params, session, round_number
@@ -53,6 +59,36 @@ class HEServer:
         self._acks: dict[int, HEAck] = {}
         self._result: AggregateResult | None = None
         self.holder: int | None = None
+        self._log: tuple[list[HEMessage], ...] = ([], [], [], [])  # accepted messages per stage, for export_state
+
+    @property
+    def stage(self) -> HEServerState:
+        """The round's stage (`ServerSession` interface; the same as `state`)."""
+        return self.state
+
+    @property
+    def finished(self) -> bool:
+        """True once DONE or ABORTED."""
+        return self.state in (HEServerState.DONE, HEServerState.ABORTED)
+
+    def export_state(self) -> bytes:
+        """The session as bytes: the messages it accepted (hellos, offers, signed ciphertexts, acks); no secret."""
+        return dump_he_server(self, _SERVER_ORDER)
+
+    @classmethod
+    def from_state(cls, data: bytes, params: HEParams, *, context: bytes = b"") -> HEServer:
+        """Rebuild a session from `export_state()` by replaying its messages through every check.
+
+        Raises:
+            DecodeError: malformed blob, or one whose messages do not replay to its recorded stage.
+            LocalProtocolError: another session, round, params or context.
+        """
+        from ._state import peek_he_identity
+
+        _, _, session, round_number = peek_he_identity(data)
+        server = cls(params, session=session, round_number=round_number, context=context)
+        load_he_server(server, data, _SERVER_ORDER)
+        return server
 
     def receive(self, message: HEMessage) -> None:
         """Take one message from a client; a bad one raises and changes nothing."""
@@ -87,13 +123,25 @@ class HEServer:
         elif isinstance(message, HEAck):
             if message.sender in self._contributions:
                 self._take(self._acks, message)
+        self._log[_SERVER_ORDER.index(self.state)].append(message)
 
     def close_stage(self) -> list[tuple[int, HEMessage]]:
         """End the current stage (the host's deadline passed) and return what to send to whom.
 
         Raises:
-            AbortError: too few parties, or the key holder is gone; nothing was revealed.
+            AbortError: too few parties, or the key holder is gone; nothing was revealed (state ABORTED).
         """
+        if self.state is HEServerState.ABORTED:
+            raise InvalidTransitionError("the round was aborted")
+        try:
+            return self._close()
+        except AbortError:
+            self.state = HEServerState.ABORTED
+            self._uploads.clear()
+            self._log = ([], [], [], [])
+            raise
+
+    def _close(self) -> list[tuple[int, HEMessage]]:
         base: dict[str, Any] = {"session": self.session, "round": self.round_number, "sender": 0xFFFFFFFF}
         if self.state is HEServerState.COLLECT_HELLOS:
             if len(self._hellos) < self.params.min_contributions:
@@ -223,3 +271,13 @@ class HEServer:
             complaints=(),
             misbehaving=(),
         )
+
+
+_SERVER_ORDER: tuple[HEServerState, ...] = tuple(HEServerState)
+
+HEServer.TRANSITIONS = {
+    (HEServerState.COLLECT_HELLOS, HEHello): HEServerState.COLLECT_HELLOS,
+    (HEServerState.COLLECT_OFFERS, HEKeyOffer): HEServerState.COLLECT_OFFERS,
+    (HEServerState.COLLECT_INPUTS, HEInput): HEServerState.COLLECT_INPUTS,
+    (HEServerState.COLLECT_ACKS, HEAck): HEServerState.COLLECT_ACKS,
+}

@@ -234,6 +234,29 @@ class Layout:
         proto = _pb_bytes(1, self.encryption_parameters) + _pb_bytes(2, public) + private + self.encryption_type
         return ts.context_from(proto)
 
+    def restored_context(self, secret: npt.NDArray[np.uint64], public: npt.NDArray[np.uint64] | None) -> Any:
+        """A context holding a key from this site's own exported state (plus the public key in public-key mode)."""
+        ts = _ts()
+        body = struct.pack("<4QQd", *self.key_parms_id, self.degree * len(self.key_moduli), 1.0)
+        private = _pb_bytes(3, _pb_bytes(1, self._header(body + self._dynarray(secret))))
+        shown = self.public_fields
+        if public is not None:
+            shown = (
+                _pb_bytes(1, self._ciphertext(self.key_parms_id, self.key_moduli, public, ntt=True, scale=1.0)) + shown
+            )
+        proto = _pb_bytes(1, self.encryption_parameters) + _pb_bytes(2, shown) + private + self.encryption_type
+        return ts.context_from(proto)
+
+    def export_secret(self, ctx: Any) -> bytes:
+        """The secret key of a local context in the wire layout (for the site's own state folder only)."""
+        n, big = self.degree, len(self.key_moduli)
+        return self.pack(self.coefficients(ctx.data.secret_key().data(), n * big), 1, self.key_moduli)
+
+    def export_public(self, ctx: Any) -> bytes:
+        """The public key of a local context in the wire layout."""
+        n, big = self.degree, len(self.key_moduli)
+        return self.pack(self.coefficients(ctx.data.public_key().data(), 2 * n * big), 2, self.key_moduli)
+
     def keyless_context(self) -> Any:
         """The local context without any key (the server adds nothing; this is for parsing only)."""
         proto = _pb_bytes(1, self.encryption_parameters) + _pb_bytes(2, self.public_fields) + self.encryption_type

@@ -26,6 +26,7 @@ The two settings and their thresholds are documented in `SecAggParams`.
 
 from ._client import ClientState, SecAggClient
 from ._codec import WIRE_VERSION, decode_message, encode_message
+from ._family import SecAggFamily
 from ._graph import GraphMode, NeighbourGraph
 from ._messages import (
     MAX_PARTIES,
@@ -67,6 +68,7 @@ __all__ = [
     "Message",
     "NeighbourGraph",
     "SecAggClient",
+    "SecAggFamily",
     "SecAggParams",
     "SecAggServer",
     "ServerState",

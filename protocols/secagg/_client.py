@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -111,7 +111,9 @@ class ClientState(enum.Enum):
 
 
 class SecAggClient:
-    """One party's session for one round.
+    """One party's session for one round (a `protocols.ClientSession`).
+
+    `TRANSITIONS` is the public transition table: (stage, message type) -> the stages it can lead to.
 
     Args:
         params: the round's public parameters.
@@ -168,7 +170,23 @@ class SecAggClient:
         self.state = ClientState.IDLE
         self._s: dict[str, Any] = {}  # round secrets and bookkeeping; see export_state()
 
+    TRANSITIONS: ClassVar[Mapping[tuple[Any, type[Any]], Any]]
+
     # -- host-facing API -------------------------------------------------------------------------
+
+    @property
+    def stage(self) -> ClientState:
+        """The session's stage (`ClientSession` interface; the same as `state`)."""
+        return self.state
+
+    @property
+    def finished(self) -> bool:
+        """True in a terminal stage: nothing more is accepted."""
+        return self.state in (ClientState.DONE, ClientState.ABORTED, ClientState.CLOSED, ClientState.COMPLAINED)
+
+    def start(self) -> AdvertiseKeys:
+        """The first message (`ClientSession` interface): `advertise_keys()`."""
+        return self.advertise_keys()
 
     @property
     def graph(self) -> NeighbourGraph:
@@ -608,6 +626,18 @@ _AFTER_REVEAL = frozenset(
 """States a session of a graph toss reaches only after it revealed its nonce."""
 
 _Handler = Callable[[SecAggClient, Any], Message]
+
+_A, _D = ClientState.ABORTED, ClientState.DONE
+CLIENT_TRANSITIONS: dict[tuple[ClientState, type[Any]], tuple[ClientState, ...]] = {
+    (ClientState.ADVERTISED, KeyRoster): (ClientState.SHARED, ClientState.REVEALED, _A),
+    (ClientState.REVEALED, GraphSeed): (ClientState.SHARED, _A),
+    (ClientState.SHARED, ShareBundle): (ClientState.MASKED, ClientState.COMPLAINED, _A),
+    (ClientState.MASKED, SurvivorSet): (ClientState.CONFIRMED, _A),
+    (ClientState.MASKED, UnmaskRequest): (_D, _A),
+    (ClientState.CONFIRMED, UnmaskRequest): (_D, _A),
+    (ClientState.DONE, UnmaskRequest): (_D,),
+}
+"""(stage, message type) -> the stages it can lead to (the normal one first); what `handle` dispatches on."""
 # The transition table: (state, message type) -> handler. Anything else is rejected.
 _TRANSITIONS: dict[tuple[ClientState, type[Any]], _Handler] = {
     (ClientState.ADVERTISED, KeyRoster): SecAggClient._on_roster,
@@ -618,3 +648,4 @@ _TRANSITIONS: dict[tuple[ClientState, type[Any]], _Handler] = {
     (ClientState.CONFIRMED, UnmaskRequest): SecAggClient._on_unmask,
     (ClientState.DONE, UnmaskRequest): SecAggClient._on_repeat_unmask,
 }
+SecAggClient.TRANSITIONS = CLIENT_TRANSITIONS

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -125,7 +125,9 @@ class AggregateResult(BaseModel):
 
 
 class SecAggServer:
-    """The aggregator's session for one round (see module docstring)."""
+    """The aggregator's session for one round (see module docstring; a `protocols.ServerSession`)."""
+
+    TRANSITIONS: ClassVar[Mapping[tuple[Any, type[Any]], Any]]
 
     def __init__(
         self,
@@ -220,6 +222,16 @@ class SecAggServer:
         if closer is None:
             raise InvalidTransitionError(f"no stage to close in state {self.state.name}")
         return closer(self)
+
+    @property
+    def stage(self) -> ServerState:
+        """The round's stage (`ServerSession` interface; the same as `state`)."""
+        return self.state
+
+    @property
+    def finished(self) -> bool:
+        """True once the round is over (done or aborted)."""
+        return self.state in (ServerState.DONE, ServerState.ABORTED)
 
     def export_state(self) -> bytes:
         """The session as bytes, for hosts that do not keep this object between stages.
@@ -542,3 +554,7 @@ _CLOSERS: dict[ServerState, Callable[[SecAggServer], Outgoing]] = {
     ServerState.COLLECT_UNMASK: SecAggServer._close_unmask,
 }
 """The server's transition tables: what each stage accepts, and how it ends."""
+
+SERVER_TRANSITIONS: dict[tuple[ServerState, type[Any]], ServerState] = {key: key[0] for key in _RECEIVERS}
+"""(stage, accepted message type) -> the stage the server stays in (`ServerSession.TRANSITIONS`)."""
+SecAggServer.TRANSITIONS = SERVER_TRANSITIONS

@@ -1,6 +1,7 @@
-"""Client data: sources, the synthetic private-records generator, one chat-template policy, batching."""
+"""Client data: sources, a site's own records, the synthetic generator, one chat template, batching."""
 
 from .chat import IGNORE_INDEX, ChatTemplate, Example
+from .site_data import SiteDataSpec, load_site_records, split_heldout
 from .sources import FederationData, TextRecord, load_alpaca, load_federation_data, partition
 from .synthetic import CANARY_FORMATS, Canary, Record, SyntheticFederation, synthesize_federation
 from .tokenized import Batch, TokenizedDataset
@@ -14,11 +15,14 @@ __all__ = [
     "Example",
     "FederationData",
     "Record",
+    "SiteDataSpec",
     "SyntheticFederation",
     "TextRecord",
     "TokenizedDataset",
     "load_alpaca",
     "load_federation_data",
+    "load_site_records",
     "partition",
+    "split_heldout",
     "synthesize_federation",
 ]

@@ -22,7 +22,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from .synthetic import synthesize_federation
 
-__all__ = ["FederationData", "TextRecord", "load_alpaca", "load_federation_data", "partition"]
+__all__ = ["FederationData", "TextRecord", "load_alpaca", "load_federation_data", "partition", "read_json_rows"]
 
 
 @dataclass(frozen=True)
@@ -50,27 +50,88 @@ def load_alpaca(path: str | Path) -> list[dict[str, Any]]:
     Raises:
         ConfigError: the file is missing, malformed, or a record lacks `instruction`/`output`.
     """
+    rows = read_json_rows(path)
+    for where, row in rows:
+        if "instruction" not in row or "output" not in row:
+            raise ConfigError(f"data.path={str(path)!r}: {where} needs 'instruction' and 'output' fields")
+    return [row for _, row in rows]
+
+
+def read_json_rows(
+    path: str | Path, *, key: str = "data.path", lines: bool | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The JSON objects of a JSON array or a JSON-lines file, each with where it is ("record 3", "line 7").
+
+    `lines` None guesses from the first character (an array starts with '['). Errors name `key`,
+    the file, and the record or line.
+
+    Raises:
+        ConfigError: the file is missing, empty, not JSON, or holds something other than objects.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"data.path={str(path)!r} is not a file")
-    text = path.read_text()
+        raise ConfigError(f"{key}={str(path)!r} is not a file; give the path of the data file")
     try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}={str(path)!r}: unreadable ({exc}); give a readable UTF-8 file") from exc
+    if not text.strip():
+        raise ConfigError(f"{key}={str(path)!r}: the file is empty; it must hold at least one record")
+    if lines is None:
+        lines = not text.lstrip().startswith("[")
+    rows = _json_lines(text, path, key) if lines else _json_array(text, path, key)
+    if not rows:
+        raise ConfigError(f"{key}={str(path)!r}: no records; it must hold at least one")
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ConfigError(f"{key}={str(path)!r}: {where} is a {type(row).__name__}, not a JSON object")
+    return rows
+
+
+def _json_lines(text: str, path: Path, key: str) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{key}={str(path)!r}: line {number} is not a JSON object ({exc.msg} at column {exc.colno}); "
+                "write one JSON object per line"
+            ) from exc
+    return rows
+
+
+def _json_array(text: str, path: Path, key: str) -> list[tuple[str, Any]]:
+    try:
+        loaded = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"data.path={str(path)!r}: not JSON or JSON lines ({exc})") from exc
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "instruction" not in row or "output" not in row:
-            raise ConfigError(f"data.path={str(path)!r}: record {i} needs 'instruction' and 'output' fields")
-    return list(rows)
+        raise ConfigError(
+            f"{key}={str(path)!r}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+            "write a JSON array of objects or one object per line"
+        ) from exc
+    if not isinstance(loaded, list):
+        raise ConfigError(f"{key}={str(path)!r}: expected a JSON array of records, found {type(loaded).__name__}")
+    return [(f"record {i}", row) for i, row in enumerate(loaded)]
 
 
-def _load_hf_folder(path: str) -> list[dict[str, Any]]:
+def _load_hf_folder(path: str, *, key: str = "data.path") -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError as exc:
-        raise ConfigError("data.source='hf-folder' needs the `datasets` package: pip install datasets") from exc
-    loaded = datasets.load_from_disk(path)
+        raise ConfigError(
+            f"{key}={path!r}: a Hugging Face dataset folder needs the `datasets` package: pip install datasets"
+        ) from exc
+    try:
+        loaded = datasets.load_from_disk(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{key}={path!r}: not a Hugging Face dataset folder ({exc}); give a folder written by save_to_disk"
+        ) from exc
     if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ConfigError(f"{key}={path!r}: the dataset has splits {sorted(loaded)} but no 'train'; save one")
         loaded = loaded["train"]
     return [dict(row) for row in loaded]
 
@@ -111,7 +172,12 @@ def load_federation_data(config: RunConfig) -> FederationData:
     data, fed = config.data, config.federation
     heldout_n = config.evaluation.heldout_records
     if data.source == "synthetic":
-        federation = synthesize_federation(fed.clients, data.records_per_client, seed=fed.seed)
+        try:
+            federation = synthesize_federation(fed.clients, data.records_per_client, seed=fed.seed)
+        except ValueError as exc:  # too few records per client for the planted canaries
+            raise ConfigError(
+                f"data.records_per_client={data.records_per_client}: {exc}; raise data.records_per_client"
+            ) from None
         server = synthesize_federation(1, heldout_n, seed=fed.seed + 1_000_003, canary_repeats=())
         by_person = config.privacy.unit == "user"
         clients = [[_synthetic(r, i, by_person) for i, r in enumerate(recs)] for recs in federation.clients]

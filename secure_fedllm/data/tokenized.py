@@ -30,13 +30,28 @@ class Batch:
 
 
 class TokenizedDataset:
-    """Examples plus, for each privacy unit, the rows that belong to it."""
+    """Examples plus, for each privacy unit, the rows that belong to it (and, when built from records, its id).
 
-    def __init__(self, examples: Sequence[Example], units: Sequence[Sequence[int]], *, pad_id: int, dropped: int = 0):
+    `unit_ids[u]` is the id of unit `u` (a person id, or `record-<i>`): what a site's population of
+    data subjects, hence its lifetime ledger, is named after (`secure_fedllm.site.population_id`).
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        units: Sequence[Sequence[int]],
+        *,
+        pad_id: int,
+        dropped: int = 0,
+        unit_ids: Sequence[str] | None = None,
+    ):
         self.examples = list(examples)
         self.units = [list(rows) for rows in units]
         self.pad_id = pad_id
         self.dropped = dropped
+        if unit_ids is not None and len(unit_ids) != len(self.units):
+            raise ValueError(f"{len(unit_ids)} unit ids for {len(self.units)} units")
+        self.unit_ids = list(unit_ids) if unit_ids is not None else [f"unit-{u}" for u in range(len(self.units))]
 
     @classmethod
     def build(cls, records: Sequence[TextRecord], template: ChatTemplate) -> TokenizedDataset:
@@ -53,7 +68,7 @@ class TokenizedDataset:
             examples.append(example)
         pad = template.tokenizer.pad_token_id
         pad_id = int(pad) if pad is not None else 0
-        return cls(examples, list(by_unit.values()), pad_id=pad_id, dropped=dropped)
+        return cls(examples, list(by_unit.values()), pad_id=pad_id, dropped=dropped, unit_ids=list(by_unit))
 
     @property
     def num_units(self) -> int:

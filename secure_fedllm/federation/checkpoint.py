@@ -20,14 +20,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import ValidationError
 
+from ..errors import ConfigError, SecureFedLLMError
 from ..files import atomic_write
+from .record import RoundRecord
 
-__all__ = ["Checkpoint", "RunPaths", "atomic_write", "site_folder"]
+__all__ = ["Checkpoint", "RunFolderError", "RunInterruptedError", "RunPaths", "atomic_write", "site_folder"]
+
+
+class RunFolderError(ConfigError):
+    """A run folder cannot be used as asked (not empty, another run, corrupted file); names the file and the fix."""
+
+
+class RunInterruptedError(SecureFedLLMError):
+    """The run was interrupted (Ctrl-C); the message says how to resume from the last checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -61,15 +71,30 @@ class RunPaths:
         """The default folder of the clients' state folders: `<run>.sites`, beside (never inside) the run."""
         return self.root.with_name(self.root.name + ".sites")
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        """All metrics rows, in order."""
+    def read_metrics(self) -> list[RoundRecord]:
+        """All metrics rows, in order.
+
+        Raises:
+            RunFolderError: a line is not a round record (the file and line are named).
+        """
         if not self.metrics.exists():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(self.metrics.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(RoundRecord.model_validate_json(line))
+            except ValidationError as exc:
+                raise RunFolderError(
+                    f"{self.metrics}:{number}: not a round record ({exc.errors()[0]['msg']}); "
+                    "restore the file or start a new run in another folder"
+                ) from None
+        return rows
 
-    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+    def write_metrics(self, rows: list[RoundRecord]) -> None:
         """Replace metrics.jsonl with `rows`."""
-        atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write(self.metrics, "".join(r.to_line() for r in rows).encode())
 
 
 def site_folder(sites: Path, client: int) -> Path:
@@ -100,10 +125,19 @@ class Checkpoint:
         state_file = paths.checkpoint / "state.json"
         if not state_file.exists():
             return None
-        state = json.loads(state_file.read_text())
-        vector = np.frombuffer((paths.checkpoint / state["global"]).read_bytes(), dtype="<f4").copy()
-        if vector.size != state["dimension"]:
-            raise ValueError(
-                f"{paths.checkpoint}: global vector has {vector.size} values, expected {state['dimension']}"
-            )
-        return cls(round=int(state["round"]), global_vector=vector)
+        fix = "restore the checkpoint folder or start a new run in another folder"
+        try:
+            state = json.loads(state_file.read_text())
+            name, round_number, dimension = str(state["global"]), int(state["round"]), int(state["dimension"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise RunFolderError(f"{state_file}: not a checkpoint state ({type(exc).__name__}: {exc}); {fix}") from None
+        vector_file = paths.checkpoint / Path(name).name
+        if not vector_file.is_file():
+            raise RunFolderError(f"{state_file}: names {vector_file.name}, which is missing; {fix}")
+        data = vector_file.read_bytes()
+        if len(data) % 4 or len(data) // 4 != dimension:
+            raise RunFolderError(f"{vector_file}: {len(data)} bytes, expected {dimension} float32 values; {fix}")
+        vector = np.frombuffer(data, dtype="<f4").copy()
+        if not np.isfinite(vector).all():
+            raise RunFolderError(f"{vector_file}: holds NaN or infinite values; {fix}")
+        return cls(round=round_number, global_vector=vector)

@@ -172,6 +172,11 @@ def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolic
         ConfigError: delta above 0.1 / N_i, or an epsilon out of reach.
     """
     privacy, fed = config.privacy, config.federation
+    if num_units < 1:
+        raise ConfigError(
+            f"client {client}: no privacy unit left to train on (every record's prompt fills "
+            f"data.max_length={config.data.max_length}, or its data is empty); raise data.max_length or give it records"
+        )
     q = min(1.0, privacy.expected_batch_size / num_units)
     joins = min(fed.rounds, privacy.max_participations or fed.rounds)
     steps = fed.local_steps if fed.local_epochs is None else max(1, round(fed.local_epochs / q))

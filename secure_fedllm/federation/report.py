@@ -15,16 +15,17 @@ from ..config import RunConfig
 from ..privacy import neighbouring_statement
 from .checkpoint import RunPaths
 from .plan import ClientPolicy
+from .record import RoundRecord
 
 __all__ = ["write_report"]
 
 
-def _plot_quality(paths: RunPaths, rows: Sequence[dict[str, Any]]) -> str:
+def _plot_quality(paths: RunPaths, rows: Sequence[RoundRecord]) -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    rounds = [r["round"] for r in rows]
-    ax1.plot(rounds, [r["eval_loss"] for r in rows], marker="o")
+    rounds = [r.round for r in rows]
+    ax1.plot(rounds, [r.eval_loss for r in rows], marker="o")
     ax1.set(xlabel="round", ylabel="held-out loss", title="Held-out loss")
-    ax2.plot(rounds, [r["perplexity"] for r in rows], marker="o", color="tab:orange")
+    ax2.plot(rounds, [r.perplexity for r in rows], marker="o", color="tab:orange")
     ax2.set(xlabel="round", ylabel="perplexity", title="Held-out perplexity")
     fig.tight_layout()
     fig.savefig(paths.root / "quality.png", dpi=110)
@@ -32,11 +33,11 @@ def _plot_quality(paths: RunPaths, rows: Sequence[dict[str, Any]]) -> str:
     return "quality.png"
 
 
-def _plot_epsilon(paths: RunPaths, rows: Sequence[dict[str, Any]], budget: float) -> str:
+def _plot_epsilon(paths: RunPaths, rows: Sequence[RoundRecord], budget: float) -> str:
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    clients = sorted(rows[0]["epsilon"], key=int)
+    clients = sorted(rows[-1].epsilon)
     for c in clients:
-        ax.plot([r["round"] for r in rows], [r["epsilon"][c] for r in rows], marker=".", label=f"client {c}")
+        ax.plot([r.round for r in rows], [r.epsilon.get(c, 0.0) for r in rows], marker=".", label=f"client {c}")
     if math.isfinite(budget):
         ax.axhline(budget, color="grey", linestyle="--", label="budget")
     ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per client")
@@ -47,19 +48,19 @@ def _plot_epsilon(paths: RunPaths, rows: Sequence[dict[str, Any]], budget: float
     return "epsilon.png"
 
 
-def _plot_costs(paths: RunPaths, rows: Sequence[dict[str, Any]]) -> str:
+def _plot_costs(paths: RunPaths, rows: Sequence[RoundRecord]) -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     phases = ["training", "protocol_client", "protocol_server", "evaluation"]
-    rounds = [r["round"] for r in rows]
+    rounds = [r.round for r in rows]
     bottom = [0.0] * len(rows)
     for phase in phases:
-        values = [r.get("seconds", {}).get(phase, 0.0) for r in rows]
+        values = [float(getattr(r.seconds, phase)) for r in rows]
         ax1.bar(rounds, values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax1.set(xlabel="round", ylabel="seconds", title="Time by phase")
     ax1.legend(fontsize=7)
-    ax2.bar([x - 0.2 for x in rounds], [r.get("bytes", {}).get("upload", 0) / 1e6 for r in rows], 0.4, label="up")
-    ax2.bar([x + 0.2 for x in rounds], [r.get("bytes", {}).get("download", 0) / 1e6 for r in rows], 0.4, label="down")
+    ax2.bar([x - 0.2 for x in rounds], [r.bytes.upload / 1e6 for r in rows], 0.4, label="up")
+    ax2.bar([x + 0.2 for x in rounds], [r.bytes.download / 1e6 for r in rows], 0.4, label="down")
     ax2.set(xlabel="round", ylabel="MB (all clients)", title="Protocol bytes")
     ax2.legend(fontsize=7)
     fig.tight_layout()
@@ -71,7 +72,7 @@ def _plot_costs(paths: RunPaths, rows: Sequence[dict[str, Any]]) -> str:
 def write_report(
     paths: RunPaths,
     config: RunConfig,
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[RoundRecord],
     ledgers: Sequence[dict[str, Any]],
     policies: Sequence[ClientPolicy],
     sidecar: dict[str, Any],
@@ -96,16 +97,16 @@ def write_report(
         "",
         "## Utility",
         "",
-        f"Held-out perplexity {first['perplexity']:.3f} at round 0 (the base model) and {last['perplexity']:.3f} after "
-        f"round {last['round']}: ratio **{last['perplexity'] / first['perplexity']:.3f}**.",
+        f"Held-out perplexity {first.perplexity:.3f} at round 0 (the base model) and {last.perplexity:.3f} after "
+        f"round {last.round}: ratio **{last.perplexity / first.perplexity:.3f}**.",
         "",
         "| round | held-out loss | perplexity | joined | included | aborted |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['round']} | {r['eval_loss']:.4f} | {r['perplexity']:.3f} | {r.get('participants', '-')} | "
-            f"{r.get('included', '-')} | {r.get('aborted') or ''} |"
+            f"| {r.round} | {r.eval_loss:.4f} | {r.perplexity:.3f} | {r.participants if r.round else '-'} | "
+            f"{r.included if r.round else '-'} | {r.aborted or ''} |"
         )
     lines += ["", f"![quality]({plots[0]})", ""]
     if data:
@@ -119,7 +120,7 @@ def write_report(
             + ".",
             "",
         ]
-    clipped = sum(r.get("clipped_coordinates", 0) for r in rows)
+    clipped = sum(r.clipped_coordinates for r in rows)
     if clipped:
         lines += [
             f"**{clipped:,} update coordinates were clipped** (a simulation diagnostic counted from the "
@@ -137,7 +138,7 @@ def write_report(
         ]
         for policy, ledger in zip(policies, ledgers, strict=True):
             joined = [e["round"] for e in ledger.get("events", [])]
-            eps = last["epsilon"][str(policy.client)]
+            eps = last.epsilon.get(policy.client, 0.0)
             lines.append(
                 f"| {policy.client} | {policy.num_units} | {policy.sample_rate:.4f} | {policy.noise_multiplier:.4f} | "
                 f"{policy.delta:.3g} | {policy.delta * policy.num_units:.3g} | {joined} | {eps:.3f} | "
@@ -175,18 +176,18 @@ def write_report(
         ["training s", "protocol client s", "protocol server s", "evaluation s", "upload B", "download B", "clipped"]
     ) + " |", "|---" * 8 + "|"]  # fmt: skip
     for r in rows:
-        s, b = r.get("seconds", {}), r.get("bytes", {})
+        s, b = r.seconds, r.bytes
         lines.append(
-            f"| {r['round']} | {s.get('training', 0):.1f} | {s.get('protocol_client', 0):.2f} | "
-            f"{s.get('protocol_server', 0):.2f} | {s.get('evaluation', 0):.1f} | {b.get('upload', 0):,} | "
-            f"{b.get('download', 0):,} | {r.get('clipped_coordinates', 0)} |"
+            f"| {r.round} | {s.training:.1f} | {s.protocol_client:.2f} | "
+            f"{s.protocol_server:.2f} | {s.evaluation:.1f} | {b.upload:,} | "
+            f"{b.download:,} | {r.clipped_coordinates} |"
         )
     lines += ["", f"![costs]({plots[2]})", "", "## Sample generations (last round)", ""]
-    for sample in last.get("samples", []):
+    for sample in last.samples:
         lines += [
-            f"- **{sample['prompt']}**",
-            f"  - reference: {sample['reference']}",
-            f"  - generated: {sample['generated']}",
+            f"- **{sample.prompt}**",
+            f"  - reference: {sample.reference}",
+            f"  - generated: {sample.generated}",
         ]
     lines += [
         "",

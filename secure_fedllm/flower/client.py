@@ -34,27 +34,24 @@ from .records import INPUT_RECORD
 if TYPE_CHECKING:
     from flwr.app import Context, Message
 
-__all__ = ["handle_ledger", "handle_offer", "handle_train", "node_config_path"]
+    from ..federation.federation import Job
+
+__all__ = ["handle_ledger", "handle_offer", "handle_train", "node_config_path", "site_data_spec"]
 
 
 @dataclass
 class _Shared:
-    """What every client of one configuration shares in a process: one model, its hooks, the data."""
+    """What every client of one configuration shares in a process: one model, its hooks, the template."""
 
-    model: Any
-    manifest: Any
+    job: Job
     trainer: Any
-    template: Any
-    fingerprints: dict[str, str]
-    records: list[Any]
 
 
 @dataclass
 class _Node:
     config: RunConfig
     partition: int
-    model: Any
-    manifest: Any
+    job: Job
     trainer: Any
     client: Any
     records: int
@@ -62,72 +59,89 @@ class _Node:
 
 
 _SHARED: dict[str, _Shared] = {}
-_DATA: dict[tuple[str, int], Any] = {}
+_DATA: dict[tuple[str, int, str], Any] = {}
 
 
 def node_config_path(context: Context) -> tuple[Path | None, Path]:
-    """(configuration file or None for the default, state folder) of this node."""
-    config = context.node_config.get("config") or context.run_config.get("config") or ""
-    state = context.node_config.get("state-dir")
-    if not state:
-        out = context.run_config.get("out")
-        if not out:
-            from .records import FlowerIntegrationError
+    """(configuration file or None for the default, state folder) of this node.
 
-            raise FlowerIntegrationError(
-                "this node has no state folder: set node_config state-dir (its private ledger, secrets and seeds "
-                "live there, never in the run folder)"
-            )
-        state = f"{Path(str(out)).resolve()}.sites"
+    Both come from the node's own config: its RunConfig copy sets its privacy policy, and its state
+    folder holds its ledgers and bindings, so a server that could choose either could lower the
+    policy or point the node at a fresh folder (a reset budget, forgotten bindings). Only our
+    simulation launcher, on this machine, stands in for the node config (environment `SITES_ENV`).
+    """
+    import os
+
+    from ..site.policy import SITES_ENV
+
+    simulated = os.environ.get(SITES_ENV)
+    config = context.node_config.get("config") or (context.run_config.get("config") if simulated else "") or ""
+    state = context.node_config.get("state-dir") or simulated
+    if not state:
+        from .records import FlowerIntegrationError
+
+        raise FlowerIntegrationError(
+            "this node has no state folder: set node_config state-dir (its private ledgers, secrets and seeds "
+            "live there; the server's run config may not choose it)"
+        )
     return (Path(str(config)) if config else None), Path(str(state))
 
 
-def _shared(config: RunConfig, digest: str) -> _Shared:
-    # One model per process, as in the in-process runner: clients differ by data, policy, ledger, seed.
-    if digest in _SHARED:
-        return _SHARED[digest]
-    import torch
+def site_data_spec(context: Context) -> Any:
+    """The node's own data (node_config `data-path`, `data-format`, `data-fields`), or None to use a partition.
 
-    from ..adapters import AdapterManifest, adapter_fingerprints, attach_lora
-    from ..data import ChatTemplate, load_federation_data
-    from ..federation.runner import _public_seed
-    from ..models import load_base_model, model_fingerprint
+    A deployed site reads its own records; only a simulation partitions one shared source.
+    """
+    if not context.node_config.get("data-path"):
+        return None
+    from ..data import SiteDataSpec
+
+    return SiteDataSpec.from_node_config(dict(context.node_config))
+
+
+def _shared(config: RunConfig, digest: str, *, shared_data: bool) -> _Shared:
+    # One model per process, as in the in-process runner: clients differ by data, policy, ledger, seed.
+    key = f"{digest}|{shared_data}"
+    if key in _SHARED:
+        return _SHARED[key]
+    from ..federation.federation import Job
     from ..training import LocalTrainer
 
     _SHARED.clear()
     _DATA.clear()
-    torch.manual_seed(_public_seed(config.federation.seed, "torch"))
-    base, tokenizer = load_base_model(config.model)
-    base_sha = model_fingerprint(base)
-    model = attach_lora(base, config.lora, a0_seed=_public_seed(config.federation.seed, "a0"))
-    manifest = AdapterManifest.of(model, config.lora.aggregation)
-    own = {"base_sha256": base_sha, "manifest_sha256": manifest.digest(), **adapter_fingerprints(model)}
-    template = ChatTemplate(tokenizer, system_prompt=config.data.system_prompt, max_length=config.data.max_length)
-    trainer = LocalTrainer(model, grad_sample_mode=config.training.grad_sample_mode)
-    shared = _Shared(model, manifest, trainer, template, own, load_federation_data(config).clients)
-    _SHARED[digest] = shared
+    job = Job.build(config, data=shared_data)  # the same setup (seeds, A0, fingerprints) as the server's
+    shared = _Shared(job, LocalTrainer(job.model, grad_sample_mode=config.training.grad_sample_mode))
+    _SHARED[key] = shared
     return shared
 
 
 def _node(context: Context) -> _Node:
     from ..data import TokenizedDataset
-    from ..federation.runner import _make_client
+    from ..federation.federation import make_client
 
     config_file, state = node_config_path(context)
     config = RunConfig.from_file(config_file) if config_file else RunConfig()
     partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
     digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
-    shared = _shared(config, digest)
-    key = (digest, partition)
+    spec = site_data_spec(context)
+    shared = _shared(config, digest, shared_data=spec is None)
+    key = (digest, partition, str(context.node_config.get("data-path") or ""))
     if key not in _DATA:
-        _DATA[key] = TokenizedDataset.build(shared.records[partition], shared.template)
+        if spec is None:
+            records = shared.job.data.clients[partition]
+        else:
+            from ..data import load_site_records, split_heldout
+
+            by_person = config.privacy.unit == "user"
+            records = load_site_records(spec, by_person=by_person)
+            if spec.heldout_fraction:  # the site's held-out units never train
+                records, _ = split_heldout(records, spec.heldout_fraction, by_person=by_person)
+        _DATA[key] = TokenizedDataset.build(records, shared.job.template)
     data = _DATA[key]
     # The client (and its ledger) is re-read from disk for every message: another worker process may
     # have served this node since, and a stale in-memory ledger would under-count its epsilon.
-    client = _make_client(config, state, partition, data, shared.fingerprints)
-    return _Node(
-        config, partition, shared.model, shared.manifest, shared.trainer, client, len(data.examples), data.dropped
-    )
+    client = make_client(config, state, partition, data, shared.job.fingerprints)
+    return _Node(config, partition, shared.job, shared.trainer, client, len(data.examples), data.dropped)
 
 
 def _facts(context: Context) -> tuple[Any, dict[str, int]]:
@@ -138,33 +152,37 @@ def _facts(context: Context) -> tuple[Any, dict[str, int]]:
     public: N_i is part of every plan) and the model is built only for training.
     """
     from ..federation.checkpoint import atomic_write, site_folder
-    from ..federation.runner import _make_client
+    from ..federation.federation import make_client
+    from ..site.state import population_id
 
     config_file, state = node_config_path(context)
     config = RunConfig.from_file(config_file) if config_file else RunConfig()
     partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    data_path = str(context.node_config.get("data-path") or "")
+    digest = hashlib.sha256((config.model_dump_json() + "|" + data_path).encode()).hexdigest()
     path = site_folder(state, partition) / "facts.json"
     facts = json.loads(path.read_text()) if path.exists() else {}
-    if facts.get("config") != digest:
+    if facts.get("config") != digest or "population" not in facts:
         node = _node(context)
         facts = {
             "config": digest,
             "units": node.client.data.num_units,
+            "population": population_id(node.client.data.unit_ids),
             "records": node.records,
             "dropped": node.dropped,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(facts).encode())
-    client = _make_client(config, state, partition, _Counts(int(facts["units"])), {})  # type: ignore[arg-type]
+    client = make_client(config, state, partition, _Counts(int(facts["units"]), str(facts["population"])), {})
     return client, facts
 
 
 @dataclass(frozen=True)
 class _Counts:
-    """Stands in for the tokenized data where only its size matters (policy, offer)."""
+    """Stands in for the tokenized data where only its size and population matter (policy, offer, ledger)."""
 
     num_units: int
+    population: str
 
 
 def handle_offer(msg: Message, context: Context) -> Message:
@@ -190,7 +208,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     plan = RoundPlan.parse(bytes(msg.content.config_records["plan"]["plan"]))  # type: ignore[arg-type]
     global_vector = msg.content.array_records["global"].to_numpy_ndarrays()[0].astype(np.float32)
     weight = next(a.weight for a in plan.participants if a.client == node.partition)
-    update = node.client.train(node.trainer, node.model, node.manifest, global_vector, plan)
+    update = node.client.train(node.trainer, node.job.model, node.job.manifest, global_vector, plan)
     extra = {
         "weight": weight,
         "rounding_seed": update.rounding_seed,

@@ -1,4 +1,4 @@
-"""Our federation's server loop on a Flower `Grid`: the same job and run folder as the in-process runner.
+"""Our federation on a Flower `Grid`: `GridTransport`, the same `Federation` and run folder as in process.
 
 Per round: sample the cohort (public randomness from the run seed), ask its nodes for their offers
 (`query.offer`: willing or not, DP settings, record count), announce the `RoundPlan` inside the
@@ -23,18 +23,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from protocols import SignedRoster
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..federation.federation import ClientLedger, Federation, Job, RunResult
+from ..federation.plan import Assignment, ClientPolicy, RoundPlan
+from ..federation.record import ProtocolFacts, RoundBytes, RoundRecord, RoundSeconds
 
 if TYPE_CHECKING:
-    from flwr.app import Message, RecordDict
+    from flwr.app import RecordDict
     from flwr.serverapp import Grid
 
-    from ..federation import RunResult
+    from ..federation.checkpoint import RunPaths
 
-__all__ = ["run_on_grid"]
+__all__ = ["GridTransport", "run_on_grid"]
 
 
 def run_on_grid(
@@ -46,181 +49,196 @@ def run_on_grid(
     stage_timeout: float = 120.0,
     join_timeout: float = 300.0,
     log: Callable[[str], None] = print,
+    signed_roster: SignedRoster | None = None,
 ) -> RunResult:
-    """Run the federation of `config` over the nodes of `grid`; results land in `out` as in-process.
+    """Run (continue, or finish) the federation of `config` over the nodes of `grid`, in the run folder `out`.
+
+    `signed_roster` is the roster a roster authority (not this server) signed for the sites: the
+    server only relays it, so sites whose policy trusts that authority accept the members' keys.
 
     Raises:
-        ConfigError: a protocol the Flower engine does not run, or too few nodes joined in time.
+        ConfigError: a protocol the Flower engine does not run, too few nodes joined in time, or a
+            folder holding something else (see `open_run_folder`).
     """
-    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-
-    from protocols import AbortError
-
-    from ..adapters import AdapterManifest, adapter_fingerprints, attach_lora, get_vector, save_adapter, set_vector
-    from ..data import ChatTemplate, TokenizedDataset, load_federation_data
-    from ..federation import RunResult
-    from ..federation.aggregation import sample_cohort, secagg_params
-    from ..federation.checkpoint import Checkpoint, atomic_write
-    from ..federation.plan import Assignment, ClientPolicy, RoundPlan
-    from ..federation.report import write_report
-    from ..federation.runner import _prepare_folder, _public_seed, adapter_sidecar, evaluate_round
-    from ..models import load_base_model, model_fingerprint
-    from ..site import check_setting
-    from .grid_round import collect_identity_keys, secure_aggregate
-
-    protocol = config.secure_aggregation.protocol
-    if protocol not in ("secagg", "secagg+"):
-        raise ConfigError(
-            f"secure_aggregation.protocol={protocol!r}: the Flower engine runs 'secagg' and 'secagg+'; "
-            "use the in-process engine for the others"
-        )
-    paths, config = _prepare_folder(config, out, None)
-    check_setting(config)
-    import torch
-
-    torch.manual_seed(_public_seed(config.federation.seed, "torch"))
-    base, tokenizer = load_base_model(config.model)
-    base_sha = model_fingerprint(base)
-    model = attach_lora(base, config.lora, a0_seed=_public_seed(config.federation.seed, "a0"))
-    manifest = AdapterManifest.of(model, config.lora.aggregation)
-    fingerprints = adapter_fingerprints(model)
-    data = load_federation_data(config)  # the server uses the held-out records only
-    template = ChatTemplate(tokenizer, system_prompt=config.data.system_prompt, max_length=config.data.max_length)
-    heldout = TokenizedDataset.build(data.heldout, template)
-    if data.canaries:
-        atomic_write(paths.root / "data_manifest.json", json.dumps({"canaries": data.canaries}, indent=1).encode())
-    common = {"base_sha256": base_sha, "manifest_sha256": manifest.digest(), **fingerprints}
-
-    nodes = _wait_for_nodes(grid, config.federation.clients, join_timeout)
-    # queries may start a fresh ClientApp process that imports the accountant: bounded by train_timeout
-    query_timeout = train_timeout
-    offers, node_of = _partitions(grid, nodes, config.federation.clients, query_timeout)
-    keys: dict[int, bytes] | None = None
-    if config.secure_aggregation.setting == "malicious":
-        keys, unidentified = collect_identity_keys(grid, [node_of[p] for p in sorted(node_of)], timeout=query_timeout)
-        if unidentified:
-            raise ConfigError(
-                "secure_aggregation.setting='malicious' but nodes gave no identity key: "
-                + "; ".join(f"node {n}: {why}" for n, why in sorted(unidentified.items()))
-                + ". Give each node a site policy (node_config site-policy) with its identity key, or set "
-                "secure_aggregation.setting='semi-honest'"
-            )
-    roster = [keys[node_of[p]] for p in sorted(node_of)] if keys is not None else None
-    units = {p: int(offers[n]["units"]) for p, n in node_of.items()}  # type: ignore[arg-type]
-    largest = max(units.values())
-    weights = {p: 1.0 if config.federation.weighting == "uniform" else units[p] / largest for p in units}
-
-    global_vector = get_vector(model, manifest)
-    rows: list[dict[str, Any]] = []
-    log(f"secure-fedllm on Flower: {len(nodes)} nodes, {config.federation.rounds} rounds, {protocol} -> {paths.root}")
-    for round_number in range(config.federation.rounds + 1):
-        row: dict[str, Any] = {"round": round_number, "engine": "flower"}
-        if round_number > 0:
-            cohort = sample_cohort(config, round_number)
-            answers = _ask(grid, [node_of[c] for c in cohort], "query.offer", _ask_round(round_number), query_timeout)
-            partition_of = {n: p for p, n in node_of.items()}
-            joining = sorted(partition_of[n] for n, a in answers.items() if not a["willing"])
-            row.update(
-                cohort=cohort, sat_out={str(partition_of[n]): a["willing"] for n, a in answers.items() if a["willing"]}
-            )
-            if len(joining) < 3:
-                row.update(
-                    participants=joining, included=[], dropped=[], aborted=f"only {len(joining)} clients can join"
-                )
-            else:
-                participants = []
-                for c in joining:
-                    offer = Assignment.model_validate_json(str(answers[node_of[c]]["offer"]))
-                    participants.append(offer.model_copy(update={"weight": weights[c]}))
-                plan = RoundPlan(
-                    round=round_number,
-                    aggregation=config.lora.aggregation,
-                    protocol=protocol,
-                    clip_range=config.secure_aggregation.clip_range,
-                    participants=tuple(participants),
-                    **common,
-                )
-                instruction = RecordDict(
-                    {
-                        "plan": ConfigRecord({"plan": plan.model_dump_json().encode()}),
-                        "global": ArrayRecord([global_vector]),
-                    }
-                )
-                members = sorted(node_of[c] for c in joining)  # party order of secure_aggregate
-                params = secagg_params(
-                    config,
-                    len(joining),
-                    manifest.dimension,
-                    identity_keys=[keys[n] for n in members] if keys is not None else None,
-                    roster=roster,
-                )
-                t = time.perf_counter()
-                try:
-                    outcome = secure_aggregate(
-                        grid,
-                        {node_of[c]: instruction for c in joining},
-                        params,
-                        round_number=round_number,
-                        context=plan.digest(),
-                        train_timeout=train_timeout,
-                        stage_timeout=stage_timeout,
-                    )
-                except AbortError as exc:
-                    row.update(participants=joining, included=[], dropped=joining, aborted=str(exc))
-                else:
-                    included = sorted(partition_of[n] for n in outcome.included_nodes)
-                    global_vector = (global_vector.astype(np.float64) + outcome.mean()).astype(np.float32)
-                    row.update(
-                        participants=joining,
-                        included=included,
-                        dropped=[c for c in joining if c not in included],
-                        failures={str(partition_of[n]): why for n, why in outcome.failures.items()},
-                        aborted=None,
-                        quantization_bound=outcome.aggregate.decoded.max_abs_error
-                        / max(outcome.aggregate.decoded.total_weight, 1e-300),
-                        protocol={
-                            "neighbours": params.neighbours,
-                            "threshold": params.threshold,
-                            "malicious": params.malicious,
-                        },
-                        seconds={
-                            "round": time.perf_counter() - t,
-                            "stages": outcome.stage_seconds,
-                            "protocol_server": outcome.server_seconds,
-                        },
-                        bytes={
-                            "upload": sum(outcome.upload_bytes.values()),
-                            "download": sum(outcome.download_bytes.values()),
-                        },
-                    )
-        set_vector(model, manifest, global_vector)
-        evaluate_round(config, model, heldout, template, data.heldout, row)
-        rows.append(row)
-        paths.write_metrics(rows)
-        Checkpoint(round_number, global_vector).save(paths)
-        log(f"round {round_number}: perplexity {row['perplexity']:.3f} included {row.get('included', [])}")
-
-    answered = [node_of[p] for p in sorted(node_of)]
-    reports = _ask(grid, answered, "query.ledger", RecordDict(), query_timeout)
-    reports = {n: reports[n] for n in answered if n in reports}
-    ledgers = [json.loads(str(r["ledger"])) for r in reports.values()]
-    summary = [json.loads(str(r["summary"])) for r in reports.values()]
-    policies = [ClientPolicy.model_validate_json(str(r["policy"])) for r in reports.values()]
-    epsilons = {int(s["client"]): float(s["epsilon"]) for s in summary}
-    for row in rows:
-        row["epsilon"] = {str(c): e for c, e in epsilons.items()}
-    paths.write_metrics(rows)
-    sidecar = adapter_sidecar(
+    transport = GridTransport(
+        grid,
         config,
-        manifest,
-        {**fingerprints, "base_sha256": base_sha},
-        epsilon_max=max(epsilons.values(), default=0.0),
-        delta_max=max((p.delta for p, led in zip(policies, ledgers, strict=True) if led.get("events")), default=0.0),
+        train_timeout=train_timeout,
+        stage_timeout=stage_timeout,
+        join_timeout=join_timeout,
+        log=log,
+        signed_roster=signed_roster,
     )
-    sidecar["engine"] = "flower"
-    save_adapter(model, paths.adapter, sidecar=sidecar)
-    write_report(paths, config, rows, ledgers, policies, sidecar, summary)
-    return RunResult(paths.root, rows, epsilons, paths.adapter, paths.report)
+    return Federation(transport, log=log).run(config, out=out)
+
+
+class GridTransport:
+    """The nodes of a Flower `Grid`: offers and ledgers by query, training and masking by `secure_aggregate`.
+
+    Dropouts are real (silent or failing nodes). In the malicious setting the server asks every node
+    for its public identity key and never supplies keys of its own.
+    """
+
+    engine = "flower"
+
+    def __init__(
+        self,
+        grid: Grid,
+        config: RunConfig,
+        *,
+        train_timeout: float = 3600.0,
+        stage_timeout: float = 120.0,
+        join_timeout: float = 300.0,
+        log: Callable[[str], None] = print,
+        signed_roster: SignedRoster | None = None,
+    ) -> None:
+        protocol = config.secure_aggregation.protocol
+        if protocol not in ("secagg", "secagg+"):
+            raise ConfigError(
+                f"secure_aggregation.protocol={protocol!r}: the Flower engine runs 'secagg' and 'secagg+'; "
+                "use the in-process engine for the others"
+            )
+        self.grid, self.config, self.log = grid, config, log
+        self.train_timeout, self.stage_timeout, self.join_timeout = train_timeout, stage_timeout, join_timeout
+        # queries may start a fresh ClientApp process that imports the accountant: bounded by train_timeout
+        self.query_timeout = train_timeout
+        self.node_of: dict[int, int] = {}
+        self.keys: dict[int, bytes] | None = None
+        self.signed_roster = signed_roster
+
+    def start(self, job: Job, paths: RunPaths) -> dict[int, int]:
+        """Wait for the nodes, map each partition to a node, collect identity keys (malicious setting)."""
+        from .grid_round import collect_identity_keys
+
+        config = self.config
+        self.job = job
+        nodes = _wait_for_nodes(self.grid, config.federation.clients, self.join_timeout)
+        offers, self.node_of = _partitions(self.grid, nodes, config.federation.clients, self.query_timeout)
+        if config.secure_aggregation.setting == "malicious":
+            members = [self.node_of[p] for p in sorted(self.node_of)]
+            self.keys, unidentified = collect_identity_keys(self.grid, members, timeout=self.query_timeout)
+            if unidentified:
+                raise ConfigError(
+                    "secure_aggregation.setting='malicious' but nodes gave no identity key: "
+                    + "; ".join(f"node {n}: {why}" for n, why in sorted(unidentified.items()))
+                    + ". Give each node a site policy (node_config site-policy) with its identity key, or set "
+                    "secure_aggregation.setting='semi-honest'"
+                )
+            if self.signed_roster is not None:
+                listed = set(self.signed_roster.keys)
+                strangers = sorted(p for p, n in self.node_of.items() if self.keys[n] not in listed)
+                if strangers:
+                    raise ConfigError(
+                        f"signed-roster: the identity keys of partitions {strangers} are not in the relayed roster "
+                        f"{self.signed_roster.label!r}; the sites would refuse every round. Have the roster authority "
+                        "sign a roster with every site's key"
+                    )
+        self.log(f"secure-fedllm on Flower: {len(nodes)} nodes -> {paths.root}")
+        return {p: int(offers[n]["units"]) for p, n in self.node_of.items()}
+
+    def offers(self, round_number: int, cohort: list[int]) -> dict[int, Assignment | str]:
+        """Ask the cohort's nodes (query.offer); a node that does not answer is left out."""
+        answers = _ask(self.grid, [self.node_of[c] for c in cohort], "query.offer", _ask_round(round_number),
+                       self.query_timeout)  # fmt: skip
+        partition_of = {n: p for p, n in self.node_of.items()}
+        out: dict[int, Assignment | str] = {}
+        for node, answer in answers.items():
+            why = str(answer["willing"])
+            out[partition_of[node]] = why or Assignment.model_validate_json(str(answer["offer"]))
+        return out
+
+    def train_and_aggregate(self, plan: RoundPlan, global_vector: Any, record: RoundRecord) -> Any:
+        """Send the plan and global adapter in the `train` instruction; securely aggregate the replies."""
+        from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+        from protocols import AbortError
+
+        from ..federation.aggregation import secagg_params
+        from .grid_round import secure_aggregate
+
+        config, node_of = self.config, self.node_of
+        joining = [a.client for a in plan.participants]
+        record.participants = joining
+        instruction = RecordDict(
+            {"plan": ConfigRecord({"plan": plan.model_dump_json().encode()}), "global": ArrayRecord([global_vector])}
+        )
+        members = sorted(node_of[c] for c in joining)  # party order of secure_aggregate
+        keys = self.keys
+        params = secagg_params(
+            config,
+            len(joining),
+            self.job.manifest.dimension,
+            identity_keys=[keys[n] for n in members] if keys is not None else None,
+            roster=self._roster(),
+        )
+        try:
+            outcome = secure_aggregate(
+                self.grid,
+                {node_of[c]: instruction for c in joining},
+                params,
+                round_number=plan.round,
+                context=plan.digest(),
+                train_timeout=self.train_timeout,
+                stage_timeout=self.stage_timeout,
+                signed_roster=self.signed_roster,
+            )
+        except AbortError as exc:
+            record.dropped, record.aborted = joining, str(exc)
+            return None
+        partition_of = {n: p for p, n in node_of.items()}
+        included = sorted(partition_of[n] for n in outcome.included_nodes)
+        record.included = included
+        record.dropped = [c for c in joining if c not in included]
+        record.failures = {partition_of[n]: why for n, why in outcome.failures.items()}  # type: ignore[assignment]
+        decoded = outcome.aggregate.decoded
+        record.quantization_bound = decoded.max_abs_error / max(decoded.total_weight, 1e-300)
+        record.protocol = ProtocolFacts(
+            neighbours=params.neighbours, threshold=params.threshold, malicious=params.malicious
+        )
+        stages = outcome.stage_seconds
+        record.seconds = RoundSeconds(
+            training=stages[0] if stages else 0.0,  # the train stage: training plus the first protocol message
+            protocol_client=sum(stages[1:]),  # the later stages' round trips to the nodes
+            protocol_server=outcome.server_seconds,
+            evaluation=record.seconds.evaluation,
+        )
+        record.bytes = RoundBytes(
+            upload=sum(outcome.upload_bytes.values()), download=sum(outcome.download_bytes.values())
+        )
+        return outcome.mean()
+
+    def _roster(self) -> list[bytes] | None:
+        """What the sites count n_C over: the authority's roster when one is relayed, else every node's key."""
+        if self.keys is None:
+            return None
+        if self.signed_roster is not None:
+            return list(self.signed_roster.keys)
+        return [self.keys[self.node_of[p]] for p in sorted(self.node_of)]
+
+    def ledgers(self) -> list[ClientLedger]:
+        """Every node's public ledger summary, policy and data counts (query.ledger)."""
+        from flwr.app import RecordDict
+
+        answered = [self.node_of[p] for p in sorted(self.node_of)]
+        replies = _ask(self.grid, answered, "query.ledger", RecordDict(), self.query_timeout, group="query.ledger")
+        out = []
+        for node in answered:
+            if node not in replies:
+                continue
+            reply = replies[node]
+            summary = json.loads(str(reply["summary"]))
+            out.append(
+                ClientLedger(
+                    int(summary["client"]),
+                    ClientPolicy.model_validate_json(str(reply["policy"])),
+                    json.loads(str(reply["ledger"])),
+                    int(summary["records"]),
+                    int(summary["units"]),
+                    int(summary["dropped"]),
+                    float(summary["epsilon"]),
+                )
+            )
+        return out
 
 
 def _partitions(grid: Grid, nodes: list[int], clients: int, timeout: float) -> tuple[dict[int, Any], dict[int, int]]:
@@ -255,11 +273,16 @@ def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def _ask(grid: Grid, nodes: list[int], message_type: str, content: RecordDict, timeout: float) -> dict[int, Any]:
-    """Send one query to each node; return node -> the single ConfigRecord of its reply (errors skipped)."""
+def _ask(
+    grid: Grid, nodes: list[int], message_type: str, content: RecordDict, timeout: float, *, group: str = ""
+) -> dict[int, Any]:
+    """Send one query to each node; return node -> the single ConfigRecord of its reply (errors skipped).
+
+    Ledger queries (asked after every round) carry their own group id, apart from the offers.
+    """
     from flwr.app import Message
 
-    messages = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
+    messages = [Message(content, dst_node_id=n, message_type=message_type, group_id=group) for n in nodes]
     replies: list[Message] = list(grid.send_and_receive(messages, timeout=timeout))
     out = {}
     for reply in replies:

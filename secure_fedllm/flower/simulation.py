@@ -40,7 +40,7 @@ from ..errors import SecureFedLLMError
 from ..site.policy import check_setting
 
 if TYPE_CHECKING:
-    from ..federation import RunResult
+    from ..federation.federation import RunResult
 
 __all__ = [
     "APP_PYPROJECT",
@@ -79,6 +79,7 @@ config = ""
 out = "runs/flower"
 train-timeout = 3600.0
 stage-timeout = 120.0
+signed-roster = ""
 """
 
 
@@ -213,18 +214,27 @@ def run_simulation(
     Raises:
         FlowerEngineError: the engine failed to start or the run did not complete.
     """
+    from ..federation.federation import RunResult
+    from ..federation.folder import open_run_folder
+
     out = Path(out).resolve()
+    folder = open_run_folder(config, out, None)  # refuses another run's folder before Flower starts
+    if folder.finished:
+        print(f"{out} already holds this finished run; nothing to do")
+        return RunResult.of_folder(folder.paths, folder.rows)
+    started = time.time()
     work = Path(tempfile.mkdtemp(prefix="secure-fedllm-flower-"))
     config_file = work / "config.toml"
     config.to_file(config_file)
-    extra_env = {}
-    check_setting(config)
-    if config.secure_aggregation.setting == "malicious" and config.secure_aggregation.protocol in ("secagg", "secagg+"):
-        from ..site import SITES_ENV
+    from ..site import SITES_ENV
 
-        sites = Path(f"{out}.sites")  # where each simulated node keeps its state (flower.client.node_config_path)
+    check_setting(config)
+    # Where each simulated node keeps its state (flower.client.node_config_path): set on this machine by
+    # the launcher, so the nodes never take their state folder from the run config the server writes.
+    sites = Path(f"{out}.sites")
+    extra_env = {SITES_ENV: str(sites)}
+    if config.secure_aggregation.setting == "malicious" and config.secure_aggregation.protocol in ("secagg", "secagg+"):
         provision_sites(config, sites)
-        extra_env[SITES_ENV] = str(sites)
     try:
         with simulation_superlink(work, extra_env) as env:
             flwr_run(
@@ -238,23 +248,28 @@ def run_simulation(
     except FlowerEngineError as exc:
         raise FlowerEngineError(f"{exc}\n{_tail(work / 'superlink.log')}") from exc
     try:
-        result = _load_result(out, config)
+        result = _load_result(out, config, started)
     except FlowerEngineError as exc:  # `flwr run --stream` exits 0 even when the ServerApp raised
         raise FlowerEngineError(f"{exc}\n{_tail(work / 'superlink.log')}") from exc
     shutil.rmtree(work, ignore_errors=True)
     return result
 
 
-def _load_result(out: Path, config: RunConfig) -> RunResult:
-    from ..federation import RunResult
-    from ..federation.checkpoint import RunPaths
+def _load_result(out: Path, config: RunConfig, started: float) -> RunResult:
+    """The run the ServerApp just finished in `out`, checked to be this run (not an older one left there)."""
+    from ..errors import ConfigError
+    from ..federation.federation import RunResult
+    from ..federation.folder import open_run_folder
 
-    paths = RunPaths(out)
-    rows = paths.read_metrics()
-    if len(rows) != config.federation.rounds + 1 or not paths.report.exists():
-        raise FlowerEngineError(f"the Flower run stopped after {len(rows)} rows; see {out}")
-    epsilons = {int(k): float(v) for k, v in rows[-1].get("epsilon", {}).items()}
-    return RunResult(out, rows, epsilons, paths.adapter, paths.report)
+    try:
+        folder = open_run_folder(config, out, None)
+    except ConfigError as exc:
+        raise FlowerEngineError(f"the Flower run left {out} unreadable: {exc}") from None
+    if not folder.finished:
+        raise FlowerEngineError(f"the Flower run stopped after round {folder.start - 1}; see {out}")
+    if folder.paths.report.stat().st_mtime < started:
+        raise FlowerEngineError(f"{folder.paths.report} predates this run: the ServerApp did not finish it")
+    return RunResult.of_folder(folder.paths, folder.rows)
 
 
 def _tail(path: Path, lines: int = 40) -> str:

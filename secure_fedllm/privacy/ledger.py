@@ -1,29 +1,69 @@
-"""A client's persistent privacy ledger: charged, written and synced before its update leaves.
+"""A site's persistent privacy ledger: charged, written and synced before its update leaves.
 
-The ledger is the client's own record (a server cannot edit it): one event per joined round, the
-budget and delta it was opened with, and the accountant and neighbouring relation that read it
-(the relation is stored so that the file says which datasets its epsilon separates). `charge()` first computes
-the epsilon the history would reach; over budget it raises `PrivacyBudgetExhaustedError` and
-changes nothing (in memory or on disk). Writes go to a temporary file that is fsynced and renamed
-over the old one, so a crash leaves either the old ledger or the new one.
+The ledger is the site's own record (a server cannot edit it): one entry per release, the budget
+and delta it was opened with, and the accountant and neighbouring relation that read it (the
+relation is stored so that the file says which datasets its epsilon separates). `charge()` first
+computes the epsilon the history would reach; over budget it raises `PrivacyBudgetExhaustedError`
+and changes nothing (in memory or on disk). Writes go to a temporary file that is fsynced and
+renamed over the old one, so a crash leaves either the old ledger or the new one.
+
+Two kinds of ledger share this class and this file format:
+
+* A lifetime ledger (`job` given; `SiteState.ledger_for`): one per site and population of data
+  subjects, kept in the site's state folder across jobs. Entries are keyed by (job, round, release
+  tag); the epsilon is the accountant's composition of every entry of every job (never a sum of
+  per-job epsilons), and the budget it is charged against is the lifetime budget fixed when the
+  ledger was created. `rounds`, `releases`, `charged()` and the duplicate check speak of the
+  current job only, so a second job's round 0 is a new release, not a replay of the first job's.
+* A single-run ledger (`job=None`, the format written before lifetime ledgers): entries keyed by
+  round. Files of that format (no `version`, no `job` per event) keep loading; their entries count
+  toward the epsilon of whatever job later opens them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PrivacyBudgetExhaustedError
+from pydantic import ValidationError
+
+from ..errors import ConfigError, PrivacyBudgetExhaustedError
 from ..files import atomic_write
 from .accountants import make_accountant
 from .events import DPSGDEvent
 
-__all__ = ["PrivacyLedger"]
+__all__ = ["LedgerEntry", "PrivacyLedger"]
+
+_VERSION = 2
+_ENTRY_KEYS = ("round", "release", "job")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One charged release: the job and round it belongs to, its site-private tag, and its DP event."""
+
+    job: str | None
+    round: int
+    event: DPSGDEvent
+    release: str | None = None
 
 
 class PrivacyLedger:
-    """Per-client ledger backed by one JSON file."""
+    """One JSON file of charged releases, read by one accountant.
+
+    Args:
+        path: the ledger file.
+        client: the client index this ledger speaks for in the current job (messages, report).
+        epsilon_budget: the budget (a lifetime budget for a lifetime ledger).
+        delta: the delta epsilon is stated at.
+        accountant: "rdp" or "prv": what composes the events.
+        neighbouring: the neighbouring relation of the events.
+        job: the job this object charges (None: a single-run ledger keyed by round).
+        population: the population of data subjects a lifetime ledger belongs to (recorded only).
+    """
 
     def __init__(
         self,
@@ -34,94 +74,254 @@ class PrivacyLedger:
         delta: float,
         accountant: str,
         neighbouring: str = "add_remove",
+        job: str | None = None,
+        population: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.client, self.epsilon_budget, self.delta, self.accountant_name = client, epsilon_budget, delta, accountant
+        self.lifetime_budget, self.lifetime_delta = epsilon_budget, delta
+        self.job, self.population = job, population
         self._accountant = make_accountant(accountant, neighbouring=neighbouring)
         self.neighbouring = self._accountant.neighbouring
-        self.rounds: list[int] = []
-        self.events: list[DPSGDEvent] = []
-        self.releases: list[str | None] = []
+        self.entries: list[LedgerEntry] = []
 
     @classmethod
     def open(cls, path: str | Path, **kw: Any) -> PrivacyLedger:
-        """Load the ledger at `path` if it exists (its settings win), else start an empty one."""
+        """Load the ledger at `path` if it exists, else start an empty one with `kw`.
+
+        The file's accountant and relation win. In a single-run ledger (no `job`) its budget, delta
+        and client win too. A lifetime ledger (`job` given) keeps the lifetime budget it was created
+        with: a job may ask for less (the smaller budget and the smaller delta are applied to this
+        job), never for more.
+
+        Raises:
+            ConfigError: the file is unreadable or malformed (the message names it).
+        """
         path = Path(path)
         if not path.exists():
             return cls(path, **kw)
-        data = json.loads(path.read_text())
-        ledger = cls(
-            path,
-            client=data["client"],
-            epsilon_budget=data["epsilon_budget"],
-            delta=data["delta"],
-            accountant=data["accountant"],
-            # A ledger written before the relation was recorded was accounted add/remove-one.
-            neighbouring=data.get("neighbouring", "add_remove"),
-        )
-        ledger.rounds = [int(e["round"]) for e in data["events"]]
-        ledger.events = [
-            DPSGDEvent(**{k: v for k, v in e.items() if k not in ("round", "release")}) for e in data["events"]
-        ]
-        ledger.releases = [e.get("release") for e in data["events"]]
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON object")
+            version = int(data.get("version", 1))
+            if version > _VERSION:
+                raise ValueError(f"format version {version} is newer than this program's {_VERSION}")
+            job = kw.get("job")
+            stored_budget, stored_delta = float(data["epsilon_budget"]), float(data["delta"])
+            ledger = cls(
+                path,
+                client=int(kw["client"]) if job is not None and "client" in kw else int(data["client"]),
+                epsilon_budget=stored_budget,
+                delta=stored_delta,
+                accountant=str(data["accountant"]),
+                # A ledger written before the relation was recorded was accounted add/remove-one.
+                neighbouring=str(data.get("neighbouring", "add_remove")),
+                job=job,
+                population=data.get("population", kw.get("population")),
+            )
+            if job is not None:
+                ledger.epsilon_budget = min(stored_budget, float(kw.get("epsilon_budget", stored_budget)))
+                ledger.delta = min(stored_delta, float(kw.get("delta", stored_delta)))
+            ledger.entries = [_entry(e) for e in data["events"]]
+        except ConfigError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
+            raise ConfigError(
+                f"{path}: not a readable privacy ledger ({exc!r}); restore it from a backup (deleting it would "
+                "forget the privacy already spent)"
+            ) from exc
         return ledger
+
+    # -- views -----------------------------------------------------------------------------------
+
+    @property
+    def events(self) -> list[DPSGDEvent]:
+        """Every charged event, of every job: what the accountant composes."""
+        return [e.event for e in self.entries]
+
+    @property
+    def rounds(self) -> list[int]:
+        """The rounds charged in the current job (a round appears once per distinct release)."""
+        return [e.round for e in self._mine()]
+
+    @property
+    def releases(self) -> list[str | None]:
+        """The release tags charged in the current job, in the order of `rounds`."""
+        return [e.release for e in self._mine()]
+
+    @property
+    def jobs(self) -> list[str | None]:
+        """The jobs with charged entries, in the order they were first charged."""
+        return list(dict.fromkeys(e.job for e in self.entries))
 
     @property
     def epsilon(self) -> float:
-        """Epsilon spent so far at the ledger's delta."""
+        """Epsilon spent so far, over all jobs, at the ledger's delta."""
         return self._accountant.epsilon(self.events, self.delta)
+
+    def epsilon_of(self, events: Sequence[DPSGDEvent]) -> float:
+        """Epsilon of `events` alone under this ledger's accountant and delta."""
+        return self._accountant.epsilon(list(events), self.delta)
+
+    # -- charging --------------------------------------------------------------------------------
 
     def would_exceed(self, event: DPSGDEvent) -> bool:
         """True if charging `event` would go past the budget (a client then sits the round out)."""
         return self._accountant.epsilon([*self.events, event], self.delta) > self.epsilon_budget
 
+    def admit(self, planned: Sequence[DPSGDEvent]) -> float:
+        """Check, before any training, that a job's planned events fit the remaining budget.
+
+        Returns:
+            the epsilon the ledger would reach after all of `planned` (composed, not added).
+
+        Raises:
+            PrivacyBudgetExhaustedError: they would not fit; nothing was charged.
+        """
+        prospective = self._accountant.epsilon([*self.events, *planned], self.delta)
+        if prospective > self.epsilon_budget:
+            raise PrivacyBudgetExhaustedError(
+                f"{self._where()}: job {self.job!r} ({len(planned)} planned releases) would raise epsilon from "
+                f"{self.epsilon:.3f} to {prospective:.3f}, over the {self._budget_name()} {self.epsilon_budget}; "
+                "the job is refused before training (plan fewer rounds or more noise)",
+                spent=self.epsilon,
+                requested=prospective,
+                budget=self.epsilon_budget,
+            )
+        return prospective
+
     def charge(self, round_number: int, event: DPSGDEvent, *, release: str | None = None) -> float:
-        """Record one joined round and persist it; returns the new epsilon.
+        """Record one joined round of the current job and persist it; returns the new epsilon.
 
         `release` identifies what was released (a site-private tag of everything the update
         depends on), so that a re-request of the same release is told apart from a new release. A
         round may be charged more than once, once per distinct release: a second release of a round
-        with other data or settings is a new DP output and costs its own epsilon.
+        with other data or settings is a new DP output and costs its own epsilon. The tag only
+        detects replays: it never opens a new budget.
 
         Raises:
             PrivacyBudgetExhaustedError: the event would exceed the budget; nothing changed.
             ValueError: this release (or, without a release tag, this round) is already charged.
         """
-        if any(r == round_number and (release is None or x is None or x == release)
-               for r, x in zip(self.rounds, self.releases, strict=True)):  # fmt: skip
+        if any(e.round == round_number and (release is None or e.release is None or e.release == release)
+               for e in self._mine()):  # fmt: skip
             raise ValueError(f"round {round_number} (this release) is already charged to client {self.client}")
         prospective = self._accountant.epsilon([*self.events, event], self.delta)
         if prospective > self.epsilon_budget:
             raise PrivacyBudgetExhaustedError(
-                f"client {self.client}: round {round_number} would raise epsilon from {self.epsilon:.3f} to "
-                f"{prospective:.3f}, over the budget {self.epsilon_budget}; the client must sit this round out",
+                f"{self._where()}: round {round_number} would raise epsilon from {self.epsilon:.3f} to "
+                f"{prospective:.3f}, over the {self._budget_name()} {self.epsilon_budget}; the client must sit "
+                "this round out",
                 spent=self.epsilon,
                 requested=prospective,
                 budget=self.epsilon_budget,
             )
-        self.rounds.append(round_number)
-        self.events.append(event)
-        self.releases.append(release)
+        self.entries.append(LedgerEntry(self.job, round_number, event, release))
         self._write()
         return prospective
 
+    def absorb(self, entries: Sequence[LedgerEntry]) -> None:
+        """Put older entries (a migrated single-run ledger's) before this ledger's own and persist.
+
+        They count toward the epsilon from now on; nothing is checked against the budget, since
+        that privacy was already spent.
+        """
+        self.entries = [*entries, *self.entries]
+        self._write()
+
     def charged(self, round_number: int, release: str) -> bool:
-        """True if this release of `round_number` is already charged."""
-        return any(r == round_number and x == release for r, x in zip(self.rounds, self.releases, strict=True))
+        """True if this release of `round_number` is already charged in the current job."""
+        return any(e.round == round_number and e.release == release for e in self._mine())
+
+    # -- serialisation ---------------------------------------------------------------------------
 
     def to_dict(self, *, public: bool = False) -> dict[str, Any]:
-        """The JSON form (also what `budget show` prints); `public` leaves out the site-private release tags."""
-        return {
+        """The JSON form (also what `budget show` prints).
+
+        `public` (what a run report receives) leaves out the site-private release tags and, for a
+        lifetime ledger, the other jobs' entries: it lists this job's rounds and states the
+        lifetime epsilon (composed over all jobs) and budget.
+        """
+        entries = self._mine() if public and self.job is not None else self.entries
+        out: dict[str, Any] = {
+            "version": _VERSION,
             "client": self.client,
-            "epsilon_budget": self.epsilon_budget,
-            "delta": self.delta,
+            "epsilon_budget": self.lifetime_budget,
+            "delta": self.delta if public else self.lifetime_delta,
             "accountant": self.accountant_name,
             "neighbouring": self.neighbouring,
-            "events": [
-                {"round": r, **e.model_dump(), **({"release": x} if x is not None and not public else {})}
-                for r, e, x in zip(self.rounds, self.events, self.releases, strict=True)
+        }
+        if self.population is not None:
+            out["population"] = self.population
+        if public and self.job is not None:
+            out["job"] = self.job
+            out["lifetime_epsilon"] = self.epsilon
+            out["jobs"] = len(self.jobs)
+        out["events"] = [
+            {
+                "round": e.round,
+                **e.event.model_dump(),
+                **({"job": e.job} if e.job is not None and not public else {}),
+                **({"release": e.release} if e.release is not None and not public else {}),
+            }
+            for e in entries
+        ]
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Spending per job (each job's own epsilon) and the lifetime epsilon (all jobs composed)."""
+        per_job: dict[str, list[LedgerEntry]] = {}
+        for e in self.entries:
+            per_job.setdefault(e.job or "(single-run ledger)", []).append(e)
+        spent = self.epsilon
+        return {
+            "path": str(self.path),
+            "population": self.population,
+            "accountant": self.accountant_name,
+            "neighbouring": self.neighbouring,
+            "delta": self.delta,
+            "budget": self.lifetime_budget,
+            "epsilon": spent,
+            "remaining": max(0.0, self.lifetime_budget - spent),
+            "jobs": [
+                {
+                    "job": job,
+                    "rounds": [e.round for e in entries],
+                    "releases": len(entries),
+                    "epsilon_alone": self.epsilon_of([e.event for e in entries]),
+                }
+                for job, entries in per_job.items()
             ],
         }
 
+    # -- internals -------------------------------------------------------------------------------
+
+    def _mine(self) -> list[LedgerEntry]:
+        if self.job is None:
+            return list(self.entries)
+        return [e for e in self.entries if e.job == self.job]
+
+    def _where(self) -> str:
+        if self.job is None:
+            return f"client {self.client}"
+        name = f" (population {self.population})" if self.population else ""
+        return f"client {self.client}: site ledger {self.path}{name}"
+
+    def _budget_name(self) -> str:
+        return "budget" if self.job is None else "lifetime budget"
+
     def _write(self) -> None:
         atomic_write(self.path, json.dumps(self.to_dict(), indent=1).encode(), mode=0o600)
+
+
+def _entry(raw: Any) -> LedgerEntry:
+    if not isinstance(raw, dict):
+        raise ValueError(f"an event must be a JSON object, found {raw!r}")
+    job, release = raw.get("job"), raw.get("release")
+    return LedgerEntry(
+        job=None if job is None else str(job),
+        round=int(raw["round"]),
+        event=DPSGDEvent(**{k: v for k, v in raw.items() if k not in _ENTRY_KEYS}),
+        release=None if release is None else str(release),
+    )

@@ -12,7 +12,13 @@ Layout of `<root>/`:
 * `secret.key`: 32 bytes from the CSPRNG, created once: the HMAC key of the release keys.
 * `identity.key` / `identity.pub`: the site's Ed25519 identity (raw 32-byte private key, hex);
   the public half is what a roster pins.
-* `ledger.json`: the site's privacy ledger (`secure_fedllm.privacy.PrivacyLedger`).
+* `ledgers/<population>.json`: the site's lifetime privacy ledgers
+  (`secure_fedllm.privacy.PrivacyLedger`), one per population of data subjects, charged by every
+  job that trains on that population (`SiteState.ledger_for`); `ledgers/<population>.units`: keyed
+  digests of the population's privacy-unit ids, so that a job on overlapping but different data is
+  told to charge the existing ledger instead of opening a fresh budget.
+* `ledger.json`: a single-run ledger written before lifetime ledgers; the first lifetime ledger
+  opened absorbs its events (the file is renamed `ledger.json.migrated`).
 * `releases/<tag>.json` (+ `.f32`): per release, its fresh noise seed and the charged DP output,
   so that a re-request of the same release is answered without retraining or a second charge.
 * `bindings/<tag>.json`: per release whose masked input (or ciphertext) was sent, the one session
@@ -32,21 +38,25 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ..errors import ReleaseBindingError, SecureFedLLMError
+from ..errors import ConfigError, ReleaseBindingError, SecureFedLLMError
 from ..files import atomic_write
 
-__all__ = ["BindingBook", "ReleaseBinding", "SiteState", "SiteStateError", "release_tag"]
+if TYPE_CHECKING:  # the ledger imports the accountants (opacus, torch); a Flower node's Mod must not
+    from ..privacy import PrivacyLedger
+
+__all__ = ["BindingBook", "ReleaseBinding", "SiteState", "SiteStateError", "population_id", "release_tag"]
 
 _VERSION = 1
 _FILE_MODE = 0o600
@@ -66,6 +76,23 @@ class ReleaseBinding:
     session: bytes
     transcript: bytes
     survivors: tuple[int, ...] | None = None
+
+
+_POPULATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def population_id(units: Iterable[str]) -> str:
+    """The id of a population of data subjects: a digest of its sorted, distinct privacy-unit ids.
+
+    It depends on who is in the data, never on what their records say: correcting a record keeps
+    the population (and its budget); the same people give the same ledger whatever the job. Under
+    record-level DP without stable record ids the unit ids are positions (`record-<i>`), so the id
+    then says "this many records"; a site that adds records names its population explicitly.
+    """
+    digest = hashlib.sha256(b"secure-fedllm/population/v1")
+    for unit in sorted(set(units)):
+        digest.update(_field(unit.encode()))
+    return "units-" + digest.hexdigest()[:24]
 
 
 def release_tag(job: str, round_number: int, release_key: bytes) -> str:
@@ -301,8 +328,117 @@ class SiteState:
 
     @property
     def ledger_path(self) -> Path:
-        """Where this site's privacy ledger lives."""
+        """Where a single-run ledger lived before lifetime ledgers (`ledger_for` migrates it)."""
         return self.root / "ledger.json"
+
+    def ledger_path_for(self, population: str) -> Path:
+        """The lifetime ledger file of `population` (a name checked to be a safe file name)."""
+        if not _POPULATION_NAME.fullmatch(population):
+            raise ConfigError(
+                f"privacy population {population!r}: a population name is 1-64 letters, digits, '.', '_' or '-' "
+                "(starting with a letter or digit); choose such a name"
+            )
+        return self.root / "ledgers" / f"{population}.json"
+
+    def ledger_for(
+        self,
+        population: str,
+        *,
+        job: str,
+        epsilon_budget: float,
+        delta: float,
+        accountant: str,
+        neighbouring: str,
+        client: int = 0,
+        units: Iterable[str] | None = None,
+    ) -> PrivacyLedger:
+        """The lifetime ledger of `population` at this site, opened to charge `job`.
+
+        Every job on the same population is composed into this one ledger by the accountant and
+        charged against the lifetime `epsilon_budget` fixed when the ledger was created (a job may
+        ask for a smaller one, never a larger one). `population` is `population_id(units)` or a name
+        from the site's configuration. Given `units` (the privacy-unit ids the job trains on), a
+        population that shares a unit with another population's ledger is refused: the people in
+        both would otherwise have two budgets.
+
+        Raises:
+            ConfigError: a bad population name, a ledger accounted under another relation, units
+                shared with another population, or an unreadable ledger (each names the file).
+        """
+        path = self.ledger_path_for(population)
+        keyed = None if units is None else sorted({self._unit_key(u) for u in units})
+        if keyed is not None:
+            self._check_overlap(population, set(keyed))
+        fresh = not path.exists()
+        from ..privacy import PrivacyLedger
+
+        ledger = PrivacyLedger.open(
+            path,
+            client=client,
+            epsilon_budget=epsilon_budget,
+            delta=delta,
+            accountant=accountant,
+            neighbouring=neighbouring,
+            job=job,
+            population=population,
+        )
+        if ledger.neighbouring != neighbouring:
+            raise ConfigError(
+                f"client {client}: its ledger {path} accounts privacy.neighbouring={ledger.neighbouring!r} but the "
+                f"config says {neighbouring!r}; set privacy.neighbouring to the ledger's relation (a population's "
+                "lifetime budget is accounted under one relation)"
+            )
+        if fresh and self.ledger_path.exists():
+            self._migrate(ledger)
+        if keyed is not None:
+            units_path = path.with_suffix(".units")
+            known = set(self._read_units(units_path)) if units_path.exists() else set()
+            if not set(keyed) <= known:
+                self._write(units_path, json.dumps(sorted(known | set(keyed))).encode())
+        return ledger
+
+    lifetime_ledger = ledger_for
+
+    def ledgers(self) -> list[PrivacyLedger]:
+        """Every ledger of this site (lifetime ones, then a not yet migrated single-run one), read-only."""
+        paths = sorted((self.root / "ledgers").glob("*.json"))
+        if self.ledger_path.exists():
+            paths.append(self.ledger_path)
+        return [_read_ledger(p) for p in paths]
+
+    def _migrate(self, ledger: PrivacyLedger) -> None:
+        """Fold the old single-run ledger's events into a new lifetime ledger, then set the old file aside.
+
+        The new ledger is written first: a crash before the rename counts the old events twice
+        (conservative), never zero times.
+        """
+        ledger.absorb(_read_ledger(self.ledger_path).entries)
+        os.replace(self.ledger_path, self.ledger_path.with_name("ledger.json.migrated"))
+
+    def _unit_key(self, unit: str) -> str:
+        # Keyed by the site secret: the folder never holds person ids in the clear for this purpose.
+        return hmac.new(self._secret, b"population-unit|" + unit.encode(), hashlib.sha256).hexdigest()[:24]
+
+    def _read_units(self, path: Path) -> list[str]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SiteStateError(f"{path}: unreadable ({exc}); restore it or remove it with its ledger's care") from exc
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise SiteStateError(f"{path}: expected a JSON list of unit digests")
+        return data
+
+    def _check_overlap(self, population: str, keyed: set[str]) -> None:
+        for other in sorted((self.root / "ledgers").glob("*.units")):
+            if other.stem == population:
+                continue
+            shared = keyed & set(self._read_units(other))
+            if shared:
+                raise ConfigError(
+                    f"privacy population {population!r}: {len(shared)} of its privacy units are already in population "
+                    f"{other.stem!r} (ledger {other.with_suffix('.json')}); their privacy loss must be charged to one "
+                    f"budget: name the population {other.stem!r} in the site's configuration to go on charging it"
+                )
 
     # -- releases --------------------------------------------------------------------------------
 
@@ -439,6 +575,13 @@ class SiteState:
         if not isinstance(data, dict):
             raise SiteStateError(f"{path}: expected a JSON object")
         return data
+
+
+def _read_ledger(path: Path) -> PrivacyLedger:
+    """A ledger as stored (its own settings), for reading and migration."""
+    from ..privacy import PrivacyLedger
+
+    return PrivacyLedger.open(path, client=0, epsilon_budget=0.0, delta=0.0, accountant="rdp")
 
 
 def _public(key: bytes) -> bytes:

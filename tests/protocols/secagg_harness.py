@@ -34,6 +34,7 @@ from protocols.secagg import (
     MaskedInput,
     Message,
     NeighbourGraph,
+    SecAggFamily,
     ShareBundle,
     SurvivorSet,
     SurvivorSignature,
@@ -216,7 +217,7 @@ class HandRound:
                 if p in gone:
                     continue
                 reply = self.clients[p].handle(m)
-                if goes_silent(drop_at.get(p), type(reply)):
+                if goes_silent(drop_at.get(p), SecAggFamily(self.params).step_of(type(reply))):
                     gone.add(p)
                     continue
                 replies[p] = reply

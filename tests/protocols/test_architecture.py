@@ -171,3 +171,16 @@ def test_the_checks_themselves(tmp_path: Path) -> None:
         "run_round",
         "x25519_agree",
     ]
+
+
+def test_driver_depends_on_the_session_interface_only() -> None:
+    """The driver imports public packages only (no `_private` module of any protocol family)."""
+    driver = PACKAGE / "driver.py"
+    private = [
+        m
+        for m, _ in imported_modules(driver)
+        if not m.startswith("__future__") and any(part.startswith("_") for part in m.split("."))
+    ]
+    assert private == []
+    # control: the checker does see a private import
+    assert any(p.startswith("_") for m, _ in imported_modules(PACKAGE / "secagg" / "__init__.py") for p in m.split("."))

@@ -32,13 +32,13 @@ from secagg_harness import (
 )
 
 from protocols import (
-    STAGE_OF,
     AbortError,
     ClientState,
     DecodeError,
     InvalidTransitionError,
     LocalProtocolError,
     RemoteProtocolError,
+    RoundStep,
     SecAggClient,
     SecAggParams,
     SecAggServer,
@@ -58,6 +58,7 @@ from protocols.secagg import (
     GraphSeed,
     KeyRoster,
     NeighbourGraph,
+    SecAggFamily,
     ShareBundle,
     SurvivorSet,
     UnmaskRequest,
@@ -303,9 +304,12 @@ def test_full_round_with_dropouts_after_the_toss_is_exact(drop_at: dict[int, int
 
 
 def test_drop_at_orders_the_reveal_between_keys_and_shares() -> None:
-    assert STAGE_OF[GraphReveal] == 5
-    assert goes_silent(0, GraphReveal) and goes_silent(5, GraphReveal) and goes_silent(5, EncryptedShares)
-    assert not goes_silent(1, GraphReveal) and not goes_silent(5, AdvertiseKeys) and not goes_silent(None, GraphReveal)
+    step = SecAggFamily(semi_honest_params(5)).step_of
+    assert step(GraphReveal) is RoundStep.REVEAL
+    assert goes_silent("advertise", step(GraphReveal)) and goes_silent(RoundStep.REVEAL, step(GraphReveal))
+    assert goes_silent(RoundStep.REVEAL, step(EncryptedShares)) and goes_silent(5, step(GraphReveal))  # legacy label
+    assert not goes_silent(RoundStep.SHARE, step(GraphReveal)) and not goes_silent("reveal", step(AdvertiseKeys))
+    assert not goes_silent(None, step(GraphReveal))
 
 
 def test_a_party_silent_at_the_reveal_aborts_run_round() -> None:

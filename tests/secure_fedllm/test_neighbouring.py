@@ -242,11 +242,12 @@ def test_sidecar_and_statement_name_the_relation(relation):
 @pytest.mark.parametrize("relation", ["replace", "add_remove"])
 def test_report_states_the_relation(tmp_path, relation):
     from secure_fedllm.federation.checkpoint import RunPaths
+    from secure_fedllm.federation.record import RoundRecord
     from secure_fedllm.federation.report import write_report
 
     config = RunConfig().with_overrides([f"privacy.neighbouring='{relation}'"])
     policy = client_policy(config, 0, 256)
-    rows = [{"round": 0, "eval_loss": 2.0, "perplexity": 7.4, "epsilon": {"0": 0.0}}]
+    rows = [RoundRecord(round=0, eval_loss=2.0, perplexity=7.4, epsilon={0: 0.0})]
     sidecar = {"base_sha256": "0" * 64, "epsilon_max_over_contributors": 0.0, "delta_max_over_contributors": 1e-5}
     paths = RunPaths(tmp_path)
     write_report(paths, config, rows, [{"events": []}], [policy], sidecar)

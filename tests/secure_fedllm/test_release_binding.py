@@ -164,8 +164,8 @@ def test_in_process_resume_after_the_masked_inputs_left_refuses_a_second_session
     assert all(len(list((sites / f"client-{c:04d}" / "bindings").glob("*.json"))) == 2 for c in range(3))
     resumed = run(resume=out, progress=False)
     row = resumed.metrics[2]
-    assert set(row["refused"]) == {"0", "1", "2"} and "one session only" in row["refused"]["0"]
-    assert row["aborted"] == "only 0 clients can join" and row["included"] == []
+    assert set(row.refused) == {0, 1, 2} and "one session only" in row.refused[0]
+    assert row.aborted == "only 0 clients can join" and row.included == []
     # budget show reads the ledgers from the sites folder (default <run>.sites, or --sites)
     shown = show_budget(out)
     assert [r["client"] for r in shown] == [0, 1, 2] and all(r["rounds_joined"] == [1, 2] for r in shown)

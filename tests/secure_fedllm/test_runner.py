@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,12 @@ from secure_fedllm.adapters import SIDECAR
 from secure_fedllm.config import ModelConfig
 from secure_fedllm.federation import aggregate_updates
 from secure_fedllm.models import load_base_model, model_fingerprint
+
+
+def _ledger_file(site: Path) -> Path:
+    """A site's one lifetime ledger (`ledgers/<population>.json`; these tests run one population per site)."""
+    (path,) = sorted((site / "ledgers").glob("*.json"))
+    return path
 
 
 def tiny_config(model_dir, *extra: str) -> RunConfig:
@@ -65,7 +72,7 @@ def test_end_to_end_run_writes_every_artefact(finished, tiny_model_dir):
     report = (result.out / "report.md").read_text()
     assert "holds even if secure aggregation fails" in report and "not a cryptographic RNG" in report
     sites = result.out.with_name(result.out.name + ".sites")
-    assert len(list(sites.glob("client-*/ledger.json"))) == 3
+    assert len(list(sites.glob("client-*/ledgers/*.json"))) == 3
     assert not (result.out / "ledger").exists() and not (result.out / "clients").exists()
 
 
@@ -90,7 +97,7 @@ def test_resume_after_a_stop_and_a_crash_matches_an_uninterrupted_run(finished, 
     config, reference = finished
     out = tmp_path / "resumed"
     first = run(config, out=out, progress=False, stop_after=1)
-    assert [r["round"] for r in first.metrics] == [0, 1]
+    assert [r.round for r in first.metrics] == [0, 1]
 
     def crash(round_number, client, wire):
         if round_number == 2:  # every client trained and charged round 2, then the process dies
@@ -99,24 +106,25 @@ def test_resume_after_a_stop_and_a_crash_matches_an_uninterrupted_run(finished, 
     with pytest.raises(RuntimeError, match="killed"):
         run(resume=out, progress=False, tap=crash)
     sites, reference_sites = out.with_name("resumed.sites"), reference.out.with_name(reference.out.name + ".sites")
-    ledger = json.loads((sites / "client-0000" / "ledger.json").read_text())
+    ledger = json.loads(_ledger_file(sites / "client-0000").read_text())
     assert [e["round"] for e in ledger["events"]] == [1, 2]  # charged before its update left
     resumed = run(resume=out, progress=False)  # re-sends round 2's stored outputs (only keys had left); no charge
     for client in range(3):
-        name = f"client-{client:04d}/ledger.json"
-        assert (sites / name).read_text() == (reference_sites / name).read_text()
+        ours_file = _ledger_file(sites / f"client-{client:04d}")
+        theirs_file = _ledger_file(reference_sites / f"client-{client:04d}")
+        assert ours_file.name == theirs_file.name and ours_file.read_text() == theirs_file.read_text()
     ours = load_file(str(resumed.adapter / "adapter_model.safetensors"))
     theirs = load_file(str(reference.adapter / "adapter_model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert [r["perplexity"] for r in resumed.metrics] == [r["perplexity"] for r in reference.metrics]
+    assert [r.perplexity for r in resumed.metrics] == [r.perplexity for r in reference.metrics]
 
 
 def test_resume_refuses_a_different_config(finished, tiny_model_dir):
     config, result = finished
     with pytest.raises(ConfigError, match="differs"):
         run(config.with_overrides(["federation.rounds=5"]), resume=result.out, progress=False)
-    with pytest.raises(ConfigError, match="already holds a run"):
-        run(config, out=result.out, progress=False)
+    with pytest.raises(ConfigError, match="another configuration"):
+        run(config.with_overrides(["federation.rounds=5"]), out=result.out, progress=False)
 
 
 def test_clients_sit_out_once_their_participation_cap_is_reached(tiny_model_dir, tmp_path):
@@ -124,11 +132,11 @@ def test_clients_sit_out_once_their_participation_cap_is_reached(tiny_model_dir,
         tiny_model_dir, "federation.rounds=3", "privacy.max_participations=1", "evaluation.generations=0"
     )
     result = run(config, out=tmp_path / "capped", progress=False)
-    assert result.metrics[1]["included"] == [0, 1, 2]
+    assert result.metrics[1].included == [0, 1, 2]
     for row in result.metrics[2:]:
-        assert row["aborted"] == "only 0 clients can join"
-        assert all("cap" in why for why in row["sat_out"].values())
-    assert result.metrics[1]["epsilon"] == result.metrics[3]["epsilon"]
+        assert row.aborted == "only 0 clients can join"
+        assert all("cap" in why for why in row.sat_out.values())
+    assert result.metrics[1].epsilon == result.metrics[3].epsilon
     assert all(7.5 < e <= 8.0 for e in result.epsilons.values())  # calibrated for one join
 
 
@@ -316,8 +324,10 @@ def test_fedit_reports_its_product_error_and_user_level_dp_counts_people(tiny_mo
     )
     result = run(config, out=tmp_path / "fedit", progress=False, merge=True)
     row = result.metrics[1]
-    assert 0 < row["fedit_product_error"] < 1  # mean(B) mean(A) != mean(B_i A_i), but close
-    ledger = json.loads((result.out.with_name("fedit.sites") / "client-0000" / "ledger.json").read_text())
+    assert (
+        row.fedit_product_error is not None and 0 < row.fedit_product_error < 1
+    )  # mean(B) mean(A) != mean(B_i A_i), but close
+    ledger = json.loads(_ledger_file(result.out.with_name("fedit.sites") / "client-0000").read_text())
     people = 64 // 4 + 4  # four records per person, and a few canaries owned by existing people
     assert ledger["delta"] >= 0.1 / people  # N_i counts people, not records
     assert ledger["events"][0]["sample_rate"] > 4 / 64
@@ -335,9 +345,9 @@ def test_the_run_works_with_homomorphic_aggregation(tiny_model_dir, tmp_path, pr
     )
     result = run(config, out=tmp_path / protocol, progress=False)
     row = result.metrics[1]
-    assert row["included"] == [0, 1, 2] and row["aborted"] is None
-    assert row["bytes"]["upload"] > 0 and row["protocol"]["threshold"] == 3
-    assert result.metrics[1]["eval_loss"] != result.metrics[0]["eval_loss"]  # the update was applied
+    assert row.included == [0, 1, 2] and row.aborted is None
+    assert row.bytes.upload > 0 and row.protocol is not None and row.protocol.threshold == 3
+    assert result.metrics[1].eval_loss != result.metrics[0].eval_loss  # the update was applied
 
 
 def test_he_bfv_mean_is_within_the_quantization_bound():

@@ -41,7 +41,7 @@ def test_the_console_script_adds_evaluate_without_secure_fedllm_importing_threat
     import secure_fedllm.cli  # noqa: F401
 
     assert not any(m.startswith("threat_models") for m in sys.modules)
-    from threat_models.cli import main
+    from secure_fedllm_cli import main
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

@@ -207,8 +207,18 @@ class Deployment:
 
     # -- SuperNodes -----------------------------------------------------------------------------------
 
-    def start_supernode(self, partition: int, config_file: Path, isolation: str = "subprocess") -> Node:
+    def start_supernode(
+        self,
+        partition: int,
+        config_file: Path | None = None,
+        isolation: str = "subprocess",
+        *,
+        node_config: dict[str, str | int | float] | None = None,
+    ) -> Node:
         """Start the SuperNode of client `partition`, its ledger and seed under its own state folder.
+
+        `node_config` (a site's own keys: `state-dir`, `site-policy`, `data-path`, ...) replaces the
+        default `partition-id`/`config`/`state-dir`; its `state-dir` is then the node's state folder.
 
         `isolation="subprocess"` (Flower's default): the SuperNode starts its own SuperExec, which
         starts one `flwr-clientapp` process per message. `"process"`: we start that SuperExec
@@ -216,15 +226,18 @@ class Deployment:
         still starts one `flwr-clientapp` process per message.
         """
         home = self.work / f"node-{partition}"
-        state = home / "state"
+        if node_config is None:
+            assert config_file is not None, "give the node's config file or its whole node_config"
+            node_config = {"partition-id": partition, "config": str(config_file), "state-dir": str(home / "state")}
+        state = Path(str(node_config["state-dir"]))
         state.mkdir(parents=True, exist_ok=True)
-        node_config = f"partition-id={partition} config={toml_string(config_file)} state-dir={toml_string(state)}"
+        keys = " ".join(f"{k}={toml_string(v) if isinstance(v, str | Path) else v}" for k, v in node_config.items())
         security = ["--root-certificates", str(self.tls.ca)] if self.tls else ["--insecure"]
         runtime = f"127.0.0.1:{free_port()}"  # its own Runtime API, for its SuperExec and ClientApp processes
         host, port = runtime.split(":")
         command = [
             "flower-supernode", "--superlink", self.address, *security,
-            "--host", host, "--port", port, "--isolation", isolation, "--node-config", node_config,
+            "--host", host, "--port", port, "--isolation", isolation, "--node-config", keys,
         ]  # fmt: skip
         log = self.work / f"node-{partition}.log"
         node = Node(partition, self._spawn(command, home, log), log, state)
@@ -258,9 +271,9 @@ class Deployment:
 
     # -- flwr run -------------------------------------------------------------------------------------
 
-    def flwr_run(self, run_config: dict[str, str | float | int]) -> subprocess.Popen[bytes]:
-        """Start `flwr run <app> deployment --stream --run-config ...` (the app's pyproject.toml written here)."""
-        app = write_app(self.work / "app")
+    def flwr_run(self, run_config: dict[str, str | float | int], app: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start `flwr run <app> deployment --stream --run-config ...` (default app: the packaged one, written here)."""
+        app = app or write_app(self.work / "app")
         overrides = " ".join(f"{k}={toml_string(v) if isinstance(v, str | Path) else v}" for k, v in run_config.items())
         command = ["flwr", "run", str(app), "deployment", "--stream", "--run-config", overrides]
         runner = self._spawn(command, self.work / "cli", self.work / "flwr-run.log")

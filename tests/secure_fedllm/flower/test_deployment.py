@@ -36,6 +36,8 @@ from test_runner import tiny_config
 
 from secure_fedllm import run
 
+pytestmark = pytest.mark.integration  # minutes each: a SuperLink, SuperNodes and a fresh ClientApp per message
+
 # Seconds. A fresh ClientApp process imports torch for each offer, train and ledger message (20-40 s
 # with 3-4 nodes on a busy 2-core runner); `run_on_grid` bounds those by `train-timeout`, and each
 # protocol stage (a few seconds, most of it the SuperNode's poll) by `stage-timeout`.
@@ -173,7 +175,8 @@ def test_deployment_run_equals_the_in_process_run(transport, reference, deployme
     assert (out / "report.md").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
     assert not (out / "ledger").exists(), "ledgers belong to the nodes, not the server's run folder"
     for node in d.nodes:
-        ledger = json.loads((node.state_dir / f"client-{node.partition:04d}" / "ledger.json").read_text())
+        site = node.state_dir / f"client-{node.partition:04d}"
+        ledger = json.loads(next((site / "ledgers").glob("*.json")).read_text())
         assert [e["round"] for e in ledger["events"]] == [1, 2]
     # the same job as in process: bit-identical perplexities and epsilons
     assert [r["perplexity"] for r in rows] == [r["perplexity"] for r in ref.metrics]
@@ -222,8 +225,9 @@ def test_deployment_survives_a_supernode_killed_during_secure_aggregation(
     assert second["aborted"] is None and second["included"] == [0, 1, 2], second
     assert (out / "report.md").exists()
     # the killed node's ledger is intact and lists only the round it trained (charged before masking)
-    ledger = json.loads((victim.state_dir / "client-0003" / "ledger.json").read_text())
+    ledger = json.loads(next((victim.state_dir / "client-0003" / "ledgers").glob("*.json")).read_text())
     assert [e["round"] for e in ledger["events"]] == [1]
     for node in d.nodes[:3]:
-        ledger = json.loads((node.state_dir / f"client-{node.partition:04d}" / "ledger.json").read_text())
+        site = node.state_dir / f"client-{node.partition:04d}"
+        ledger = json.loads(next((site / "ledgers").glob("*.json")).read_text())
         assert [e["round"] for e in ledger["events"]] == [1, 2]

@@ -44,6 +44,7 @@ out = ""
 """
 
 
+@pytest.mark.integration  # a simulation SuperLink and Ray workers
 def test_ten_supernodes_with_dropouts_match_our_driver_bit_for_bit(tmp_path) -> None:
     sys.path.insert(0, str(HERE))
     try:
