@@ -147,7 +147,12 @@ def _check_tls(d: Deployment) -> None:
         assert response.status == 200
 
 
-@pytest.mark.parametrize("transport", [pytest.param("insecure", marks=pytest.mark.slow), "tls"])
+# Both variants opt in (-m slow): the three-site example (test_flower_example.py) runs a TLS deployment
+# in the integration tier and the simulation engine checks equality with the in-process run, so this
+# test would add minutes to CI for coverage the tier already has.
+@pytest.mark.parametrize(
+    "transport", [pytest.param("insecure", marks=pytest.mark.slow), pytest.param("tls", marks=pytest.mark.slow)]
+)
 def test_deployment_run_equals_the_in_process_run(transport, reference, deployments, tmp_path) -> None:
     """SuperLink + 3 SuperNodes, 2 rounds of SecAgg+ (malicious setting): run folder, ledgers, same perplexities."""
     config, ref = reference
