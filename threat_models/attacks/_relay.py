@@ -21,6 +21,8 @@ from protocols import ProtocolError, SecAggClient, SecAggParams, SecAggServer, S
 from protocols.primitives import ed25519_public
 from protocols.secagg import AdvertiseKeys, Message
 
+from ..errors import AttackConfigError
+
 __all__ = [
     "Outcome",
     "Refused",
@@ -38,6 +40,16 @@ Seen = dict[type, dict[int, Message]]
 """Every message a client sent the server, by message type and sender: the server's view."""
 Rewrite = Callable[[int, Message], Message]
 """What the malicious server forwards to `party` instead of the honest server's message."""
+
+
+def require_client(name: str, party: int, num_clients: int) -> None:
+    """Refuse an attack config whose `name` (target, forger, ...) is not one of the round's clients.
+
+    Raises:
+        AttackConfigError: naming the field and the fix.
+    """
+    if party >= num_clients:
+        raise AttackConfigError(f"{name}={party} is not a client of {num_clients}; lower {name}")
 
 
 class RoundConfig(BaseModel):

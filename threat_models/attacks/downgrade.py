@@ -37,7 +37,7 @@ from protocols.secagg import MaskedInput, UnmaskRequest, UnmaskResponse
 
 from ..errors import AttackConfigError
 from ._grid import GridOutcome, GridServer, encoded, node_app, recording_grid, site_configs, strip_target
-from ._relay import RoundConfig, clipped, relative_error
+from ._relay import RoundConfig, clipped, relative_error, require_client
 
 __all__ = ["Downgrade", "DowngradeConfig", "DowngradeResult"]
 
@@ -66,8 +66,7 @@ class Downgrade:
     def __init__(self, config: DowngradeConfig | None = None) -> None:
         self.config = config or DowngradeConfig()
         cfg = self.config
-        if cfg.target >= cfg.num_clients:
-            raise AttackConfigError(f"target={cfg.target} is not a client of {cfg.num_clients}; lower target")
+        require_client("target", cfg.target, cfg.num_clients)
         if self.threshold * 2 > cfg.num_clients - 1:
             raise AttackConfigError(
                 f"threshold={self.threshold} exceeds (num_clients - 1) / 2 = {(cfg.num_clients - 1) / 2}: "

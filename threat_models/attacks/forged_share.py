@@ -42,7 +42,7 @@ from protocols.secagg import MaskedInput, UnmaskRequest, UnmaskResponse, decode_
 
 from ..errors import AttackConfigError
 from ..results import MatrixRow
-from ._relay import RoundConfig, Seen, clipped, make_params, relative_error, relay, start_round
+from ._relay import RoundConfig, Seen, clipped, make_params, relative_error, relay, require_client, start_round
 
 __all__ = ["ForgedShare", "ForgedShareConfig", "ForgedShareResult", "unverified_unmask"]
 
@@ -143,8 +143,7 @@ class ForgedShare:
         self.config = config or ForgedShareConfig()
         cfg = self.config
         for name, party in (("target", cfg.target), ("forger", cfg.forger)):
-            if party >= cfg.num_clients:
-                raise AttackConfigError(f"{name}={party} is not a client of {cfg.num_clients}; lower {name}")
+            require_client(name, party, cfg.num_clients)
 
     def run(self, inputs: Sequence[npt.NDArray[np.floating]], *, defended: bool) -> ForgedShareResult:
         """Run one round of `inputs` (one update per client) in the malicious setting, with the forgery.

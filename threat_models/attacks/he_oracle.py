@@ -63,7 +63,7 @@ from protocols.primitives import ed25519_public, ed25519_verify
 
 from ..errors import AttackConfigError
 from ..results import MatrixRow
-from ._relay import RoundConfig
+from ._relay import RoundConfig, require_client
 
 __all__ = ["HEOracle", "HEOracleConfig", "HEOracleResult", "LeakyHEClient"]
 
@@ -171,10 +171,7 @@ class HEOracle:
 
     def __init__(self, config: HEOracleConfig | None = None) -> None:
         self.config = config or HEOracleConfig()
-        if self.config.target >= self.config.num_clients:
-            raise AttackConfigError(
-                f"target={self.config.target} is not a client of {self.config.num_clients}; lower target"
-            )
+        require_client("target", self.config.target, self.config.num_clients)
 
     def run(self, inputs: Sequence[npt.NDArray[np.floating]], *, defended: bool) -> HEOracleResult:
         """Run one honest BFV round of `inputs` up to the sum, then query the victim.

@@ -41,7 +41,18 @@ from protocols.secagg import AdvertiseKeys, KeyRoster, MaskedInput, Message, Unm
 
 from ..errors import AttackConfigError
 from ..results import MatrixRow
-from ._relay import Outcome, Refused, RoundConfig, Seen, clipped, make_params, relative_error, relay, start_round
+from ._relay import (
+    Outcome,
+    Refused,
+    RoundConfig,
+    Seen,
+    clipped,
+    make_params,
+    relative_error,
+    relay,
+    require_client,
+    start_round,
+)
 
 __all__ = ["KeySubstitution", "KeySubstitutionConfig", "KeySubstitutionResult"]
 
@@ -63,10 +74,7 @@ class KeySubstitution:
 
     def __init__(self, config: KeySubstitutionConfig | None = None) -> None:
         self.config = config or KeySubstitutionConfig()
-        if self.config.target >= self.config.num_clients:
-            raise AttackConfigError(
-                f"target={self.config.target} is not a client of {self.config.num_clients}; lower target"
-            )
+        require_client("target", self.config.target, self.config.num_clients)
 
     def run(self, inputs: list[npt.NDArray[np.floating]], *, defended: bool) -> KeySubstitutionResult:
         """Play the malicious server over one round of `inputs` (one update per client).

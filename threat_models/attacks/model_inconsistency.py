@@ -30,6 +30,7 @@ from protocols import ProtocolError, SecAggParams, run_round
 
 from ..errors import AttackConfigError
 from ..results import MatrixRow
+from ._relay import require_client
 
 __all__ = ["ModelInconsistency", "ModelInconsistencyConfig", "ModelInconsistencyResult"]
 
@@ -66,10 +67,7 @@ class ModelInconsistency:
 
     def __init__(self, config: ModelInconsistencyConfig | None = None) -> None:
         self.config = config or ModelInconsistencyConfig()
-        if self.config.target >= self.config.num_clients:
-            raise AttackConfigError(
-                f"target={self.config.target} is not a client of {self.config.num_clients}; lower target"
-            )
+        require_client("target", self.config.target, self.config.num_clients)
 
     def run(
         self,

@@ -43,7 +43,18 @@ from protocols.secagg import AdvertiseKeys, Complaint, KeyRoster, MaskedInput, M
 
 from ..errors import AttackConfigError
 from ..results import MatrixRow
-from ._relay import Outcome, Refused, RoundConfig, Seen, clipped, make_params, relative_error, relay, start_round
+from ._relay import (
+    Outcome,
+    Refused,
+    RoundConfig,
+    Seen,
+    clipped,
+    make_params,
+    relative_error,
+    relay,
+    require_client,
+    start_round,
+)
 
 __all__ = ["Replay", "ReplayConfig", "ReplayResult"]
 
@@ -72,10 +83,7 @@ class Replay:
 
     def __init__(self, config: ReplayConfig | None = None) -> None:
         self.config = config or ReplayConfig()
-        if self.config.target >= self.config.num_clients:
-            raise AttackConfigError(
-                f"target={self.config.target} is not a client of {self.config.num_clients}; lower target"
-            )
+        require_client("target", self.config.target, self.config.num_clients)
 
     def run(
         self,

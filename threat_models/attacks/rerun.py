@@ -42,7 +42,7 @@ from protocols.primitives import ed25519_public
 
 from ..errors import AttackConfigError
 from ._grid import GridOutcome, encoded, node_app, recording_grid, ring_difference, site_configs
-from ._relay import RoundConfig, clipped, relative_error
+from ._relay import RoundConfig, clipped, relative_error, require_client
 
 __all__ = ["Rerun", "RerunConfig", "RerunResult"]
 
@@ -70,10 +70,7 @@ class Rerun:
 
     def __init__(self, config: RerunConfig | None = None) -> None:
         self.config = config or RerunConfig()
-        if self.config.target >= self.config.num_clients:
-            raise AttackConfigError(
-                f"target={self.config.target} is not a client of {self.config.num_clients}; lower target"
-            )
+        require_client("target", self.config.target, self.config.num_clients)
 
     def run(self, inputs: Sequence[npt.NDArray[np.floating]], *, defended: bool) -> RerunResult:
         """Run the round twice, the second time without the target, and subtract the sums.

@@ -36,7 +36,6 @@ from protocols.secagg import AdvertiseKeys, KeyRoster, MaskedInput, SecAggParams
 # The statement a party signs over its round keys: a malicious server knows the protocol's format.
 from protocols.secagg._transcript import advertise_statement
 
-from ..errors import AttackConfigError
 from ..results import MatrixRow
 from ._relay import (
     Outcome,
@@ -48,6 +47,7 @@ from ._relay import (
     make_params,
     relative_error,
     relay,
+    require_client,
     start_round,
 )
 
@@ -78,10 +78,7 @@ class Sybil:
 
     def __init__(self, config: SybilConfig | None = None) -> None:
         self.config = config or SybilConfig()
-        if self.config.target >= self.config.num_clients:
-            raise AttackConfigError(
-                f"target={self.config.target} is not a client of {self.config.num_clients}; lower target"
-            )
+        require_client("target", self.config.target, self.config.num_clients)
 
     def run(self, target_update: npt.NDArray[np.floating], *, defended: bool) -> SybilResult:
         """Enrol n - 1 Sybils around the target and try to read its update off the released sum.

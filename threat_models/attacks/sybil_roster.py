@@ -47,7 +47,7 @@ from ._grid import (
     rounding_seed,
     site_configs,
 )
-from ._relay import RoundConfig, clipped, relative_error
+from ._relay import RoundConfig, clipped, relative_error, require_client
 
 __all__ = ["SybilRoster", "SybilRosterConfig", "SybilRosterResult"]
 
@@ -71,10 +71,7 @@ class SybilRoster:
 
     def __init__(self, config: SybilRosterConfig | None = None) -> None:
         self.config = config or SybilRosterConfig()
-        if self.config.target >= self.config.num_clients:
-            raise AttackConfigError(
-                f"target={self.config.target} is not a client of {self.config.num_clients}; lower target"
-            )
+        require_client("target", self.config.target, self.config.num_clients)
 
     def run(self, inputs: Sequence[npt.NDArray[np.floating]], *, defended: bool) -> SybilRosterResult:
         """Announce a roster of Sybil keys around the target's real key, run the round honestly, subtract.
