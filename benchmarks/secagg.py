@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocols import SecAggParams, run_round
+from protocols import RoundStep, SecAggParams, run_round
 
 SIGMA = 1e-3
 DEFAULT_CONFIGS = [f"{d}:{n}:{k}" for d in (100_000, 1_000_000, 4_000_000) for n in (10, 100) for k in ("auto", "full")]
@@ -116,7 +116,8 @@ def make_params(d: int, n: int, k: int) -> SecAggParams:
 
 def run_ours(params: SecAggParams, inputs: list[np.ndarray], drop: set[int], repeats: int) -> dict[str, Any]:
     """Median over `repeats` rounds of the per-round medians (our rounds are cheap to repeat)."""
-    reports = [run_round(params, inputs, drop_at={p: 2 for p in drop}, clock=time.perf_counter) for _ in range(repeats)]
+    silent = dict.fromkeys(drop, RoundStep.INPUT)  # they never send a masked input
+    reports = [run_round(params, inputs, drop_at=silent, clock=time.perf_counter) for _ in range(repeats)]
     survivors = reports[0].result.included
     client = float(np.median([np.median([r.client_seconds[p] for p in survivors]) for r in reports]))
     server = float(np.median([r.server_seconds for r in reports]))

@@ -161,8 +161,7 @@ def run_round(
         params: public parameters (n = len(inputs)).
         inputs: one float vector per party.
         protocol: "secagg" (SecAgg or SecAgg+, by params.neighbours), "he" (with `HEParams`: the
-            result is what the server learns; for CKKS, what the first contributing client decrypted)
-            or the "plaintext" control.
+            exact integer sum the key holder releases, BFV or CKKS) or the "plaintext" control.
         weights: aggregation weights (default 1.0 each).
         drop_at: party -> the step from which it goes silent (see module docstring).
         session: 16-byte session id; random when omitted.
@@ -244,7 +243,8 @@ def run_sessions(
     while wires := net.close_stage():
         net.to_server([net.to_client(p, wire) for p, wire in wires if p not in net.gone])
     if family.reveals_to_client:
-        # never released to the server: report what the first contributing client decrypted
+        # a family whose aggregate is never released to the server (none of ours since CKKS releases
+        # its exact integer sum): report what the first contributing client decrypted
         included = tuple(p for p in range(len(inputs)) if RoundStep.INPUT in net.sent[p])
         reader = next(p for p in included if _decrypted(family, clients[p]))
         result = AggregateResult(

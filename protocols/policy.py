@@ -34,7 +34,7 @@ import hashlib
 import math
 import struct
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -42,6 +42,9 @@ from .encoding import FixedPointEncoding
 from .errors import InsecureParameterError, IntegrityError
 from .primitives import ed25519_sign, ed25519_verify
 from .secagg._params import ETA, SIGMA, SecAggParams, _bounds, derive_secagg_plus
+
+if TYPE_CHECKING:
+    from .he import HEParams
 
 __all__ = ["PROTOCOL_FAMILIES", "SecurityPolicy", "SignedRoster"]
 
@@ -401,6 +404,57 @@ class SecurityPolicy(BaseModel):
                 f"when no client colludes with the server, but this site assumes n_C={n_c} "
                 f"({self._nc_basis(num_parties)}); use protocol='secagg' or 'secagg+', or set corrupt_fraction=0 "
                 "only if no client can collude with the server"
+            )
+
+    def check_he_members(self, params: HEParams, *, party_id: int, identity_public_key: bytes | None) -> None:
+        """Refuse HE parameters this site would not run, whatever its protocol choice (every host calls it).
+
+        Signed hellos when the site holds an identity key or pins a roster (unsigned, a server could
+        substitute its own X25519 key and intercept the secret key); this site's own key at its own
+        index; no repeated key; no key outside a pinned roster (Sybil roster); and
+        `min_contributions` >= `min_honest_survivors`, so the key holder never releases a sum of
+        fewer honest inputs than the site requires (with min_contributions = 1 it would release its
+        own update alone).
+
+        Raises:
+            InsecureParameterError: naming identity_keys, party_id or min_contributions.
+        """
+        n = params.num_parties
+        if not 0 <= party_id < n:
+            raise InsecureParameterError(f"party_id={party_id} is outside 0..{n - 1}")
+        if self.malicious(identity_public_key):
+            if params.identity_keys is None:
+                raise InsecureParameterError(
+                    "identity_keys: the server announced HE without identity keys (unsigned hellos: a server could "
+                    "substitute its own key and intercept the secret key) but this site holds an identity key / "
+                    "pins a roster and runs the malicious setting only; a downgrade is refused"
+                )
+            if identity_public_key is None:
+                raise InsecureParameterError(
+                    "identity_keys: this site pins a roster but holds no identity key of its own; configure it"
+                )
+        keys = params.identity_keys
+        if keys is not None:
+            if len(set(keys)) != len(keys):
+                raise InsecureParameterError("identity_keys repeats a key: every party needs its own identity key")
+            if identity_public_key is not None and keys[party_id] != identity_public_key:
+                raise InsecureParameterError(
+                    f"identity_keys[{party_id}] is not this site's identity key; the server must list each party's "
+                    "own key at its own index"
+                )
+            if self.roster is not None:
+                pinned = set(self.roster)
+                strangers = [i for i, key in enumerate(keys) if key not in pinned]
+                if strangers:
+                    raise InsecureParameterError(
+                        f"identity_keys{strangers[:8]}: {len(strangers)} key(s) are not in this site's pinned roster; "
+                        "the server may only announce parties whose keys the site pinned (Sybil roster refused)"
+                    )
+        if params.min_contributions < self.min_honest_survivors:
+            raise InsecureParameterError(
+                f"min_contributions={params.min_contributions} is below this site's min_honest_survivors="
+                f"{self.min_honest_survivors}: the key holder could release a sum of fewer inputs; the server "
+                f"must announce min_contributions >= {self.min_honest_survivors}"
             )
 
     def check_plaintext(self) -> None:

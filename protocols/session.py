@@ -186,7 +186,10 @@ class SessionFamily(Protocol):
 
     @property
     def reveals_to_client(self) -> bool:
-        """Whether the aggregate is decrypted by clients only and never released to the server (HE-CKKS)."""
+        """Whether the aggregate is decrypted by clients only and never released to the server.
+
+        None of this package's families: HE-CKKS releases its exact integer sum since issue 13.
+        """
         ...
 
     def client(
@@ -240,5 +243,5 @@ class SessionFamily(Protocol):
         ...
 
     def client_result(self, client: ClientSession) -> Any:
-        """What a client decrypted (HE-CKKS), for families where `reveals_to_client`."""
+        """What a client decrypted (the HE key holder's copy of its release); the result where `reveals_to_client`."""
         ...

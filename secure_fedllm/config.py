@@ -130,7 +130,9 @@ class PrivacyConfig(_Section):
     max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
         1.0, description="per-example (or per-user) L2 clipping bound"
     )
-    accountant: Literal["rdp", "prv"] = Field("rdp", description="privacy accountant")
+    accountant: Literal["pld", "rdp", "prv"] = Field(
+        "rdp", description="privacy accountant: pld (tight, both directions), rdp (loose, for comparison) or prv"
+    )
     neighbouring: Literal["replace", "add_remove"] = Field(
         "replace",
         description="which datasets epsilon separates: 'replace' (one unit replaced; the sound choice while N_i is "
@@ -162,7 +164,8 @@ class SecureAggregationConfig(_Section):
     protocol: Literal["none", "secagg", "secagg+", "he-bfv", "he-ckks"] = Field(
         "secagg+",
         description="pairwise masking (secagg, secagg+), homomorphic encryption (he-bfv exact; he-ckks for "
-        "comparison, decrypted by clients only), or none (updates in the clear)",
+        "comparison, released as the exact rounded integer sum; HE needs corrupt_fraction=0), or none (updates in the "
+        "clear)",
     )
     setting: Literal["malicious", "semi-honest"] = Field(
         "malicious",
@@ -201,12 +204,41 @@ class TrainingConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    """The server's own held-out data and what it reports each round."""
+    """Held-out evaluation: on the server's own records, or federated over the sites' held-out splits.
 
+    A federated evaluation is a DP release (`secure_fedllm.federation.evaluation`): each site clips
+    its per-unit losses, adds Gaussian noise, charges its ledger, and the server learns only the
+    securely aggregated sums.
+    """
+
+    mode: Literal["server", "federated"] = Field(
+        "server",
+        description="server: the server's own held-out records (public data, no privacy cost); federated: every "
+        "willing site evaluates each released global model on its own held-out split and the server learns only "
+        "the noised, securely aggregated loss sum and unit count (each evaluation is charged to the site's ledger)",
+    )
     heldout_records: Annotated[int, Field(ge=1)] = Field(64, description="held-out records (server-side)")
     generations: Annotated[int, Field(ge=0)] = Field(2, description="sample generations printed per round")
     max_new_tokens: Annotated[int, Field(ge=1)] = Field(24, description="tokens per sample generation")
     batch_size: Annotated[int, Field(ge=1)] = Field(32, description="evaluation batch size")
+    site_heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.25,
+        description="federated: share of each site's privacy units kept out of training for evaluation (whole "
+        "persons under user-level DP); a Flower node with its own data-heldout-fraction uses that instead",
+    )
+    loss_clip: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        5.0, description="federated: each unit's mean token loss is clipped to [0, loss_clip] before it is summed"
+    )
+    noise_multiplier: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        10.0,
+        description="federated: Gaussian noise std over the L2 sensitivity sqrt(loss_clip^2 + 1) of (loss sum, "
+        "count); each site's training noise is raised so that its training and rounds + 1 evaluations fit its budget",
+    )
+    value_bound: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        1e6,
+        description="federated: public bound on a site's noised loss sum and count; values are clipped to it and "
+        "scaled into the secure-aggregation encoding (resolution about value_bound * sites / 2^31)",
+    )
 
 
 class RunConfig(_Section):

@@ -3,7 +3,9 @@
 The server sums ciphertexts and never holds a secret key; dropouts need no recovery round. Packed
 BFV is the default: updates are quantized by the masking protocols' fixed-point encoding and
 several 16-bit values share each slot, so sums are exact integers at about 7.0 bytes per
-parameter. CKKS with NVFlare's parameters is there for comparison.
+parameter. CKKS with NVFlare's parameters (N = 8192, [60, 40, 40], scale 2^40) encrypts the same
+quantized integers, one per slot, and its release is rounded to the same exact integer sum (about
+52 bytes per parameter); both schemes give the server bit-identical results.
 
 Threat model (read before choosing HE over masking):
 
@@ -29,8 +31,9 @@ Threat model (read before choosing HE over masking):
   computes itself from the individually signed uploads of this transcript (including its own,
   at least `min_contributions`); never a ciphertext the server chose. Any failed check after the key
   is loaded ends the session (state ABORTED, key dropped); a client decrypts at most once, then drops
-  the key; a key is made for one session only. With BFV only the key holder decrypts, and it releases
-  the signed integer sum to the server; the other clients drop the key right after encrypting.
+  the key; a key is made for one session only. With either scheme only the key holder decrypts, and
+  it releases the signed integer sum to the server; the other clients drop the key right after
+  encrypting.
 * **No peer bytes reach TenSEAL's parsers (finding 4(c)).** A changed header byte in a serialized
   TenSEAL context aborts the process (SIGABRT, uncatchable). Contexts are therefore built locally from
   the validated `HEParams`; keys and ciphertexts travel as bare polynomials whose length and every
@@ -41,17 +44,28 @@ Threat model (read before choosing HE over masking):
 * A malicious client's out-of-range values are invisible under encryption; the bound checks after
   decryption (fields, counter) catch accidental overflow and malformed sums, not a deliberately
   skewed but in-range input.
-* CKKS decryptions leak key material to whoever also holds the ciphertexts (Li and Micciancio,
-  EUROCRYPT 2021), so a CKKS aggregate is decrypted by clients only and never released to the
-  server (this package would need noise flooding to do that; it does not). BFV decryption is exact:
-  the released integer sum is what the server is meant to learn anyway.
+* A raw CKKS decryption leaks key material to whoever also holds the ciphertexts (Li and
+  Micciancio, EUROCRYPT 2021): it is the plaintext plus an error that is a linear function of the
+  secret key. It is therefore never released. CKKS here encrypts the fixed-point QUANTIZED integers
+  (weight folded in, offset to [0, 2L], as BFV does), so the true sum is an integer vector; the key
+  holder rounds its decryption to it only after checking that every value lies within
+  `ckks_tolerance` = 2^-8 of an integer, and aborts otherwise (a crafted upload with large noise or a
+  value between two integers is refused, never rounded: rounding a value near k + 1/2 would release
+  the sign of the error, a bit of the key). The parameters are refused unless the worst-case error of
+  a sum of n_max fresh ciphertexts (`HEParams.ckks_error_bound`, 2^-16.5 for NVFlare's set at n_max =
+  16) is at most that tolerance and the largest scaled sum fits the modulus, so an honest sum always
+  rounds to the exact integers. The released value is then a function of the inputs alone, the same
+  one BFV releases, and it is what the server is meant to learn anyway; a simulator given the sum
+  produces it, so it adds nothing to the key's IND-CPA security. The abort itself is one bit about
+  a crafted upload's decryption; only an adversarial client can craft one, and HE is only claimed
+  when no client colludes with the server (above). BFV decryption is exact by construction.
 * TenSEAL has no threshold decryption, key rotation or ciphertext authentication: uploads are
   therefore signed, their exact length is checked before parsing, and a key is used for one session.
 """
 
 # ciphertext-level hazmat (like protocols.primitives): for benchmarks and threat models that craft or
 # decrypt ciphertexts themselves; never needed to run a round
-from ._ciphers import decode_words, decrypt_words, load_chunk, self_test
+from ._ciphers import decode_words, decrypt_ckks_values, decrypt_words, load_chunk, round_ckks, self_test
 from ._client import HEClient, HEClientState, key_holder
 from ._family import HEFamily
 from ._messages import (
@@ -88,10 +102,12 @@ __all__ = [
     "HESum",
     "decode_he_message",
     "decode_words",
+    "decrypt_ckks_values",
     "decrypt_words",
     "encode_he_message",
     "key_holder",
     "layout",
     "load_chunk",
+    "round_ckks",
     "self_test",
 ]

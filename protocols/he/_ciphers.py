@@ -29,6 +29,7 @@ __all__ = [
     "check_public_key",
     "decode_words",
     "decrypt_ckks",
+    "decrypt_ckks_values",
     "decrypt_words",
     "encrypt_update",
     "export_key",
@@ -36,6 +37,7 @@ __all__ = [
     "load_key",
     "make_context",
     "quantize",
+    "round_ckks",
     "self_test",
 ]
 
@@ -167,23 +169,21 @@ def encrypt_update(
     params: HEParams, ctx: Any, x: npt.NDArray[np.floating], *, weight: float, rounding_seed: bytes | None = None,
     rng: SecretSource | None = None,
 ) -> list[bytes]:  # fmt: skip
-    """Quantize (bfv) or weight (ckks) one update and encrypt it, one serialized ciphertext per chunk."""
+    """Quantize one update (both schemes: the same words) and encrypt it, one serialized ciphertext per chunk.
+
+    BFV packs `fields_per_slot` words per slot; CKKS carries one word per slot, as a float.
+    """
     ts = _ts()
     shape = layout(params)
     out = []
+    words = quantize(params, x, weight=weight, rounding_seed=rounding_seed, rng=rng)
     if params.scheme == "bfv":
-        words = quantize(params, x, weight=weight, rounding_seed=rounding_seed, rng=rng)
         for c in range(params.chunks):
             out.append(shape.export_chunk(ts.bfv_vector(ctx, _pack(params, words, c))))
         return out
-    if not np.isfinite(x).all():
-        raise LocalProtocolError("x contains NaN or infinity; fix the update before encrypting")
-    values = np.empty(params.words, dtype=np.float64)
-    values[:-2] = np.clip(x, -params.clip_range, params.clip_range) * weight
-    values[-2], values[-1] = weight, 1.0
     step = params.values_per_chunk
     for c in range(params.chunks):
-        out.append(shape.export_chunk(ts.ckks_vector(ctx, values[c * step : (c + 1) * step].tolist())))
+        out.append(shape.export_chunk(ts.ckks_vector(ctx, words[c * step : (c + 1) * step].astype(float).tolist())))
     return out
 
 
@@ -264,28 +264,80 @@ def decode_words(params: HEParams, words: npt.NDArray[np.int64]) -> DecodedSum:
     )
 
 
-def decrypt_ckks(params: HEParams, vectors: Sequence[Any]) -> DecodedSum:
-    """Decrypt a CKKS sum (approximate; for key holders only, never for the server)."""
+def decrypt_ckks_values(params: HEParams, vectors: Sequence[Any]) -> npt.NDArray[np.float64]:
+    """The raw CKKS decryption of a summed update: integer sums plus the scheme's error (SECRET-dependent).
+
+    Never release these values: the error is a function of the secret key (Li-Micciancio). Release only
+    `round_ckks` of them.
+    """
     if len(vectors) != params.chunks:
         raise LocalProtocolError(f"aggregate has {len(vectors)} chunks; expected {params.chunks}")
-    flat = np.concatenate([np.asarray(v.decrypt()) for v in vectors])[: params.words]
-    count = round(float(flat[-1]))
-    return DecodedSum(
-        weighted_sum=flat[:-2].astype(np.float64),
-        total_weight=float(flat[-2]),
-        num_inputs=count,
-        max_abs_error=params.max_abs_error,
-    )
+    raw = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
+    if raw.shape != (params.words,):
+        raise RemoteProtocolError(
+            f"aggregate decrypts to {raw.shape[0]} values; expected {params.words}", field="chunks"
+        )
+    return raw
+
+
+def round_ckks(params: HEParams, raw: npt.NDArray[np.float64], *, tolerance: float) -> npt.NDArray[np.int64]:
+    """The exact integer sums of a CKKS decryption, or an error: every value must be within `tolerance` of one.
+
+    An honest sum of at most max_parties uploads errs by at most `params.ckks_error_bound` <= tolerance
+    (checked when the parameters were built), far below 1/2, so the nearest integer is the exact sum and
+    the released words depend on the inputs only. A value farther from an integer, or outside [0, 2^32),
+    comes from a crafted upload (large noise, a value between integers): rounding it would release a
+    function of the decryption error, i.e. of the key, so it is refused instead.
+
+    Raises:
+        RemoteProtocolError: a value is off-integer by more than `tolerance`, not finite, or out of range.
+    """
+    if not np.isfinite(raw).all():
+        raise RemoteProtocolError("the CKKS aggregate decrypts to a value that is not finite", field="chunks")
+    nearest = np.rint(raw)
+    off = float(np.abs(raw - nearest).max()) if raw.size else 0.0
+    if off > tolerance:
+        raise RemoteProtocolError(
+            f"the CKKS aggregate is {off:.3g} away from an integer sum (tolerance {tolerance:.3g}): an upload was "
+            "not a valid encryption of quantized integers; nothing is rounded or released",
+            field="chunks",
+        )
+    if nearest.min() < 0 or nearest.max() >= 1 << 32:
+        raise RemoteProtocolError(
+            "a decrypted CKKS value is outside the range of a sum of valid contributions", field="chunks"
+        )
+    return nearest.astype(np.int64)
+
+
+def decrypt_ckks(params: HEParams, vectors: Sequence[Any]) -> DecodedSum:
+    """Decrypt a CKKS sum to the exact integer sums (`round_ckks` at `params.ckks_tolerance`) and decode them."""
+    raw = decrypt_ckks_values(params, vectors)
+    return decode_words(params, round_ckks(params, raw, tolerance=params.ckks_tolerance))
 
 
 def self_test(ctx: Any, params: HEParams) -> None:
     """Encrypt the largest field values, add them max_parties times and check the exact sum.
 
+    For CKKS: the sum must round to the exact integer within `params.ckks_tolerance` (the same check
+    as a real aggregate's).
+
     Raises:
-        LocalProtocolError: the sum does not decrypt exactly (noise budget or field overflow).
+        LocalProtocolError: the sum does not decrypt exactly (noise budget, field overflow, CKKS error).
     """
     ts = _ts()
-    if params.scheme != "bfv":
+    if params.scheme == "ckks":
+        top = 2 * params.level
+        vector = ts.ckks_vector(ctx, [float(top)] * 64)
+        summed = vector.copy()
+        for _ in range(params.max_parties - 1):
+            summed.add_(vector)
+        raw = np.asarray(summed.decrypt(), dtype=np.float64)
+        try:
+            exact = round_ckks(params, raw, tolerance=params.ckks_tolerance)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"HE self-test failed: {exc}") from None
+        if (exact != params.max_parties * top).any():
+            raise LocalProtocolError("HE self-test failed: a CKKS sum of max_parties ciphertexts is not exact")
         return
     k, w = params.fields_per_slot, params.field_bits
     top = 2 * params.level

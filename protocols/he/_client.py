@@ -1,7 +1,7 @@
 """The client's session of HE aggregation (sans-IO).
 
 Stages: `advertise_keys()` -> HEHello; HERoster -> HEKeyOffer; HEKeys -> HEInput; HESum -> HEAck
-(HESum goes only to clients that decrypt: the BFV key holder, or with CKKS every client holding the key).
+(HESum goes only to the key holder, the one client that decrypts, with either scheme).
 
 The key holder is the roster member with the smallest SHA-256(transcript || id) (`key_holder`), a
 public rule. It generates a fresh TenSEAL context for this session only, runs the self-test, and
@@ -22,7 +22,9 @@ the state becomes ABORTED and the key is dropped, so a rejected message cannot b
 variation. With BFV only the key holder decrypts, releases the integer sum signed, once, and drops
 the key; the others drop it right after encrypting. If the key holder drops before releasing, the
 round aborts (a fallback releaser chosen after the fact would let the server collect two sums over
-different subsets). CKKS aggregates are never released (see the package docstring).
+different subsets). CKKS works the same way: the holder rounds its decryption to the exact integer
+sums, after checking that every value is within `HEParams.ckks_tolerance` of an integer (otherwise it
+aborts: a crafted upload is refused, never rounded), and releases those integers as BFV's holder does.
 
 The holder rule depends only on the session id and the roster, which the server chooses: it can
 grind session ids until a colluding client holds the key (finding 4(b)). This is a stated residual:
@@ -59,12 +61,13 @@ from ..randomness import OsRandom, SecretSource
 from ._ciphers import (
     ChunkSum,
     decode_words,
-    decrypt_ckks,
+    decrypt_ckks_values,
     decrypt_words,
     encrypt_update,
     export_key,
     load_key,
     make_context,
+    round_ckks,
     self_test,
 )
 from ._messages import HEAck, HEHello, HEInput, HEKeyOffer, HEKeys, HEMessage, HERoster, HESum, decode_he_message
@@ -337,20 +340,19 @@ class HEClient:
         raise InvalidTransitionError(f"{type(message).__name__} is not expected in state {self.state.name}")
 
     def result(self) -> DecodedSum:
-        """The aggregate this client decrypted (the BFV key holder, and CKKS clients holding the key)."""
+        """The aggregate this client decrypted (the key holder only)."""
         if self._result is None:
             raise InvalidTransitionError("no aggregate has been decrypted by this client")
         return self._result
 
     @property
     def decrypts(self) -> bool:
-        """Whether this client decrypts the aggregate.
+        """Whether this client decrypts the aggregate: the key holder only (it releases the exact integer sum).
 
-        The BFV key holder (who releases it), or, for CKKS (never released), every client holding the secret key.
+        With either scheme the other clients drop the key right after encrypting, so no client but the
+        holder can be asked to decrypt anything (and the holder decrypts at most once).
         """
-        if self.params.scheme == "bfv" or self.params.mode == "public-key":
-            return self.party_id == self.holder
-        return True
+        return self.party_id == self.holder
 
     def _on_roster(self, roster: HERoster) -> HEKeyOffer:
         hellos = parse_roster(self.params, self.transcript, roster)
@@ -430,7 +432,7 @@ class HEClient:
     def _on_sum(self, total: HESum) -> HEAck:
         if not self.decrypts or self._ctx is None:
             raise RemoteProtocolError(
-                "this client decrypts nothing: only the key holder's signed release gives the BFV sum",
+                "this client decrypts nothing: only the key holder's signed release gives the sum",
                 field="contributors",
             )
         contributors = total.contributors
@@ -455,17 +457,16 @@ class HEClient:
         del ctx
         if self.params.scheme == "bfv":
             words = decrypt_words(self.params, vectors)
-            result = decode_words(self.params, words)
-        else:
-            result = decrypt_ckks(self.params, vectors)
+        else:  # exact integer sums, or an abort: the CKKS error (a function of the key) is never released
+            raw = decrypt_ckks_values(self.params, vectors)
+            words = round_ckks(self.params, raw, tolerance=self.params.ckks_tolerance)
+        result = decode_words(self.params, words)
         if result.num_inputs != len(contributors):
             raise RemoteProtocolError(
                 "the aggregate's decrypted counter does not match its listed contributions", field="contributors"
             )
         self._result = result
         self.state = HEClientState.DONE
-        if self.params.scheme != "bfv" or self.party_id != self.holder:
-            return HEAck(**base, count=len(contributors))
         plaintext = words.astype("<u4").tobytes()
         signature = ed25519_sign(self._sign_private, release_payload(self.transcript, contributors, plaintext))
         return HEAck(**base, count=len(contributors), plaintext=plaintext, signature=signature)

@@ -37,8 +37,12 @@ class HEFamily:
 
     @property
     def reveals_to_client(self) -> bool:
-        """CKKS aggregates are decrypted by clients only, never released to the server."""
-        return self.params.scheme == "ckks"
+        """False: the key holder releases the exact integer sum to the server, with BFV and with CKKS.
+
+        A CKKS decryption is rounded to the integer sum of the quantized inputs (after a tolerance check
+        that aborts on anything else), so the release is a function of the inputs alone, not of the key.
+        """
+        return False
 
     def client(
         self,
@@ -101,7 +105,7 @@ class HEFamily:
             raise LocalProtocolError(f"{message_type.__name__} is not an HE client message") from None
 
     def client_result(self, client: Any) -> Any:
-        """What an HE client decrypted (`HEClient.result`)."""
+        """What an HE client decrypted (`HEClient.result`: the key holder's copy of what it released)."""
         if not isinstance(client, HEClient):
             raise LocalProtocolError("not an HE client")
         return client.result()

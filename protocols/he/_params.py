@@ -20,8 +20,23 @@ A start-up self-test (`self_test`) then encrypts a known vector, adds it n_max t
 the exact decryption. Coefficient moduli are checked against the Homomorphic Encryption Standard's
 128-bit table (ternary secrets): anything weaker raises `InsecureParameterError`.
 
-CKKS is offered with NVFlare's parameter set (N = 8192, [60, 40, 40], scale 2^40) for comparison
-only; see the package docstring for why its aggregate is never decrypted for the server.
+CKKS runs with NVFlare's parameter set (N = 8192, [60, 40, 40], scale 2^40) on the same quantized
+integers: the offset words in [0, 2L] are encrypted one per slot (no packing), so the decrypted sum is
+the exact integer sum plus the CKKS error, and the decrypting client rounds it to that integer sum
+after checking that every value lies within `ckks_tolerance` (2^-8) of an integer. Two checks refuse
+a CKKS configuration where that rounding could be wrong:
+
+* room: the largest scaled sum, n_max * 2L * 2^scale_bits, stays below q_data / 4 (a decryption is
+  read modulo q_data, centred: a larger value would wrap);
+* error: `ckks_error_bound`, a worst-case bound on |decryption - integer sum| per slot for n_max fresh
+  ciphertexts (the CKKS paper's fresh public-key bound 8 sqrt(2) sigma N + 6 sigma sqrt(N) +
+  16 sigma sqrt(h N) with h = N, plus the encoding's rounding 6 sqrt(N / 12), divided by the scale;
+  symmetric encryption has less noise), must not exceed `ckks_tolerance`, itself far below the 1/2
+  at which rounding would go to the wrong integer. For NVFlare's set at n_max = 16 the bound is
+  2^-16.5 (measured: about 2^-28 symmetric, 2^-24.5 public-key, all values at 2L).
+
+The released integers are then a function of the inputs alone, as with BFV (see the package
+docstring for why that leaks no key material).
 """
 
 from __future__ import annotations
@@ -45,6 +60,12 @@ VALUE_BITS = 16
 """Bits of one quantized value (signed, symmetric): L = 2^15 - 1 levels each side."""
 
 _NOISE_MARGIN = {"symmetric": 6, "public-key": 9}
+
+CKKS_TOLERANCE = 2.0**-8
+"""Largest distance from an integer a decrypted CKKS sum may have; anything farther aborts (never rounded)."""
+
+_CKKS_SIGMA = 3.2
+"""Standard deviation of SEAL's error distribution (3.19), rounded up."""
 
 
 def _is_prime(n: int) -> bool:
@@ -133,6 +154,21 @@ class HEParams(BaseModel):
                     f"max_parties={self.max_parties} {self.mode} ciphertexts; lower max_parties or plain_modulus, "
                     "or raise the coefficient moduli"
                 )
+        else:
+            room = sum(self.coeff_mod_bit_sizes[:-1]) - 2
+            needed = (self.max_parties * 2 * self.level).bit_length() + self.scale_bits
+            if needed > room:
+                raise InsecureParameterError(
+                    f"scale_bits={self.scale_bits}: a CKKS sum of max_parties={self.max_parties} quantized values "
+                    f"needs {needed} bits but the data moduli {list(self.coeff_mod_bit_sizes[:-1])} leave {room}; "
+                    "lower scale_bits or max_parties, or raise the coefficient moduli"
+                )
+            if self.ckks_error_bound > self.ckks_tolerance:
+                raise InsecureParameterError(
+                    f"scale_bits={self.scale_bits}: the CKKS error of a sum of max_parties={self.max_parties} "
+                    f"ciphertexts may reach {self.ckks_error_bound:.2e}, above the rounding tolerance "
+                    f"{self.ckks_tolerance:.2e} (2^-8, far below 1/2); raise scale_bits or lower max_parties"
+                )
 
     @classmethod
     def bfv_packed(cls, num_parties: int, *, dimension: int, clip_range: float, **kw: Any) -> HEParams:
@@ -141,7 +177,7 @@ class HEParams(BaseModel):
 
     @classmethod
     def ckks_nvflare(cls, num_parties: int, *, dimension: int, clip_range: float, **kw: Any) -> HEParams:
-        """NVFlare's defaults: CKKS N=8192, [60, 40, 40], scale 2^40 (comparison only)."""
+        """NVFlare's defaults: CKKS N=8192, [60, 40, 40], scale 2^40, on the quantized integers (exact release)."""
         fields: dict[str, Any] = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": (60, 40, 40), "scale_bits": 40}
         fields.update(kw)
         return cls(scheme="ckks", num_parties=num_parties, dimension=dimension, clip_range=clip_range, **fields)
@@ -202,10 +238,29 @@ class HEParams(BaseModel):
 
     @property
     def max_abs_error(self) -> float:
-        """Bound on |decoded sum - exact sum of clipped inputs| per coordinate, for max_parties inputs."""
-        if self.scheme == "bfv":
-            return self.max_parties / self.quantizer.scale
-        return self.max_parties * 2.0 ** -(self.scale_bits - 20)  # conservative CKKS bound (measured ~1e-9 at n=10)
+        """Bound on |decoded sum - exact sum of clipped inputs| per coordinate, for max_parties inputs.
+
+        Both schemes release the exact integer sum of the quantized inputs: only the quantization errs.
+        """
+        return self.max_parties / self.quantizer.scale
+
+    @property
+    def ckks_tolerance(self) -> float:
+        """How far from an integer a decrypted CKKS value may be before the decrypting client aborts (2^-8)."""
+        return CKKS_TOLERANCE
+
+    @property
+    def ckks_error_bound(self) -> float:
+        """Worst-case |decryption - integer sum| per slot for a CKKS sum of max_parties fresh ciphertexts.
+
+        The fresh public-key encryption bound of Cheon-Kim-Kim-Song (8 sqrt(2) sigma N + 6 sigma sqrt(N) +
+        16 sigma sqrt(h N), h <= N) plus the encoder's rounding (6 sqrt(N / 12)), per ciphertext, in
+        units of the scale; symmetric encryption adds less noise, so one bound serves both modes.
+        """
+        n = self.poly_modulus_degree
+        fresh = 8 * math.sqrt(2) * _CKKS_SIGMA * n + 6 * _CKKS_SIGMA * math.sqrt(n) + 16 * _CKKS_SIGMA * n
+        rounding = 6 * math.sqrt(n / 12)
+        return self.max_parties * (fresh + rounding) / 2.0**self.scale_bits
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical JSON form (bound into the transcript)."""

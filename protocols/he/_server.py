@@ -4,8 +4,9 @@ Stages: collect hellos -> roster; collect key offers -> per-client keys (in publ
 public key's polynomials are checked; in symmetric mode the offer must carry no key in the clear);
 collect signed encrypted inputs, each checked on arrival (exact length, every coefficient below its
 modulus, then the signature) -> every signed contribution, with its chunks, to the clients that
-decrypt (BFV: the key holder only; it adds them up itself); collect acknowledgements (for BFV the
-key holder's carries the decrypted integer sums, signed) -> result. Dropouts need no recovery: the
+decrypt (the key holder only, with either scheme; it adds them up itself); collect acknowledgements
+(the key holder's carries the decrypted integer sums, signed: exact for BFV, rounded to the exact
+integers after a tolerance check for CKKS) -> result. Dropouts need no recovery: the
 key holder sums what arrived, and the encrypted weight and counter fields travel with the values.
 The server sends no ciphertext of its own choosing to anyone (`AggregateResult.ring_sum` holds the
 released field sums).
@@ -161,8 +162,7 @@ class HEServer:
                     f"only {len(self._contributions)} inputs; min_contributions={self.params.min_contributions}"
                 )
             assert self.holder is not None
-            only_holder = self.params.scheme == "bfv" or self.params.mode == "public-key"
-            if only_holder and self.holder not in self._contributions:
+            if self.holder not in self._contributions:
                 raise AbortError(f"the key holder {self.holder} sent no input; only it may decrypt the sum")
             senders = tuple(sorted(self._contributions))
             total = HESum(
@@ -174,7 +174,7 @@ class HEServer:
             )
             self._uploads.clear()
             self.state = HEServerState.COLLECT_ACKS
-            return [(p, total) for p in senders if not only_holder or p == self.holder]
+            return [(self.holder, total)]
         if self.state is HEServerState.COLLECT_ACKS:
             self._finish()
             self.state = HEServerState.DONE
@@ -203,13 +203,13 @@ class HEServer:
         return out
 
     def result(self) -> AggregateResult:
-        """The decoded BFV sum (exact integers) over the listed contributors.
+        """The decoded sum (exact integers, either scheme) over the listed contributors.
 
         Raises:
-            InvalidTransitionError: before the round ended, or for CKKS (never decrypted for the server).
+            InvalidTransitionError: before the round ended.
         """
         if self._result is None:
-            raise InvalidTransitionError("no decrypted aggregate: the round has not ended, or it is CKKS")
+            raise InvalidTransitionError("no decrypted aggregate: the round has not ended")
         return self._result
 
     @property
@@ -241,8 +241,6 @@ class HEServer:
             )
 
     def _finish(self) -> None:
-        if self.params.scheme != "bfv":
-            return
         contributors = self.contributors
         ack = self._acks.get(self.holder) if self.holder is not None else None
         if ack is None or not ack.plaintext:

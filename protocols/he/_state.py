@@ -1,8 +1,8 @@
 """HE session state to bytes and back, so a host that keeps no objects between messages (Flower) can run HE.
 
 The client blob is SECRET: it holds the client's X25519 and Ed25519 session keys, its plaintext
-update until it is encrypted and, for a client that decrypts (the BFV key holder; with CKKS in
-symmetric mode every client), the HE secret key until its one decryption. Keep it only in the site's
+update until it is encrypted and, for the client that decrypts (the key holder, with either scheme),
+the HE secret key until its one decryption. Keep it only in the site's
 own state folder. The server blob holds what the server already saw (hellos, key offers, signed
 ciphertexts, acknowledgements) and no secret; a restored server replays them through its own checks.
 

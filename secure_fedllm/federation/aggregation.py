@@ -7,9 +7,12 @@ sum / total weight to the global adapter; the decoded mean is within n * Delta p
 of the survivors' exact weighted mean of clipped updates (Delta the quantization step; stochastic
 rounding errs by less than one step per input, and integer weights are encoded exactly).
 
-With `he-ckks` the server never sees a decryption (CKKS decryptions leak key material to whoever
-holds the ciphertexts): the mean comes from a client's decryption, as it would for clients that keep
-the global model in a deployment; `he-bfv` releases the exact integer sum, as masking does.
+Both engines build the round's protocol from the same function, `round_family` (parameters from
+`round_params`), so one RunConfig knob means the same on both. `he-bfv` and `he-ckks` encrypt the
+same quantized integers and the key holder releases their exact integer sum to the server, as
+masking does (CKKS after rounding its decryption, refused unless every value is within 2^-8 of an
+integer: the raw decryption, which leaks key material, is never released; see `protocols.he`).
+In the malicious setting HE hellos are signed with the clients' identity keys, as masking's are.
 
 `clipped_coordinates` (and the runner's `fedit_product_error`) are simulation diagnostics computed
 from the individual updates in process; in a deployment each client keeps its own count.
@@ -34,7 +37,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from protocols import AbortError, SecAggParams, run_round
+from protocols import (
+    AbortError,
+    HEFamily,
+    PlaintextFamily,
+    SecAggFamily,
+    SecAggParams,
+    SecurityPolicy,
+    run_sessions,
+)
 from protocols.he import HEParams
 from protocols.primitives import ed25519_public
 
@@ -45,6 +56,9 @@ __all__ = [
     "AggregationOutcome",
     "aggregate_updates",
     "draw_dropouts",
+    "family_facts",
+    "round_family",
+    "round_params",
     "sample_cohort",
     "secagg_params",
     "simulated_identity_keys",
@@ -144,6 +158,87 @@ def secagg_params(
     )
 
 
+def round_params(
+    config: RunConfig,
+    n: int,
+    dimension: int,
+    *,
+    identity_keys: Sequence[bytes] | None = None,
+    roster: Sequence[bytes] | None = None,
+) -> SecAggParams | HEParams:
+    """The public parameters of one round of the configured protocol, for n parties (both engines).
+
+    Masking ("secagg", "secagg+") and the plaintext control ("none", semi-honest only: nothing is signed)
+    take `secagg_params`. HE ("he-bfv", "he-ckks") takes `HEParams` with n_max = max(16, the next power
+    of two >= federation.clients), min_contributions = secure_aggregation.threshold or min(3, n),
+    mode = secure_aggregation.he_mode, and the members' identity keys (signed hellos) when given.
+
+    Args:
+        config: the run configuration.
+        n: the parties of this session.
+        dimension: length of each update.
+        identity_keys: the members' Ed25519 public keys in party order (the malicious setting).
+        roster: every client's public key, which each site pins (masking counts n_C over it).
+
+    Raises:
+        InsecureParameterError: no secure parameters at this n (the message names the field).
+    """
+    sa = config.secure_aggregation
+    if sa.protocol.startswith("he-"):
+        make_he = HEParams.bfv_packed if sa.protocol == "he-bfv" else HEParams.ckks_nvflare
+        return make_he(
+            n,
+            dimension=dimension,
+            clip_range=sa.clip_range,
+            max_parties=max(16, 1 << (config.federation.clients - 1).bit_length()),
+            min_contributions=sa.threshold or min(3, n),
+            mode=sa.he_mode,
+            identity_keys=tuple(identity_keys) if identity_keys is not None else None,
+        )
+    if sa.protocol == "none":
+        return secagg_params(config, n, dimension)
+    return secagg_params(config, n, dimension, identity_keys=identity_keys, roster=roster)
+
+
+def round_family(
+    config: RunConfig,
+    n: int,
+    dimension: int,
+    *,
+    identity_keys: Sequence[bytes] | None = None,
+    roster: Sequence[bytes] | None = None,
+) -> SecAggFamily | HEFamily | PlaintextFamily:
+    """The `protocols.SessionFamily` of one round (`round_params`' parameters); the one builder of both engines.
+
+    "none" gives the plaintext control, allowed by the simulated sites' choice of protocol="plaintext".
+    """
+    params = round_params(config, n, dimension, identity_keys=identity_keys, roster=roster)
+    if isinstance(params, HEParams):
+        return HEFamily(params)
+    if config.secure_aggregation.protocol == "none":
+        return PlaintextFamily(params, policy=SecurityPolicy.model_validate({"protocol": "plaintext"}))
+    return SecAggFamily(params)
+
+
+def family_facts(family: SecAggFamily | HEFamily | PlaintextFamily) -> tuple[int, int, bool]:
+    """(neighbours, threshold, malicious) of a round's family, for its record (HE: 0, min_contributions, signed)."""
+    params = family.params
+    if isinstance(params, HEParams):
+        return 0, params.min_contributions, params.identity_keys is not None
+    return params.neighbours, params.threshold, params.malicious
+
+
+def _site_check(
+    policy: SecurityPolicy, family: SecAggFamily | HEFamily | PlaintextFamily, party: int, public: bytes | None
+) -> None:
+    """What a Flower node's Mod checks before it trains, done here for each simulated site (same refusals)."""
+    if isinstance(family, SecAggFamily):
+        policy.check_secagg(family.params, party_id=party, identity_public_key=public)
+    elif isinstance(family, HEFamily):
+        policy.check_he(num_parties=family.num_parties)
+        policy.check_he_members(family.params, party_id=party, identity_public_key=public)
+
+
 def aggregate_updates(
     config: RunConfig,
     updates: Sequence[npt.NDArray[np.float32]],
@@ -187,33 +282,26 @@ def aggregate_updates(
         total = sum(weights[i] for i in survivors)
         mean = sum(weights[i] * np.clip(updates[i], -clip, clip).astype(np.float64) for i in survivors) / total
         return AggregationOutcome(mean, survivors, sorted(drop_at), None, clipped_coordinates=clipped)
-    params: SecAggParams | HEParams
-    if sa.protocol.startswith("he-"):
-        make_he = HEParams.bfv_packed if sa.protocol == "he-bfv" else HEParams.ckks_nvflare
-        params = make_he(
-            n,
-            dimension=len(updates[0]),
-            clip_range=clip,
-            max_parties=max(16, 1 << (config.federation.clients - 1).bit_length()),
-            min_contributions=sa.threshold or min(3, n),
-            mode=sa.he_mode,
-        )
-    elif sa.setting == "malicious" and sa.protocol in ("secagg", "secagg+"):
+    dimension = len(updates[0])
+    if sa.setting == "malicious" and sa.protocol != "none":
         identity_keys = list(identity_keys) if identity_keys is not None else simulated_identity_keys(n)
         publics = [ed25519_public(k) for k in identity_keys]
-        params = secagg_params(config, n, len(updates[0]), identity_keys=publics, roster=roster)
+        family = round_family(config, n, dimension, identity_keys=publics, roster=roster)
         policy = site_security_policy(config, roster=roster if roster is not None else publics)
         for party, public in enumerate(publics):  # each simulated site checks what it is asked to run
-            policy.check_secagg(params, party_id=party, identity_public_key=public)
+            _site_check(policy, family, party, public)
     else:
         identity_keys = None
-        params = secagg_params(config, n, len(updates[0]))
-    params_malicious = isinstance(params, SecAggParams) and params.malicious
+        family = round_family(config, n, dimension)
+        if isinstance(family, HEFamily):  # HE's collusion rule holds in the semi-honest setting too
+            policy = site_security_policy(config, roster=None)
+            for party in range(n):
+                _site_check(policy, family, party, None)
+    neighbours, threshold, malicious = family_facts(family)
     try:
-        report = run_round(
-            params,
+        report = run_sessions(
+            family,
             [u.astype(np.float64) for u in updates],
-            protocol="plaintext" if sa.protocol == "none" else "he" if sa.protocol.startswith("he-") else "secagg",
             weights=list(weights),
             drop_at=drop_at,
             round_number=round_number,
@@ -221,7 +309,7 @@ def aggregate_updates(
             clock=time.perf_counter,
             tap=tap,
             rounding_seeds=rounding_seeds,
-            identity_keys=identity_keys if params_malicious else None,
+            identity_keys=identity_keys,
         )
     except AbortError as exc:
         return AggregationOutcome(None, [], sorted(drop_at), str(exc), clipped_coordinates=clipped)
@@ -238,7 +326,7 @@ def aggregate_updates(
         upload_bytes=sum(report.upload_bytes.values()),
         download_bytes=sum(report.download_bytes.values()),
         insecure=result.insecure,
-        malicious=params_malicious,
-        neighbours=params.neighbours if isinstance(params, SecAggParams) else 0,
-        threshold=params.threshold if isinstance(params, SecAggParams) else params.min_contributions,
+        malicious=malicious,
+        neighbours=neighbours,
+        threshold=threshold,
     )

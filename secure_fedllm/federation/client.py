@@ -16,10 +16,15 @@ input (or ciphertext) leaves, the client binds the release to that one session (
 afterwards it refuses every other session for that release (`refuses`), so a server that re-runs a
 round without some client cannot difference two sums of the same updates.
 
-The sampling and noise generators are torch's Mersenne Twister seeded from that per-release seed,
-which is not a cryptographic RNG. `privacy.noise_seed` derives the site secret (hence every seed)
-from a public number for reproducible experiments only: anyone who knows it can regenerate the
-noise. The report says so.
+Federated evaluation (`evaluate`, with `evaluation.mode = "federated"`) is a release of the same
+kind: the site checks the model (`federation.evaluation.check_model`), refuses a second evaluation
+of a round on anything but the identical model and data, refuses past its budget, stores the noised
+values and charges one Gaussian event before they leave; see `secure_fedllm.federation.evaluation`.
+
+The sampling and noise generators of training are torch's Mersenne Twister seeded from that
+per-release seed, which is not a cryptographic RNG (an evaluation's noise is ChaCha20-based).
+`privacy.noise_seed` derives the site secret (hence every seed) from a public number for
+reproducible experiments only: anyone who knows it can regenerate the noise. The report says so.
 """
 
 from __future__ import annotations
@@ -35,9 +40,24 @@ from peft import PeftModel
 
 from ..adapters import AdapterManifest, get_vector, set_vector
 from ..data.tokenized import TokenizedDataset
-from ..privacy import PrivacyLedger
+from ..errors import PrivacyBudgetExhaustedError
+from ..privacy import DPSGDEvent, PrivacyLedger
 from ..site import SiteState
 from ..training import LocalTrainer, StepSettings
+from .evaluation import (
+    EvaluationBook,
+    EvaluationRefusedError,
+    EvaluationRelease,
+    EvaluationSettings,
+    check_model,
+    clipped_sums,
+    evaluation_context,
+    ledger_tag,
+    model_digest,
+    release_noise,
+    rounding_seed,
+    unit_losses,
+)
 from .plan import Assignment, ClientPolicy, PlanRefusedError, RoundPlan
 
 __all__ = ["ClientUpdate", "FederatedClient", "data_digest"]
@@ -84,6 +104,8 @@ class FederatedClient:
         fingerprints: the model, A0, adapter and manifest hashes the client checks plans against.
         job: the job the releases belong to (e.g. a digest of the run configuration).
         template: a description of the chat template (part of the release key).
+        heldout: its held-out split for federated evaluation (never trained on), or None.
+        evaluation: its own federated-evaluation settings, or None if it takes no part in one.
     """
 
     def __init__(
@@ -99,12 +121,16 @@ class FederatedClient:
         fingerprints: dict[str, str] | None = None,
         job: str = "",
         template: str = "",
+        heldout: TokenizedDataset | None = None,
+        evaluation: EvaluationSettings | None = None,
     ) -> None:
         self.client, self.data, self.policy, self.ledger, self.site = client, data, policy, ledger, site
         self.fingerprints = dict(fingerprints or {})
         self.learning_rate, self.optimizer = learning_rate, optimizer
         self.job, self.template = job, template
+        self.heldout, self.evaluation = heldout, evaluation
         self._data_digest: bytes | None = None
+        self._heldout_digest: bytes | None = None
 
     @property
     def epsilon(self) -> float:
@@ -207,7 +233,129 @@ class FederatedClient:
             template=self.template,
         )
 
-    def refuses(self, update: ClientUpdate) -> str | None:
+    def evaluation_willing(self, round_number: int, digest: str) -> str | None:
+        """None if the site would evaluate model `digest` at `round_number` (a replay included), else why not.
+
+        Needs no model or data: the settings, the evaluation record and the ledger (what a Flower
+        node answers a query with before the server sizes the session).
+        """
+        settings = self.evaluation
+        if settings is None:
+            return f"client {self.client} takes part in no federated evaluation (its own evaluation.mode)"
+        if not 0 <= round_number <= settings.rounds:
+            return f"round {round_number} is not a round of this job (0..{settings.rounds})"
+        book = EvaluationBook(self.site.root, self.job)
+        stored = book.entry(round_number)
+        if stored is not None:
+            return None if stored["model"] == digest else f"round {round_number} was already evaluated on another model"
+        last = book.last_round()
+        if last is not None and round_number <= last:
+            return f"round {round_number} comes before round {last}, the last one this site evaluated"
+        if self.ledger is not None and self.ledger.would_exceed(settings.event()):
+            return (
+                f"budget: epsilon {self.ledger.epsilon:.3f} + one evaluation would exceed {self.ledger.epsilon_budget}"
+            )
+        return None
+
+    def evaluate(
+        self,
+        model: PeftModel,
+        manifest: AdapterManifest,
+        global_vector: npt.NDArray[np.float32],
+        round_number: int,
+        *,
+        start: npt.NDArray[np.float32],
+    ) -> EvaluationRelease:
+        """Score `global_vector` on the held-out split and return the charged, noised release.
+
+        `start` is this job's starting adapter as the site itself built it (public seeds). Order:
+        settings and round; a stored release of this round (replayed only for the identical model
+        and data); the model checks; the budget; the clipped sums plus noise from a fresh seed;
+        the values stored (fsynced); the ledger charged; only then the release is returned.
+
+        Raises:
+            EvaluationRefusedError: no evaluation at this site, another model for a round already
+                evaluated, a round out of order, or a model that cannot be this job's.
+            PrivacyBudgetExhaustedError: one more evaluation would exceed the budget (nothing charged).
+        """
+        settings = self.evaluation
+        if settings is None or self.heldout is None or not self.heldout.examples:
+            raise EvaluationRefusedError(
+                f"client {self.client} takes part in no federated evaluation (its evaluation.mode is not "
+                "'federated', or it has no held-out units)"
+            )
+        if not 0 <= round_number <= settings.rounds:
+            raise EvaluationRefusedError(f"round {round_number} is not a round of this job (0..{settings.rounds})")
+        vector = np.ascontiguousarray(global_vector, dtype=np.float32)
+        digest = model_digest(vector)
+        if self._heldout_digest is None:
+            self._heldout_digest = data_digest(self.heldout)
+        data = self._heldout_digest.hex()
+        key = self.site.release_key(
+            job=self.job,
+            round=round_number,
+            purpose="federated-evaluation",
+            model=digest,
+            data=self._heldout_digest,
+            settings=settings.public(),
+            template=self.template,
+        )
+        tag = ledger_tag(key)
+        event = settings.event()
+        book = EvaluationBook(self.site.root, self.job)
+        stored = book.entry(round_number)
+        if stored is not None:
+            if stored["model"] != digest or stored["data"] != data or stored["tag"] != tag:
+                raise EvaluationRefusedError(
+                    f"client {self.client}: round {round_number} was already evaluated (on model "
+                    f"{stored['model'][:16]}...); one evaluation per round, and only the identical request is "
+                    "answered again"
+                )
+            values = np.asarray(stored["values"], dtype=np.float64)
+            replayed = True
+        else:
+            last = book.last_round()
+            if last is not None and round_number <= last:
+                raise EvaluationRefusedError(
+                    f"client {self.client}: round {round_number} comes before round {last}, the last one it evaluated"
+                )
+            check_model(
+                vector, start=start, anchor=book.anchor(), round_number=round_number, clip_range=settings.clip_range
+            )
+            if self.ledger is not None and self.ledger.would_exceed(event):
+                self.ledger.charge(round_number, event, release=tag, mechanism="gaussian")  # raises, charges nothing
+            seed = self.site.noise_seed(self.job, round_number, key)
+            set_vector(model, manifest, vector)
+            losses = unit_losses(model, self.heldout, batch_size=settings.batch_size)
+            values = clipped_sums(losses, settings.loss_clip) + release_noise(seed, settings)
+            entry = {"model": digest, "data": data, "tag": tag, "values": [float(v) for v in values]}
+            book.store(round_number, entry, vector)
+            replayed = False
+        if self.ledger is not None and not self.ledger.charged(round_number, tag):
+            try:  # a stored release whose charge was cut short by a crash is charged before it leaves
+                self.ledger.charge(round_number, event, release=tag, mechanism="gaussian")
+            except PrivacyBudgetExhaustedError as exc:
+                raise EvaluationRefusedError(f"client {self.client}: {exc}") from exc
+        seed = self.site.noise_seed(self.job, round_number, key)
+        return EvaluationRelease(
+            client=self.client,
+            round=round_number,
+            values=values,
+            scaled=settings.encode(values),
+            epsilon=self._epsilon_of(event),
+            replayed=replayed,
+            release_key=key,
+            rounding_seed=rounding_seed(seed),
+            context=evaluation_context(
+                self.job, round_number, digest, value_bound=settings.value_bound, clip_range=settings.clip_range
+            ),
+        )
+
+    def _epsilon_of(self, event: DPSGDEvent) -> float:
+        """Epsilon of one release alone at this site's delta (0 without DP)."""
+        return self.ledger.epsilon_of([event]) if self.ledger is not None else 0.0
+
+    def refuses(self, update: ClientUpdate | EvaluationRelease) -> str | None:
         """Why this release may not join a new session (its masked input already went to one), or None."""
         binding = self.site.binding(self.job, update.round, update.release_key)
         if binding is None:
@@ -217,7 +365,7 @@ class FederatedClient:
             "one update goes to one session only"
         )
 
-    def bind(self, update: ClientUpdate, session: bytes, transcript: bytes) -> None:
+    def bind(self, update: ClientUpdate | EvaluationRelease, session: bytes, transcript: bytes) -> None:
         """Bind the release to the session its masked input is about to go to (fsynced first).
 
         Raises:

@@ -6,8 +6,9 @@ template and held-out set (`Job`), lets the transport reach every client (in pro
 client with its policy and ledger; on Flower: wait for the nodes, read their offers and identity
 keys), and only then writes `config.toml` and plays the rounds. Each round: sample the cohort, ask
 for offers, announce the `RoundPlan`, let the transport train and securely aggregate, apply the
-mean, evaluate on the server's held-out records, write the `RoundRecord` and a checkpoint. At the
-end: the adapter (with its sidecar) and the report.
+mean, evaluate on the server's held-out records (or, with `evaluation.mode = "federated"`, let the
+transport run a federated evaluation: `federation.evaluation`), write the `RoundRecord` and a
+checkpoint. At the end: the adapter (with its sidecar) and the report.
 
 The engines differ only in their `Transport`: `InProcessTransport` (`federation.runner`) trains the
 clients in this process and simulates their dropouts; `GridTransport` (`flower.server`) sends the
@@ -115,6 +116,14 @@ class Transport(Protocol):
         """Every client's public accounting (asked after each round and at the end)."""
         ...
 
+    def evaluate(self, round_number: int, global_vector: Vector, record: RoundRecord) -> None:
+        """Federated evaluation of `global_vector` (`evaluation.mode = "federated"`) into `record`.
+
+        Every willing site scores the model on its own held-out split and releases its clipped,
+        noised (loss sum, count), charged to its ledger; the server learns only their secure sum.
+        """
+        ...
+
 
 def public_seed(seed: int, purpose: str) -> int:
     """A public, reproducible seed for `purpose` (A0, torch) derived from the run seed: equal on every engine."""
@@ -143,25 +152,35 @@ def open_site(config: RunConfig, sites: Path, client: int) -> Any:
     return SiteState.open(site_folder(sites, client), reproducible_seed=seed)
 
 
-def make_client(config: RunConfig, sites: Path, client: int, data: Any, fingerprints: dict[str, str]) -> Any:
+def make_client(
+    config: RunConfig, sites: Path, client: int, data: Any, fingerprints: dict[str, str], *, heldout: Any = None
+) -> Any:
     """Client `client` of `config` with its policy (calibrated to its N_i), ledger and state folder.
 
     `data` needs only `num_units` for offers and ledger queries; training needs the tokenized records.
+    `heldout` is the site's held-out split for federated evaluation: its units join the population
+    the ledger is named after (every person at the site, trained on or held out, is in one ledger),
+    and with `evaluation.mode = "federated"` the training noise is raised so that training and the
+    evaluations fit the budget together (`evaluation.policy_with_evaluation`).
 
     Raises:
         ConfigError: the policy cannot be calibrated, or the ledger accounts another neighbouring relation.
     """
     from ..site.state import population_id
     from .client import FederatedClient
+    from .evaluation import EvaluationSettings, policy_with_evaluation
     from .plan import client_policy
 
-    policy = client_policy(config, client, data.num_units)
+    federated = config.evaluation.mode == "federated"
+    policy = policy_with_evaluation(client_policy(config, client, data.num_units), config)
     site = open_site(config, sites, client)
     ledger = None
     if policy.private:
         # One lifetime ledger per population of data subjects at this site, composed across every job
         # on it (never reset by a corrected record: the population is named by unit ids, not texts).
         unit_ids = getattr(data, "unit_ids", None)
+        if unit_ids is not None and heldout is not None:
+            unit_ids = [*unit_ids, *heldout.unit_ids]
         population = getattr(data, "population", None) or population_id(unit_ids or ())
         ledger = site.ledger_for(
             population,
@@ -184,6 +203,8 @@ def make_client(config: RunConfig, sites: Path, client: int, data: Any, fingerpr
         fingerprints=fingerprints,
         job=job_id(config),
         template=json.dumps({"system_prompt": config.data.system_prompt, "max_length": config.data.max_length}),
+        heldout=heldout,
+        evaluation=EvaluationSettings.of(config) if federated else None,
     )
 
 
@@ -211,7 +232,9 @@ class Job:
     """The server's half of the setup, done once per run: model, adapter, fingerprints, template, held-out set.
 
     `data` is the federation's data as this process loads it (the in-process transport partitions
-    its client records; on Flower only the held-out records are used).
+    its client records; on Flower only the held-out records are used). With `evaluation.mode =
+    "federated"`, `data.clients` are the training parts and `site_heldout` each client's held-out
+    part (`evaluation.site_split`); `start` is the starting adapter, kept for the sites' model check.
     """
 
     config: RunConfig
@@ -223,6 +246,8 @@ class Job:
     template: Any
     data: Any
     heldout: Any
+    start: Vector | None = None
+    site_heldout: list[Any] | None = None
 
     @classmethod
     def build(cls, config: RunConfig, *, data: bool = True) -> Job:
@@ -248,7 +273,16 @@ class Job:
         template = ChatTemplate(tokenizer, system_prompt=config.data.system_prompt, max_length=config.data.max_length)
         loaded = load_federation_data(config) if data else None
         heldout = TokenizedDataset.build(loaded.heldout, template) if loaded is not None else None
-        return cls(config, model, tokenizer, manifest, fingerprints, template, loaded, heldout)
+        site_heldout = None
+        if loaded is not None and config.evaluation.mode == "federated":
+            from .evaluation import site_split
+
+            parts = [site_split(config, records) for records in loaded.clients]
+            loaded.clients = [train for train, _ in parts]
+            site_heldout = [held for _, held in parts]
+        job = cls(config, model, tokenizer, manifest, fingerprints, template, loaded, heldout)
+        job.start, job.site_heldout = job.initial_vector(), site_heldout
+        return job
 
     def initial_vector(self) -> Vector:
         """The adapter's starting aggregated vector (B = 0, A = A0)."""
@@ -256,18 +290,23 @@ class Job:
 
         return get_vector(self.model, self.manifest)
 
-    def evaluate(self, global_vector: Vector, record: RoundRecord) -> None:
-        """Load `global_vector` into the model; its held-out loss, perplexity (and samples) into `record`."""
+    def evaluate(self, global_vector: Vector, record: RoundRecord, *, loss: bool = True) -> None:
+        """Load `global_vector` into the model; its held-out loss, perplexity (and samples) into `record`.
+
+        `loss=False` (federated evaluation, where the sites score the model) only generates the
+        samples, from the server's own held-out prompts.
+        """
         from ..adapters import set_vector
         from ..training import evaluate, generate_samples
 
         set_vector(self.model, self.manifest, global_vector)
         config = self.config
-        t = time.perf_counter()
-        result = evaluate(self.model, self.heldout, batch_size=config.evaluation.batch_size)
-        record.seconds.evaluation = time.perf_counter() - t
-        record.eval_loss, record.perplexity = result.loss, result.perplexity
-        if config.evaluation.generations:
+        if loss:
+            t = time.perf_counter()
+            result = evaluate(self.model, self.heldout, batch_size=config.evaluation.batch_size)
+            record.seconds.evaluation = time.perf_counter() - t
+            record.eval_loss, record.perplexity = result.loss, result.perplexity
+        if config.evaluation.generations and self.data is not None:
             samples = generate_samples(
                 self.model,
                 self.template,
@@ -371,11 +410,35 @@ class Federation:
     def play_round(self, round_number: int, global_vector: Vector) -> tuple[RoundRecord, Vector]:
         """One round (round 0 only evaluates the starting adapter); the record and the new global vector."""
         record = RoundRecord(round=round_number, engine=self.transport.engine)
+        before = global_vector
         if round_number > 0:
             global_vector = self._federated_round(round_number, global_vector, record)
-        self.job.evaluate(global_vector, record)
+        if self.job.config.evaluation.mode == "federated":
+            # _federated_round returns its argument itself when no aggregate was released
+            self._federated_evaluation(round_number, global_vector, record, released=global_vector is not before)
+        else:
+            self.job.evaluate(global_vector, record)
         record.epsilon = {c.client: c.epsilon for c in self.transport.ledgers()}
         return record, global_vector
+
+    def _federated_evaluation(self, round_number: int, global_vector: Vector, record: RoundRecord, *,
+                              released: bool) -> None:  # fmt: skip
+        """The sites score the model (only one derived from a released aggregate, or round 0's); samples here."""
+        from .record import FederatedEvaluation
+
+        t = time.perf_counter()
+        if round_number > 0 and not released:
+            record.federated_evaluation = FederatedEvaluation(
+                aborted=f"round {round_number} released no aggregate: the model is round {round_number - 1}'s, "
+                "already evaluated"
+            )
+        else:
+            self.transport.evaluate(round_number, global_vector, record)
+        record.seconds.evaluation = time.perf_counter() - t
+        result = record.federated_evaluation
+        if result is not None and result.loss is not None and result.perplexity is not None:
+            record.eval_loss, record.perplexity = result.loss, result.perplexity
+        self.job.evaluate(global_vector, record, loss=False)
 
     def _federated_round(self, round_number: int, global_vector: Vector, record: RoundRecord) -> Vector:
         from .aggregation import sample_cohort
@@ -450,7 +513,13 @@ class Federation:
             extra = f"  joined {record.participants} included {record.included}"
             if record.aborted:
                 extra += f"  aborted: {record.aborted}"
+        where = "held-out"
+        if record.federated_evaluation is not None:
+            fe = record.federated_evaluation
+            where = f"federated (noised, sites {fe.sites})" if fe.aborted is None else "federated (none)"
+            if fe.aborted:
+                extra += f"  evaluation: {fe.aborted}"
         self.log(
-            f"round {record.round}: held-out loss {record.eval_loss:.4f}, perplexity {record.perplexity:.2f}, "
+            f"round {record.round}: {where} loss {record.eval_loss:.4f}, perplexity {record.perplexity:.2f}, "
             f"epsilon per client [{eps}]{extra}"
         )

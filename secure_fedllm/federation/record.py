@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ProtocolFacts", "RoundBytes", "RoundRecord", "RoundSeconds", "Sample"]
+__all__ = ["FederatedEvaluation", "ProtocolFacts", "RoundBytes", "RoundRecord", "RoundSeconds", "Sample"]
 
 
 class _Row(BaseModel):
@@ -69,6 +69,32 @@ class Sample(_Row):
     generated: str
 
 
+class FederatedEvaluation(_Row):
+    """One federated evaluation (`evaluation.mode = "federated"`): the noised sums the server learned.
+
+    `loss_sum` and `count` are the securely aggregated sums over `sites` of each site's clipped
+    per-unit loss sum and unit count, each with its own Gaussian noise; `loss` = loss_sum / count and
+    `perplexity` = exp(loss) are computed from them alone (NaN when the noised count is not
+    positive). `epsilon` is each included site's epsilon of this one release (its ledger composes it
+    with everything else: the round's `epsilon`). All of it is public; nothing here is per site
+    except what the sites themselves report (their epsilon, or why they sat out).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="constants")
+
+    loss_sum: float | None = None
+    count: float | None = None
+    loss: float | None = None
+    perplexity: float | None = None
+    sites: list[int] = Field(default_factory=list)
+    sat_out: dict[int, str] = Field(default_factory=dict)
+    """Site -> why it did not evaluate (no federated evaluation, budget, a refused model or round)."""
+    epsilon: dict[int, float] = Field(default_factory=dict)
+    replayed: list[int] = Field(default_factory=list)
+    """Sites that answered with their stored release of this round (no second charge, no fresh noise)."""
+    aborted: str | None = None
+
+
 class RoundRecord(_Row):
     """One round of a run: the cohort and who was included, quality, privacy spent and cost."""
 
@@ -98,6 +124,9 @@ class RoundRecord(_Row):
     seconds: RoundSeconds = Field(default_factory=RoundSeconds)
     bytes: RoundBytes = Field(default_factory=RoundBytes)
     samples: list[Sample] = Field(default_factory=list)
+    federated_evaluation: FederatedEvaluation | None = None
+    """With `evaluation.mode = "federated"`: this round's federated evaluation (eval_loss and perplexity are
+    then its noised figures; the server scored nothing itself)."""
 
     def to_line(self) -> str:
         """The JSON line of `metrics.jsonl`."""

@@ -109,6 +109,8 @@ def write_report(
             f"{r.included if r.round else '-'} | {r.aborted or ''} |"
         )
     lines += ["", f"![quality]({plots[0]})", ""]
+    if config.evaluation.mode == "federated":
+        lines += _federated_section(config, rows)
     if data:
         lines += [
             "Data per client (records whose prompt alone fills data.max_length are dropped before N_i is "
@@ -137,7 +139,7 @@ def write_report(
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for policy, ledger in zip(policies, ledgers, strict=True):
-            joined = [e["round"] for e in ledger.get("events", [])]
+            joined = [e["round"] for e in ledger.get("events", []) if e.get("mechanism", "dp-sgd") == "dp-sgd"]
             eps = last.epsilon.get(policy.client, 0.0)
             lines.append(
                 f"| {policy.client} | {policy.num_units} | {policy.sample_rate:.4f} | {policy.noise_multiplier:.4f} | "
@@ -198,3 +200,45 @@ def write_report(
         "folder (`<run>.sites/client-XXXX/` in process, the node's `state-dir` on Flower), never in the run folder.",
     ]
     paths.report.write_text("\n".join(lines) + "\n")
+
+
+def _federated_section(config: RunConfig, rows: Sequence[RoundRecord]) -> list[str]:
+    """The federated evaluations: noised sums, perplexity, who evaluated, and each site's epsilon of the release."""
+    ev = config.evaluation
+    sigma = ev.noise_multiplier * math.sqrt(ev.loss_clip**2 + 1)
+    lines = [
+        "### Federated evaluation",
+        "",
+        "The held-out figures above are federated: each site scored the model on its own held-out split "
+        f"({ev.site_heldout_fraction:.0%} of its {config.privacy.unit}s, whole persons under user-level DP), clipped "
+        f"each unit's mean token loss to [0, {ev.loss_clip}], added Gaussian noise of std {sigma:.3g} "
+        f"(evaluation.noise_multiplier={ev.noise_multiplier} times the sensitivity sqrt(loss_clip^2 + 1)) to its loss "
+        "sum and its unit count, charged the release to its ledger, and the server learned only the secure sum. "
+        "Perplexity is exp(loss sum / count) of the noised sums; the loss is a mean over units, not tokens.",
+        "",
+        "| round | noised loss sum | noised count | loss | perplexity | sites | epsilon of this release | sat out |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fe = r.federated_evaluation
+        if fe is None:
+            continue
+        if fe.aborted is not None:
+            lines.append(f"| {r.round} | - | - | - | - | - | - | {fe.aborted} |")
+            continue
+        eps = ", ".join(f"{c}: {e:.3f}" for c, e in sorted(fe.epsilon.items()))
+        sat_out = "; ".join(f"{c}: {why}" for c, why in sorted(fe.sat_out.items()))
+        lines.append(
+            f"| {r.round} | {fe.loss_sum:.2f} | {fe.count:.2f} | {fe.loss:.4f} | {fe.perplexity:.3f} | {fe.sites} | "
+            f"{eps} | {sat_out} |"
+        )
+    lines += [
+        "",
+        "- A site evaluates only models it can place in this job: round 0's starting adapter exactly, and later "
+        "models within the movement that released, clipped means allow; it evaluates each round once (a repeat gets "
+        "the same noised values) and not past its budget. Under masking it never sees the sum, so it cannot check "
+        "that the model is the aggregate's: the guarantee that holds for any model is the clipping, the noise and "
+        "the charge.",
+        "",
+    ]
+    return lines

@@ -120,7 +120,11 @@ class InProcessTransport:
         config = job.config
         self.job, self.rounds = job, config.federation.rounds
         datasets = [TokenizedDataset.build(records, job.template) for records in job.data.clients]
-        self.clients = [make_client(config, sites, i, ds, job.fingerprints) for i, ds in enumerate(datasets)]
+        heldout = [TokenizedDataset.build(records, job.template) for records in job.site_heldout or ()]
+        self.clients = [
+            make_client(config, sites, i, ds, job.fingerprints, heldout=heldout[i] if heldout else None)
+            for i, ds in enumerate(datasets)
+        ]
         self.trainer = LocalTrainer(job.model, grad_sample_mode=config.training.grad_sample_mode)
         self.weights = client_weights(config, {c.client: c.data.num_units for c in self.clients})
         return {c.client: c.data.num_units for c in self.clients}
@@ -143,6 +147,12 @@ class InProcessTransport:
             )
             for c in self.clients
         ]
+
+    def evaluate(self, round_number: int, global_vector: Any, record: RoundRecord) -> None:
+        """Federated evaluation by every willing client, securely aggregated (`evaluation.evaluate_in_process`)."""
+        from .evaluation import evaluate_in_process
+
+        evaluate_in_process(self, round_number, global_vector, record)
 
     def train_and_aggregate(self, plan: RoundPlan, global_vector: Any, record: RoundRecord) -> Any:
         """Train each participant in turn, then aggregate with the configured protocol and simulated dropouts."""

@@ -31,7 +31,7 @@ from .records import (
 if TYPE_CHECKING:
     from .client_mod import ERROR_CODE, SecureAggregationMod, secure_aggregation_mod
     from .fit_workflow import SecureFitWorkflow
-    from .grid_round import GridRoundResult, collect_identity_keys, secure_aggregate
+    from .grid_round import GridRoundAbortedError, GridRoundResult, collect_identity_keys, secure_aggregate
     from .local_grid import LocalGrid
 
 _LAZY = {
@@ -39,6 +39,7 @@ _LAZY = {
     "SecureAggregationMod": "client_mod",
     "secure_aggregation_mod": "client_mod",
     "SecureFitWorkflow": "fit_workflow",
+    "GridRoundAbortedError": "grid_round",
     "GridRoundResult": "grid_round",
     "secure_aggregate": "grid_round",
     "collect_identity_keys": "grid_round",
@@ -62,6 +63,7 @@ __all__ = [
     "STATE_RECORD",
     "STEP",
     "FlowerIntegrationError",
+    "GridRoundAbortedError",
     "GridRoundResult",
     "LocalGrid",
     "RoundSetup",

@@ -27,7 +27,7 @@ from protocols import SignedRoster
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from .client import handle_ledger, handle_offer, handle_train
+from .client import handle_evaluate, handle_evaluation_offer, handle_ledger, handle_offer, handle_train
 from .client_mod import secure_aggregation_mod
 
 __all__ = ["client_app", "load_signed_roster", "server_app"]
@@ -49,6 +49,16 @@ def _offer(msg: Message, context: Context) -> Message:
 @client_app.query("ledger")
 def _ledger(msg: Message, context: Context) -> Message:
     return handle_ledger(msg, context)
+
+
+@client_app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    return handle_evaluate(msg, context)
+
+
+@client_app.query("evaluation")
+def _evaluation_offer(msg: Message, context: Context) -> Message:
+    return handle_evaluation_offer(msg, context)
 
 
 @server_app.main()

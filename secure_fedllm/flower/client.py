@@ -14,6 +14,10 @@ the Mod binds the release to one session before the masked input leaves. Three m
 * `query.offer`: is the node willing to join round r, and with which DP settings (its `Assignment`)?
 * `train`: the round plan and the global adapter; the reply is the charged update (masked by the Mod).
 * `query.ledger`: the node's public ledger summary for the run report.
+* `query.evaluation`: would the node evaluate round r's model (named by its digest)? (federated evaluation)
+* `evaluate`: the global adapter of a released round; the reply is the node's charged, noised (loss
+  sum, count) on its held-out split, which the Mod masks in a session of its own, bound to that
+  release like an update (`secure_fedllm.federation.evaluation`).
 
 Protocol stages never load torch; offers and ledger queries load the privacy accountant but build no
 model (after a node's first offer); `train` builds the model, and a process that serves several
@@ -36,7 +40,15 @@ if TYPE_CHECKING:
 
     from ..federation.federation import Job
 
-__all__ = ["handle_ledger", "handle_offer", "handle_train", "node_config_path", "site_data_spec"]
+__all__ = [
+    "handle_evaluate",
+    "handle_evaluation_offer",
+    "handle_ledger",
+    "handle_offer",
+    "handle_train",
+    "node_config_path",
+    "site_data_spec",
+]
 
 
 @dataclass
@@ -60,6 +72,7 @@ class _Node:
 
 _SHARED: dict[str, _Shared] = {}
 _DATA: dict[tuple[str, int, str], Any] = {}
+_HELDOUT: dict[tuple[str, int, str], Any] = {}
 
 
 def node_config_path(context: Context) -> tuple[Path | None, Path]:
@@ -109,6 +122,7 @@ def _shared(config: RunConfig, digest: str, *, shared_data: bool) -> _Shared:
 
     _SHARED.clear()
     _DATA.clear()
+    _HELDOUT.clear()
     job = Job.build(config, data=shared_data)  # the same setup (seeds, A0, fingerprints) as the server's
     shared = _Shared(job, LocalTrainer(job.model, grad_sample_mode=config.training.grad_sample_mode))
     _SHARED[key] = shared
@@ -126,21 +140,29 @@ def _node(context: Context) -> _Node:
     spec = site_data_spec(context)
     shared = _shared(config, digest, shared_data=spec is None)
     key = (digest, partition, str(context.node_config.get("data-path") or ""))
+    federated = config.evaluation.mode == "federated"
     if key not in _DATA:
-        if spec is None:
+        held: list[Any] = []
+        if spec is None:  # a simulation partition; Job.build split off its held-out part under federated evaluation
             records = shared.job.data.clients[partition]
+            held = shared.job.site_heldout[partition] if shared.job.site_heldout is not None else []
         else:
             from ..data import load_site_records, split_heldout
 
             by_person = config.privacy.unit == "user"
             records = load_site_records(spec, by_person=by_person)
             if spec.heldout_fraction:  # the site's held-out units never train
-                records, _ = split_heldout(records, spec.heldout_fraction, by_person=by_person)
+                records, held = split_heldout(records, spec.heldout_fraction, by_person=by_person)
+            elif federated:
+                from ..federation.evaluation import site_split
+
+                records, held = site_split(config, records)
         _DATA[key] = TokenizedDataset.build(records, shared.job.template)
+        _HELDOUT[key] = TokenizedDataset.build(held, shared.job.template) if federated and held else None
     data = _DATA[key]
     # The client (and its ledger) is re-read from disk for every message: another worker process may
     # have served this node since, and a stale in-memory ledger would under-count its epsilon.
-    client = make_client(config, state, partition, data, shared.job.fingerprints)
+    client = make_client(config, state, partition, data, shared.job.fingerprints, heldout=_HELDOUT[key])
     return _Node(config, partition, shared.job, shared.trainer, client, len(data.examples), data.dropped)
 
 
@@ -164,10 +186,11 @@ def _facts(context: Context) -> tuple[Any, dict[str, int]]:
     facts = json.loads(path.read_text()) if path.exists() else {}
     if facts.get("config") != digest or "population" not in facts:
         node = _node(context)
+        held = node.client.heldout.unit_ids if node.client.heldout is not None else []
         facts = {
             "config": digest,
             "units": node.client.data.num_units,
-            "population": population_id(node.client.data.unit_ids),
+            "population": population_id([*node.client.data.unit_ids, *held]),  # as make_client names it
             "records": node.records,
             "dropped": node.dropped,
         }
@@ -246,3 +269,53 @@ def handle_ledger(msg: Message, context: Context) -> Message:
     }
     content = {"ledger": json.dumps(ledger), "summary": json.dumps(summary), "policy": c.policy.model_dump_json()}
     return Message(RecordDict({"ledger": ConfigRecord(content)}), reply_to=msg)
+
+
+def handle_evaluation_offer(msg: Message, context: Context) -> Message:
+    """Reply whether this node would evaluate round r's model (named by its digest), or why not; builds no model."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    client, _ = _facts(context)
+    ask = msg.content.config_records["ask"]
+    why = client.evaluation_willing(int(ask["round"]), str(ask["model"]))  # type: ignore[arg-type]
+    reply = {"partition": client.client, "willing": why or ""}
+    return Message(RecordDict({"evaluation": ConfigRecord(reply)}), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Check the model, score the held-out split, noise and charge, and hand the 2-vector to the Mod.
+
+    The reply carries the noised (loss sum, count) scaled into the encoding, which the Mod masks and
+    binds to this one session; the raw values never reach the server.
+    """
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    node = _node(context)
+    round_number = int(msg.content.config_records["evaluate"]["round"])  # type: ignore[arg-type]
+    global_vector = msg.content.array_records["global"].to_numpy_ndarrays()[0].astype(np.float32)
+    if node.job.start is None:
+        from .records import FlowerIntegrationError
+
+        raise FlowerIntegrationError("this node's job has no starting adapter to check models against")
+    release = node.client.evaluate(node.job.model, node.job.manifest, global_vector, round_number, start=node.job.start)
+    extra = {
+        "weight": 1.0,
+        "rounding_seed": release.rounding_seed,
+        "context": release.context,
+        # SECRET, for the Mod only: it binds this release to one session; INPUT_RECORD never reaches the server
+        "release_key": release.release_key,
+        "release_job": node.client.job,
+        "release_round": release.round,
+        "site_state": str(node.client.site.root),
+    }
+    return Message(
+        RecordDict(
+            {
+                "evaluation": ArrayRecord([release.scaled]),
+                "metrics": MetricRecord({"epsilon": release.epsilon, "replayed": int(release.replayed)}),
+                INPUT_RECORD: ConfigRecord(extra),
+            }
+        ),
+        reply_to=msg,
+    )

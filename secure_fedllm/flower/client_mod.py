@@ -3,37 +3,48 @@
 Drop-in for Flower's `secaggplus_mod`: put `secure_aggregation_mod` in a ClientApp's `mods`. Messages
 without our `PROTOCOL_RECORD` pass through untouched, so the same ClientApp serves plain rounds too.
 
-The round's first message (stage `setup`) carries the ClientApp's own instruction plus our setup:
-the mod runs the ClientApp (training), takes the update out of its reply, encodes it into a fresh
-`SecAggClient` session and answers with `AdvertiseKeys` plus the reply's metrics, never its arrays.
-Later messages carry one protocol message each; the mod restores the session from `Context.state`,
-handles the message, persists the new state and only then returns the reply, so a ClientApp process
-that dies between two messages never rolls a session back (`min_stage`).
+The round's first message (stage `setup`) carries the ClientApp's own instruction plus our setup
+(the protocol family's name and parameters: SecAgg, SecAgg+, HE-BFV, HE-CKKS or the plaintext
+control): the mod rebuilds the `protocols.SessionFamily`, runs the ClientApp (training), takes the
+update out of its reply, encodes it into a fresh client session (`family.client`) and answers with
+the session's first message (`AdvertiseKeys`, `HEHello`) plus the reply's metrics, never its arrays.
+Later messages carry one protocol message each; the mod restores the session from `Context.state`
+(`family.restore_client`), handles the message, persists the new state and only then returns the
+reply, so a ClientApp process that dies between two messages never rolls a session back
+(`min_stage`).
 
 What the node decides for itself, not the server: its site policy (node_config `site-policy`, the
 path of a `secure_fedllm.site.SitePolicy` file: protocol family, pinned roster, n_C and dropout
 assumptions, floors; see `protocols.SecurityPolicy`). With a policy, the node derives what it would
 accept for the announced n and refuses weaker parameters (smaller t or k, no identity keys, keys not
 in its roster, another protocol family) with an `InsecureParameterError` naming the field, before it
-trains. Its Ed25519 identity key comes from the policy (or node_config `secagg-identity-key`, a file
-of 64 hex digits) and must be the key the parameters list at its party index; a node that holds one
-refuses parameters without identity keys (a downgrade to the semi-honest setting), policy or not.
+trains: `check_secagg` for masking, `check_he` for HE (refused while the site assumes any corrupt
+client, n_C > 0: one key holder), `check_plaintext` for the plaintext control (never without a
+policy that chose it). Its Ed25519 identity key comes from the policy (or node_config
+`secagg-identity-key`, a file of 64 hex digits) and must be the key the parameters list at its party
+index; a node that holds one refuses parameters without identity keys (a downgrade to the
+semi-honest setting: for HE, unsigned hellos, which let a server substitute its own key and
+intercept the secret key), policy or not. HE's `min_contributions` must reach the site's
+`min_honest_survivors`, so the key holder never releases a sum of fewer inputs.
 Without a policy a node still refuses `allow_insecure` parameters unless node_config
 `secagg-allow-insecure` is true. An `identify` message is answered with the node's public identity
 key, so a server learns the keys from the nodes (each node then checks them against its own roster)
 instead of shipping keys of its own choosing.
 
-One update, one session: right before the `MaskedInput` reply leaves, the mod binds the release
-(job, round, release key) to this session id and transcript, durably (the site state folder named by
-the ClientApp's `INPUT_RECORD` field `site_state`, fsynced; else a record in `Context.state`). From
+One update, one session: right before the protected input leaves (the reply whose step is
+`RoundStep.INPUT`: `MaskedInput` or its `Complaint`, `HEInput`, the plaintext control's input), the
+mod binds the release (job, round, release key) to this session id and transcript, durably (the
+site state folder named by the ClientApp's `INPUT_RECORD` field `site_state`, fsynced; else a record
+in `Context.state`). From
 then on the node refuses any setup or step for that release in another session, and an unmask
-request for another survivor set, whatever session state it is restored from, so a server that
-re-runs a round without some client cannot difference the two sums. The release key comes from the
+request (SecAgg's survivors, HE's contributors to the sum the key holder decrypts) for another
+survivor set, whatever session state it is restored from, so a server that re-runs a round without
+some client cannot difference the two sums. The release key comes from the
 ClientApp's reply (`INPUT_RECORD` fields `release_key`, `release_job`, `release_round`: SECRET, it
 never enters the reply to the server); a ClientApp that gives none is keyed by an HMAC, under a
 node secret, of the update it returned. A node that sent only keys or shares may join a new session.
 
-Graph tosses (malicious SecAgg+): before a `GraphReveal` leaves, the mod counts it for the release,
+Graph tosses (malicious SecAgg+): before a `GraphReveal` (step REVEAL) leaves, the mod counts it for the release,
 durably, in the same binding book; once the release revealed in `max_graph_tosses` sessions (site
 policy, default 3; see `protocols.SecurityPolicy.max_graph_tosses` for the bias this bounds) it
 refuses to reveal in another with a `ReleaseBindingError`, so a server that aborts tosses until
@@ -46,22 +57,26 @@ the server counts as a dropout.
 from __future__ import annotations
 
 import copy
+import enum
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocols import (
+    ClientSession,
     ClientState,
+    HEFamily,
     InsecureParameterError,
+    PlaintextFamily,
     ProtocolError,
-    SecAggClient,
+    RoundStep,
     SecretSource,
     SecurityPolicy,
-    decode_message,
-    encode_message,
 )
+from protocols.he import HEClientState, HEParams, HESum
+from protocols.plaintext import PlaintextClientStage
 from protocols.primitives import ed25519_public
-from protocols.secagg import GraphReveal, MaskedInput, UnmaskRequest, UnmaskResponse
+from protocols.secagg import UnmaskRequest
 
 from ..errors import ReleaseBindingError
 from ..site.policy import SITES_ENV, SitePolicy, site_policy_path
@@ -73,6 +88,7 @@ from .records import (
     SETUP,
     STATE_RECORD,
     FlowerIntegrationError,
+    RoundFamily,
     RoundSetup,
     extract_update,
 )
@@ -88,7 +104,7 @@ ERROR_CODE = 4_711
 
 
 class SecureAggregationMod:
-    """A Flower client Mod running our SecAgg / SecAgg+ client session across messages.
+    """A Flower client Mod running our client session (SecAgg, SecAgg+, HE-BFV, HE-CKKS) across messages.
 
     Args:
         identity_key: raw 32-byte Ed25519 private key; default: the site policy's key file, else the
@@ -143,6 +159,7 @@ class SecureAggregationMod:
 
         _forget(context)  # a new round replaces any session left over from an earlier one
         self._check_params(setup, context)  # before training: refused parameters cost the node nothing
+        family = self._family(setup, context)
         instruction = RecordDict({k: v for k, v in msg.content.items() if k != PROTOCOL_RECORD})
         inner = Message(content=instruction, metadata=copy.copy(msg.metadata))  # same metadata, our record removed
         reply = call_next(inner, context)
@@ -161,14 +178,15 @@ class SecureAggregationMod:
                 f"the ClientApp returned {update.vector.size} values but params.dimension is {params.dimension}; "
                 "the server must size the round to the model it sends"
             )
-        if not 0 < update.weight <= params.encoding.max_weight:
+        max_weight = params.max_weight if isinstance(params, HEParams) else params.encoding.max_weight
+        if not 0 < update.weight <= max_weight:
+            field = "max_weight" if isinstance(params, HEParams) else "encoding.max_weight"
             raise FlowerIntegrationError(
-                f"weight {update.weight} is outside (0, encoding.max_weight={params.encoding.max_weight}]; "
+                f"weight {update.weight} is outside (0, {field}={max_weight}]; "
                 "raise max_weight on the server or report fewer examples"
             )
-        client = SecAggClient(
-            params,
-            party_id=setup.party,
+        client = family.client(
+            setup.party,
             session=setup.session,
             round_number=setup.round_number,
             context=setup.context,
@@ -177,16 +195,18 @@ class SecureAggregationMod:
         )
         if not release:
             release = _derived_release(context, update.vector, update.weight)
-        bound = _book(context, release).binding(*_release_id(release))
-        if bound is not None:  # its masked input already went to a session: never into a second one
+        book = _book(context, release)
+        bound = book.binding(*_release_id(release))
+        if bound is not None:  # its protected input already went to a session: never into a second one
             raise ReleaseBindingError(
                 f"this update was already sent to session {bound.session.hex()[:16]}... (round {bound.round}); "
                 f"session {setup.session.hex()[:16]}... is refused: one update goes to one session only"
             )
         client.set_input(update.vector, weight=update.weight, rounding_seed=update.rounding_seed)
-        advert = client.advertise_keys()
+        first = client.start()
+        self._before_sending(context, family, client, setup, release, None, first)
         _persist(context, client, setup, release)
-        rest[PROTOCOL_RECORD] = ConfigRecord({"payload": encode_message(advert)})
+        rest[PROTOCOL_RECORD] = ConfigRecord({"payload": family.encode(first)})
         return Message(rest, reply_to=msg)
 
     def _step(self, msg: Message, context: Context, payload: bytes) -> Message:
@@ -196,34 +216,67 @@ class SecureAggregationMod:
             raise FlowerIntegrationError("no secure-aggregation session on this node: the setup message never came")
         saved = context.state.config_records[STATE_RECORD]
         setup = RoundSetup.from_record(saved)
-        client = SecAggClient.from_state(
+        family = self._family(setup, context)
+        client = family.restore_client(
             bytes(saved["session_state"]),  # type: ignore[arg-type]
-            setup.params,
             context=setup.context,
             identity_key=self._identity(context),
             rng=self.rng,
-            min_stage=ClientState(int(saved["stage_reached"])),  # type: ignore[arg-type]
+            min_stage=_stage(family, saved["stage_reached"]),
         )
         release = {k: saved[k] for k in _RELEASE_FIELDS if k in saved}
         book = _book(context, release)
-        book.check_binding(*_release_id(release), session=setup.session, transcript=client.transcript)
-        request = decode_message(payload)
+        book.check_binding(*_release_id(release), session=setup.session, transcript=_transcript(client))
+        request = family.decode(payload)
         reply = client.handle(request)
-        if isinstance(reply, GraphReveal):  # count, durably, BEFORE the nonce can leave
+        self._before_sending(context, family, client, setup, release, request, reply)
+        _persist(context, client, setup, release)
+        return Message(RecordDict({PROTOCOL_RECORD: ConfigRecord({"payload": family.encode(reply)})}), reply_to=msg)
+
+    def _before_sending(
+        self,
+        context: Context,
+        family: RoundFamily,
+        client: ClientSession,
+        setup: RoundSetup,
+        release: dict[str, Any],
+        request: Any,
+        reply: Any,
+    ) -> None:
+        """What must be on disk BEFORE a reply leaves, by the step the reply belongs to (any family)."""
+        step = family.step_of(type(reply))
+        book = _book(context, release)
+        if step is RoundStep.REVEAL:  # count the graph toss, durably, before the nonce can leave
             book.record_graph_toss(
                 *_release_id(release), setup.session, max_graph_tosses=self._max_graph_tosses(context)
             )
-        elif isinstance(reply, MaskedInput):  # bind, durably, BEFORE the masked input can leave
-            book.bind(*_release_id(release), setup.session, client.transcript)
-        elif isinstance(reply, UnmaskResponse) and isinstance(request, UnmaskRequest):
-            book.check_binding(*_release_id(release), session=setup.session, survivors=request.survivors)
-        _persist(context, client, setup, release)
-        return Message(RecordDict({PROTOCOL_RECORD: ConfigRecord({"payload": encode_message(reply)})}), reply_to=msg)
+        elif step is RoundStep.INPUT:  # bind, durably, before the protected input can leave
+            book.bind(*_release_id(release), setup.session, _transcript(client))
+        elif step is RoundStep.UNMASK:  # one survivor set (SecAgg) / one contributor set (HE) per release
+            survivors = _survivors(request)
+            if survivors is not None:
+                book.check_binding(*_release_id(release), session=setup.session, survivors=survivors)
+
+    def _family(self, setup: RoundSetup, context: Context) -> RoundFamily:
+        """The session family of the setup; the plaintext control only with this site's policy choosing it."""
+        policy = self._policy(context) if setup.family == "plaintext" else None
+        return setup.session_family(policy=policy.security if policy is not None else None)
 
     def _check_params(self, setup: RoundSetup, context: Context) -> None:
         """Refuse parameters weaker than this node's own policy allows (the server cannot lower them)."""
         params, identity = setup.params, self._identity(context)
         policy = self._policy(context)
+        if isinstance(params, HEParams):
+            self._check_he(setup, params, identity, policy)
+            return
+        if setup.family == "plaintext":
+            if policy is None:
+                raise InsecureParameterError(
+                    "protocol: the server asks for updates in the clear (plaintext) but this node has no site policy "
+                    "that chooses protocol='plaintext'; refused"
+                )
+            policy.security.check_plaintext()
+            return
         if policy is not None:
             policy.check_secagg(params, party_id=setup.party, identity_key=identity, signed_roster=setup.signed_roster)
             return
@@ -237,6 +290,19 @@ class SecureAggregationMod:
                 "the server asks for parameters below the security bound (allow_insecure); set node_config "
                 "secagg-allow-insecure=true on this SuperNode to accept them"
             )
+
+    def _check_he(self, setup: RoundSetup, params: HEParams, identity: bytes | None, policy: SitePolicy | None) -> None:
+        """HE: the site's policy (`check_he`: no HE while n_C > 0), signed hellos, pinned keys, a contribution floor."""
+        security = SecurityPolicy.model_validate({})
+        if policy is not None:
+            if identity is None and policy.identity_key is not None:
+                raise InsecureParameterError(
+                    "identity_key: this site's policy names an identity key that was not loaded"
+                )
+            security = policy.security.with_roster(setup.signed_roster)  # a roster authority's roster, checked
+            security.check_he(num_parties=params.num_parties)
+        public = ed25519_public(identity) if identity is not None else None
+        security.check_he_members(params, party_id=setup.party, identity_public_key=public)
 
     def _identify(self, msg: Message, context: Context) -> Message:
         """Answer with this node's public identity key (what the server lists at its party index)."""
@@ -298,12 +364,46 @@ class SecureAggregationMod:
         return key
 
 
-def _persist(context: Context, client: SecAggClient, setup: RoundSetup, release: dict[str, Any]) -> None:
+def _persist(context: Context, client: ClientSession, setup: RoundSetup, release: dict[str, Any]) -> None:
     from flwr.app import ConfigRecord
 
     record: dict[str, Any] = setup.to_record()
-    record.update(session_state=client.export_state(), stage_reached=client.state.value, **release)
+    record.update(session_state=client.export_state(), stage_reached=client.stage.name, **release)
     context.state[STATE_RECORD] = ConfigRecord(record)
+
+
+_STAGES: dict[type[Any], type[enum.Enum]] = {
+    HEFamily: HEClientState,
+    PlaintextFamily: PlaintextClientStage,
+}
+
+
+def _stage(family: RoundFamily, saved: Any) -> enum.Enum:
+    """The stage persisted last (the rollback guard `min_stage`), as the family's own stage enum."""
+    stages = _STAGES.get(type(family), ClientState)
+    if isinstance(saved, int) and stages is ClientState:  # a record written before issue 13: SecAgg's values
+        return ClientState(saved)
+    try:
+        return stages[str(saved)]
+    except KeyError:
+        raise FlowerIntegrationError(
+            f"{STATE_RECORD}.stage_reached={saved!r} is not a {stages.__name__}; the node state is corrupt"
+        ) from None
+
+
+def _transcript(client: ClientSession) -> bytes:
+    """The session's transcript hash (bound with the session id); the plaintext control has none."""
+    transcript = getattr(client, "transcript", b"")
+    return bytes(transcript)
+
+
+def _survivors(request: Any) -> tuple[int, ...] | None:
+    """Whose inputs the answer to `request` releases: SecAgg's survivors, or the contributors to HE's sum."""
+    if isinstance(request, UnmaskRequest):
+        return tuple(request.survivors)
+    if isinstance(request, HESum):
+        return tuple(request.contributors)
+    return None
 
 
 _RELEASE_FIELDS = ("release_key", "release_job", "release_round", "site_state")

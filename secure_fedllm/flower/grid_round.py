@@ -1,11 +1,13 @@
 """The ServerApp side for Flower's Message API: one securely aggregated round over a `Grid`.
 
-`secure_aggregate(grid, instructions, params, ...)` sends each node its instruction plus our setup,
-then plays `SecAggServer`'s stages over `grid.push_messages` / `grid.pull_messages`, each stage with
-its own timeout. A node that answers with an error, answers as another party, sends a malformed
-message or stays silent past the timeout is a dropout for the protocol; the round aborts (with
-`protocols.AbortError`, nothing revealed) only when fewer than the threshold remain. The server
-never holds an individual update: replies carry masked vectors and key material only.
+`secure_aggregate(grid, instructions, family, ...)` sends each node its instruction plus our setup
+(the family's name and parameters), then plays the family's server session (`family.server(...)`:
+SecAgg, SecAgg+, HE-BFV, HE-CKKS or the plaintext control) over `grid.push_messages` /
+`grid.pull_messages`, each stage with its own timeout. A node that answers with an error, answers as
+another party, sends a malformed message or stays silent past the timeout is a dropout for the
+protocol; the round aborts (with `protocols.AbortError`, nothing revealed) only when fewer than the
+threshold remain. The server never holds an individual update: replies carry masked vectors,
+ciphertexts and key material only (except for the plaintext control, which a site must choose).
 
 Time and sleeping are passed in (`clock`, `sleep`), as in `protocols`; the session id is public.
 """
@@ -22,22 +24,31 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols import (
+    AbortError,
     AggregateResult,
+    HEFamily,
     ProtocolError,
+    SecAggFamily,
     SecAggParams,
-    SecAggServer,
     SignedRoster,
-    decode_message,
-    encode_message,
 )
+from protocols.he import HEParams
 
-from .records import IDENTIFY, PROTOCOL_RECORD, STEP, FlowerIntegrationError, RoundSetup
+from .records import IDENTIFY, PROTOCOL_RECORD, STEP, FlowerIntegrationError, RoundFamily, RoundSetup
 
 if TYPE_CHECKING:
     from flwr.app import Message, RecordDict
     from flwr.serverapp import Grid
 
-__all__ = ["GridRoundResult", "collect_identity_keys", "secure_aggregate"]
+__all__ = ["GridRoundAbortedError", "GridRoundResult", "collect_identity_keys", "secure_aggregate"]
+
+
+class GridRoundAbortedError(AbortError):
+    """The round aborted (nothing revealed); `failures` names each node that failed and why."""
+
+    def __init__(self, message: str, *, failures: dict[int, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
 
 
 @dataclass
@@ -66,7 +77,7 @@ class GridRoundResult:
 def secure_aggregate(
     grid: Grid,
     instructions: Mapping[int, RecordDict],
-    params: SecAggParams,
+    params: RoundFamily | SecAggParams | HEParams,
     *,
     round_number: int,
     context: bytes = b"",
@@ -84,8 +95,10 @@ def secure_aggregate(
     Args:
         grid: the ServerApp's Grid.
         instructions: node id -> the content its ClientApp gets (model, config); party ids follow
-            the sorted node ids. Its size must equal `params.num_parties`.
-        params: public protocol parameters; `dimension` is the flat size of each update.
+            the sorted node ids. Its size must equal the family's `num_parties`.
+        params: the round's session family (`secure_fedllm.federation.aggregation.round_family`), or
+            bare `SecAggParams` / `HEParams` (SecAgg(+) / HE family); `dimension` is the flat size of
+            each update.
         round_number: the round (bound into every key and signature; never reuse one per session).
         context: bytes every party binds (e.g. a digest of the round's plan and model).
         session: 16-byte public session id (random when omitted).
@@ -103,15 +116,18 @@ def secure_aggregate(
     """
     from flwr.app import ConfigRecord, RecordDict
 
+    family = _family(params)
+    if family.reveals_to_client:
+        raise FlowerIntegrationError(f"family {family.name!r} releases nothing to the server; it cannot update a model")
     nodes = tuple(sorted(instructions))
-    if len(nodes) != params.num_parties:
+    if len(nodes) != family.num_parties:
         raise FlowerIntegrationError(
-            f"instructions name {len(nodes)} nodes but params.num_parties is {params.num_parties}; "
+            f"instructions name {len(nodes)} nodes but params.num_parties is {family.num_parties}; "
             "build the params for the nodes you sample"
         )
     session = session if session is not None else os.urandom(16)
     party_of = {node: party for party, node in enumerate(nodes)}
-    server = SecAggServer(params, session=session, round_number=round_number, context=context)
+    server = family.server(session=session, round_number=round_number, context=context)
     out = GridRoundResult(
         aggregate=None,  # type: ignore[arg-type]  # set below
         party_nodes=nodes,
@@ -122,7 +138,7 @@ def secure_aggregate(
 
     first = {}
     for node, instruction in instructions.items():
-        setup = RoundSetup(params, party_of[node], session, round_number, context, signed_roster)
+        setup = RoundSetup(family.params, party_of[node], session, round_number, context, signed_roster, family.name)
         content = RecordDict(dict(instruction.items()))
         content[PROTOCOL_RECORD] = ConfigRecord(setup.to_record())
         first[node] = content
@@ -140,22 +156,33 @@ def secure_aggregate(
             if not out.replies.get(node):
                 out.replies[node] = RecordDict({k: v for k, v in reply.content.items() if k != PROTOCOL_RECORD})
             try:
-                message = decode_message(payload)
+                message = family.decode(payload)
                 if message.sender != party_of[node]:
                     raise FlowerIntegrationError(f"node {node} is party {party_of[node]} but wrote as {message.sender}")
                 server.receive(message)
             except (ProtocolError, FlowerIntegrationError) as exc:
                 out.failures[node] = f"{type(exc).__name__}: {exc}"
-        outgoing = server.close_stage()  # AbortError when too few remain
+        try:
+            outgoing = server.close_stage()
+        except AbortError as exc:  # too few remain: say who failed and why, not only the count
+            raise GridRoundAbortedError(str(exc), failures=dict(out.failures)) from exc
         first = {}
         for party, message in outgoing:
-            wire = encode_message(message)
+            wire = family.encode(message)
             out.download_bytes[nodes[party]] += len(wire)
             first[nodes[party]] = RecordDict({PROTOCOL_RECORD: ConfigRecord({"stage": STEP, "payload": wire})})
         out.server_seconds += time.perf_counter() - t
         timeout = stage_timeout
     out.aggregate = server.result()
     return out
+
+
+def _family(params: RoundFamily | SecAggParams | HEParams) -> RoundFamily:
+    if isinstance(params, SecAggParams):
+        return SecAggFamily(params)
+    if isinstance(params, HEParams):
+        return HEFamily(params)
+    return params
 
 
 def collect_identity_keys(

@@ -2,12 +2,15 @@
 
 Flower moves `RecordDict`s; our protocols move bytes. One `ConfigRecord` named `PROTOCOL_RECORD`
 carries, per message, the protocol bytes (`payload`) and, in the first message of a round, the
-public parameters and round identity (`params`, `party`, `session`, `round`, `context`, and `roster`:
-a roster authority's `SignedRoster`, for sites that trust one instead of pinning the roster). Every other
-record of the first message is the ClientApp's own instruction (model, config) and passes through.
+protocol family and its public parameters and the round identity (`family`: "secagg", "secagg+",
+"he-bfv", "he-ckks" or "plaintext"; `params`: the family's `SecAggParams` or `HEParams` as JSON;
+`party`, `session`, `round`, `context`, and `roster`: a roster authority's `SignedRoster`, for sites
+that trust one instead of pinning the roster). The node rebuilds the `protocols.SessionFamily` from
+them (`RoundSetup.session_family`). Every other record of the first message is the ClientApp's own
+instruction (model, config) and passes through.
 
 The client session lives between messages in `Context.state` under `STATE_RECORD`, as the bytes of
-`SecAggClient.export_state()` plus the stage reached (a ClientApp process may be new for each
+the session's `export_state()` plus the stage reached (a ClientApp process may be new for each
 message, so nothing may stay in Python objects).
 
 Flower is imported inside functions only: this module is imported by ClientApps whose protocol
@@ -17,13 +20,23 @@ stages must start fast.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import ValidationError
 
-from protocols import SecAggParams, SignedRoster
+from protocols import (
+    HEFamily,
+    InsecureParameterError,
+    PlaintextFamily,
+    SecAggFamily,
+    SecAggParams,
+    SecurityPolicy,
+    SignedRoster,
+)
+from protocols.he import HEParams
 
 from ..errors import SecureFedLLMError
 
@@ -31,13 +44,16 @@ if TYPE_CHECKING:
     from flwr.app import RecordDict
 
 __all__ = [
+    "FAMILIES",
     "IDENTIFY",
     "INPUT_RECORD",
     "PROTOCOL_RECORD",
     "STATE_RECORD",
     "ClientUpdate",
     "FlowerIntegrationError",
+    "RoundFamily",
     "RoundSetup",
+    "family_name",
     "flatten_arrays",
     "split_vector",
 ]
@@ -59,22 +75,50 @@ class FlowerIntegrationError(SecureFedLLMError):
     """A Flower message, reply or configuration does not fit the protocol; the message names the fix."""
 
 
+RoundFamily: TypeAlias = SecAggFamily | HEFamily | PlaintextFamily
+"""The session families the Flower engine runs (each a `protocols.SessionFamily` with its `params`)."""
+
+FAMILIES: dict[str, type[SecAggParams] | type[HEParams]] = {
+    "secagg": SecAggParams,
+    "secagg+": SecAggParams,
+    "he-bfv": HEParams,
+    "he-ckks": HEParams,
+    "plaintext": SecAggParams,
+}
+"""Family name -> the parameters it takes (the name a `RoundSetup` carries in its `family` field)."""
+
+
+def family_name(params: SecAggParams | HEParams) -> str:
+    """The family a secure protocol's parameters imply: SecAgg or SecAgg+ (by the graph), he-bfv or he-ckks."""
+    if isinstance(params, HEParams):
+        return f"he-{params.scheme}"
+    return "secagg" if params.complete else "secagg+"
+
+
 @dataclass(frozen=True)
 class RoundSetup:
     """The public identity of one party's session, sent to it in the round's first message."""
 
-    params: SecAggParams
+    params: SecAggParams | HEParams
     party: int
     session: bytes
     round_number: int
     context: bytes
     signed_roster: SignedRoster | None = None
     """The roster a roster authority signed, relayed for sites that trust the authority, not a pinned list."""
+    family: str = field(default="")
+    """The protocol family ("secagg", "secagg+", "he-bfv", "he-ckks", "plaintext"); default: what `params` imply."""
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            object.__setattr__(self, "family", family_name(self.params))
+        _check_family(self.family, self.params)
 
     def to_record(self) -> dict[str, Any]:
         """The ConfigRecord values (JSON params, so any host and any version can read them)."""
         record: dict[str, Any] = {
             "stage": SETUP,
+            "family": self.family,
             "params": self.params.model_dump_json().encode(),
             "party": self.party,
             "session": self.session,
@@ -87,11 +131,39 @@ class RoundSetup:
 
     @classmethod
     def from_record(cls, record: Any) -> RoundSetup:
-        """Parse and validate (the params re-check every security bound on the client's side)."""
+        """Parse and validate (the params re-check every security bound on the client's side).
+
+        A record without `family` comes from a server that ran SecAgg only: its params are `SecAggParams`.
+
+        Raises:
+            FlowerIntegrationError: a field is missing or malformed (the message names it).
+            InsecureParameterError: the params are below a security bound (the message names the field).
+        """
         try:
-            params = SecAggParams.model_validate_json(bytes(record["params"]))
+            name = str(record.get("family") or "")
+            kind = FAMILIES.get(name or "secagg")
+            if kind is None:
+                raise FlowerIntegrationError(
+                    f"{PROTOCOL_RECORD}.family={name!r} is not a protocol family this node runs; expected one of "
+                    f"{sorted(FAMILIES)}"
+                )
+            try:
+                params = kind.model_validate_json(bytes(record["params"]))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                cause = first.get("ctx", {}).get("error")
+                if isinstance(cause, InsecureParameterError):  # a security bound: keep its type and its field
+                    raise InsecureParameterError(f"{PROTOCOL_RECORD}.params: {cause}") from None
+                where = ".".join(str(part) for part in first["loc"])
+                raise FlowerIntegrationError(
+                    f"{PROTOCOL_RECORD}.params{'.' + where if where else ''}: {first['msg']} (as {kind.__name__} for "
+                    f"family {name or 'secagg'!r})"
+                ) from None
             raw = record.get("roster")
-            signed = SignedRoster.model_validate_json(bytes(raw)) if raw is not None else None
+            try:
+                signed = SignedRoster.model_validate_json(bytes(raw)) if raw is not None else None
+            except ValidationError as exc:
+                raise FlowerIntegrationError(f"{PROTOCOL_RECORD}.roster: {exc.errors()[0]['msg']}") from None
             return cls(
                 signed_roster=signed,
                 params=params,
@@ -99,9 +171,44 @@ class RoundSetup:
                 session=bytes(record["session"]),
                 round_number=int(record["round"]),
                 context=bytes(record["context"]),
+                family=name,
             )
         except KeyError as exc:
             raise FlowerIntegrationError(f"{PROTOCOL_RECORD} setup lacks the field {exc}; is the server ours?") from exc
+
+    def session_family(self, *, policy: SecurityPolicy | None = None) -> RoundFamily:
+        """The `protocols.SessionFamily` of this setup (a node rebuilds it from the public record).
+
+        Args:
+            policy: the site's policy; the plaintext family needs one that chose protocol="plaintext".
+
+        Raises:
+            InsecureParameterError: plaintext without a policy that allows it (field `protocol`).
+        """
+        if isinstance(self.params, HEParams):
+            return HEFamily(self.params)
+        if self.family == "plaintext":
+            if policy is None:
+                raise InsecureParameterError(
+                    "protocol: the server asks for updates in the clear (plaintext) but this node has no site policy "
+                    "that chooses protocol='plaintext'; refused"
+                )
+            return PlaintextFamily(self.params, policy=policy)
+        return SecAggFamily(self.params)
+
+
+def _check_family(name: str, params: SecAggParams | HEParams) -> None:
+    """The family name and the params must agree (a server cannot name one protocol and send another's params)."""
+    if name not in FAMILIES:
+        raise FlowerIntegrationError(
+            f"{PROTOCOL_RECORD}.family={name!r} is not a protocol family this node runs; expected one of "
+            f"{sorted(FAMILIES)}"
+        )
+    implied = "plaintext" if name == "plaintext" and isinstance(params, SecAggParams) else family_name(params)
+    if implied != name:
+        raise FlowerIntegrationError(
+            f"{PROTOCOL_RECORD}.family={name!r} does not match its params, which describe {implied!r}"
+        )
 
 
 @dataclass(frozen=True)

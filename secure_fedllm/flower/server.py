@@ -10,9 +10,9 @@ real ones (silent or failing nodes), not `federation.dropout`'s simulated ones.
 
 In the malicious setting (`secure_aggregation.setting`, the default) the server first asks every
 node for its public identity key (`collect_identity_keys`); it never supplies keys of its own. Each
-round's parameters are what the sites' policy derives for the joining nodes (`secagg_params` with
-their keys, n_C counted over all nodes' keys), and each node checks them against the policy and the
-roster in its own site policy file before it trains.
+round's parameters are what the sites' policy derives for the joining nodes (`round_params`, shared
+with the in-process engine: with their keys, n_C counted over all nodes' keys), and each node checks
+them against the policy and the roster in its own site policy file before it trains.
 """
 
 from __future__ import annotations
@@ -93,10 +93,11 @@ class GridTransport:
         signed_roster: SignedRoster | None = None,
     ) -> None:
         protocol = config.secure_aggregation.protocol
-        if protocol not in ("secagg", "secagg+"):
+        if protocol == "none":
             raise ConfigError(
-                f"secure_aggregation.protocol={protocol!r}: the Flower engine runs 'secagg' and 'secagg+'; "
-                "use the in-process engine for the others"
+                "secure_aggregation.protocol='none': the Flower engine runs 'secagg', 'secagg+', 'he-bfv' and "
+                "'he-ckks' (updates never leave a node in the clear); use the in-process engine for the plaintext "
+                "control"
             )
         self.grid, self.config, self.log = grid, config, log
         self.train_timeout, self.stage_timeout, self.join_timeout = train_timeout, stage_timeout, join_timeout
@@ -153,7 +154,7 @@ class GridTransport:
 
         from protocols import AbortError
 
-        from ..federation.aggregation import secagg_params
+        from ..federation.aggregation import family_facts, round_family
         from .grid_round import secure_aggregate
 
         config, node_of = self.config, self.node_of
@@ -164,7 +165,7 @@ class GridTransport:
         )
         members = sorted(node_of[c] for c in joining)  # party order of secure_aggregate
         keys = self.keys
-        params = secagg_params(
+        family = round_family(  # the in-process engine's builder: one knob, one meaning on both engines
             config,
             len(joining),
             self.job.manifest.dimension,
@@ -175,7 +176,7 @@ class GridTransport:
             outcome = secure_aggregate(
                 self.grid,
                 {node_of[c]: instruction for c in joining},
-                params,
+                family,
                 round_number=plan.round,
                 context=plan.digest(),
                 train_timeout=self.train_timeout,
@@ -184,6 +185,9 @@ class GridTransport:
             )
         except AbortError as exc:
             record.dropped, record.aborted = joining, str(exc)
+            partition_of = {n: p for p, n in node_of.items()}
+            failures = getattr(exc, "failures", {})  # GridRoundAbortedError: which nodes failed, and why
+            record.failures = {partition_of[n]: why for n, why in failures.items() if n in partition_of}
             return None
         partition_of = {n: p for p, n in node_of.items()}
         included = sorted(partition_of[n] for n in outcome.included_nodes)
@@ -192,9 +196,8 @@ class GridTransport:
         record.failures = {partition_of[n]: why for n, why in outcome.failures.items()}  # type: ignore[assignment]
         decoded = outcome.aggregate.decoded
         record.quantization_bound = decoded.max_abs_error / max(decoded.total_weight, 1e-300)
-        record.protocol = ProtocolFacts(
-            neighbours=params.neighbours, threshold=params.threshold, malicious=params.malicious
-        )
+        neighbours, threshold, malicious = family_facts(family)
+        record.protocol = ProtocolFacts(neighbours=neighbours, threshold=threshold, malicious=malicious)
         stages = outcome.stage_seconds
         record.seconds = RoundSeconds(
             training=stages[0] if stages else 0.0,  # the train stage: training plus the first protocol message
@@ -240,6 +243,97 @@ class GridTransport:
             )
         return out
 
+    def evaluate(self, round_number: int, global_vector: Any, record: RoundRecord) -> None:
+        """Federated evaluation: ask every node (query.evaluation), then one `evaluate` session of the willing ones.
+
+        The session is its own secure aggregation (dimension 2: each node's noised loss sum and
+        count, scaled into the encoding), built by the same `round_family` as training, with the
+        context `evaluation_context` of this job, round and model, under message type `evaluate`.
+        The server learns the sum over the included nodes only.
+        """
+        import numpy as np
+
+        from protocols import AbortError
+
+        from ..federation.evaluation import EvaluationSettings, evaluation_context, model_digest, summarize
+        from ..federation.federation import job_id
+
+        config = self.config
+        settings = EvaluationSettings.of(config)
+        digest = model_digest(global_vector)
+        partition_of = {n: p for p, n in self.node_of.items()}
+        nodes = [self.node_of[p] for p in sorted(self.node_of)]
+        answers = _ask(self.grid, nodes, "query.evaluation", _ask_evaluation(round_number, digest), self.query_timeout,
+                       group="query.evaluation")  # fmt: skip
+        sat_out = {partition_of[n]: "no answer to query.evaluation" for n in nodes if n not in answers}
+        willing = []
+        for node, answer in answers.items():
+            why = str(answer["willing"])
+            if why:
+                sat_out[partition_of[node]] = why
+            else:
+                willing.append(partition_of[node])
+        if len(willing) < 3:
+            record.federated_evaluation = summarize(
+                None, sites=[], sat_out=sat_out, epsilon={}, aborted=f"only {len(willing)} sites can evaluate"
+            )
+            return
+        context = evaluation_context(
+            job_id(config), round_number, digest, value_bound=settings.value_bound, clip_range=settings.clip_range
+        )
+        try:
+            outcome = self._evaluation_session(round_number, global_vector, sorted(willing), context)
+        except AbortError as exc:
+            record.federated_evaluation = summarize(None, sites=[], sat_out=sat_out, epsilon={}, aborted=str(exc))
+            return
+        for node, why in outcome.failures.items():
+            sat_out[partition_of[node]] = why
+        included = sorted(partition_of[n] for n in outcome.included_nodes)
+        epsilon, replayed = {}, []
+        for node in outcome.included_nodes:
+            reply = outcome.replies.get(node)
+            metrics = reply.metric_records.get("metrics") if reply is not None else None
+            if metrics is not None:  # each node's own report: its epsilon of this release, and whether it replayed
+                epsilon[partition_of[node]] = float(metrics["epsilon"])
+                if int(metrics["replayed"]):
+                    replayed.append(partition_of[node])
+        sums = np.asarray(outcome.aggregate.decoded.weighted_sum, dtype=np.float64) * settings.scale
+        record.federated_evaluation = summarize(
+            sums, sites=included, sat_out=sat_out, epsilon=epsilon, replayed=sorted(replayed)
+        )
+
+    def _evaluation_session(self, round_number: int, global_vector: Any, partitions: list[int], context: bytes) -> Any:
+        """One secure aggregation of the partitions' evaluation releases (message type `evaluate`)."""
+        from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+        from ..federation.aggregation import round_family
+        from ..federation.evaluation import EVALUATION_DIMENSION
+        from .grid_round import secure_aggregate
+
+        instruction = RecordDict(
+            {"evaluate": ConfigRecord({"round": round_number}), "global": ArrayRecord([global_vector])}
+        )
+        members = sorted(self.node_of[p] for p in partitions)  # party order of secure_aggregate
+        keys = self.keys
+        family = round_family(
+            self.config,
+            len(members),
+            EVALUATION_DIMENSION,
+            identity_keys=[keys[n] for n in members] if keys is not None else None,
+            roster=self._roster(),
+        )
+        return secure_aggregate(
+            self.grid,
+            {node: instruction for node in members},
+            family,
+            round_number=round_number,
+            context=context,
+            message_type="evaluate",
+            train_timeout=self.train_timeout,
+            stage_timeout=self.stage_timeout,
+            signed_roster=self.signed_roster,
+        )
+
 
 def _partitions(grid: Grid, nodes: list[int], clients: int, timeout: float) -> tuple[dict[int, Any], dict[int, int]]:
     """Ask every node for its offer; map each partition to one node (a restarted node's old id may linger)."""
@@ -260,6 +354,12 @@ def _ask_round(round_number: int) -> RecordDict:
     from flwr.app import ConfigRecord, RecordDict
 
     return RecordDict({"ask": ConfigRecord({"round": round_number})})
+
+
+def _ask_evaluation(round_number: int, digest: str) -> RecordDict:
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({"ask": ConfigRecord({"round": round_number, "model": digest})})
 
 
 def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:

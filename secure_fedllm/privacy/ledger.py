@@ -38,17 +38,25 @@ from .events import DPSGDEvent
 __all__ = ["LedgerEntry", "PrivacyLedger"]
 
 _VERSION = 2
-_ENTRY_KEYS = ("round", "release", "job")
+_ENTRY_KEYS = ("round", "release", "job", "mechanism")
+
+DP_SGD = "dp-sgd"
+"""An entry's mechanism: one joined round of DP-SGD (a participation)."""
+GAUSSIAN = "gaussian"
+"""An entry's mechanism: one Gaussian release of a bounded-sensitivity statistic (a federated evaluation),
+recorded as `DPSGDEvent(noise_multiplier=z, sample_rate=1, steps=1)`: the Gaussian mechanism is DP-SGD's
+step without sampling, so the accountants compose it with the training events as they are."""
 
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One charged release: the job and round it belongs to, its site-private tag, and its DP event."""
+    """One charged release: the job and round it belongs to, its site-private tag, its DP event and mechanism."""
 
     job: str | None
     round: int
     event: DPSGDEvent
     release: str | None = None
+    mechanism: str = DP_SGD
 
 
 class PrivacyLedger:
@@ -142,13 +150,18 @@ class PrivacyLedger:
 
     @property
     def rounds(self) -> list[int]:
-        """The rounds charged in the current job (a round appears once per distinct release)."""
-        return [e.round for e in self._mine()]
+        """The DP-SGD rounds charged in the current job (its participations; once per distinct release)."""
+        return [e.round for e in self._mine() if e.mechanism == DP_SGD]
 
     @property
     def releases(self) -> list[str | None]:
-        """The release tags charged in the current job, in the order of `rounds`."""
-        return [e.release for e in self._mine()]
+        """The DP-SGD release tags charged in the current job, in the order of `rounds`."""
+        return [e.release for e in self._mine() if e.mechanism == DP_SGD]
+
+    @property
+    def evaluations(self) -> list[int]:
+        """The rounds whose federated evaluation (a Gaussian release) is charged in the current job."""
+        return [e.round for e in self._mine() if e.mechanism == GAUSSIAN]
 
     @property
     def jobs(self) -> list[str | None]:
@@ -191,20 +204,27 @@ class PrivacyLedger:
             )
         return prospective
 
-    def charge(self, round_number: int, event: DPSGDEvent, *, release: str | None = None) -> float:
-        """Record one joined round of the current job and persist it; returns the new epsilon.
+    def charge(
+        self, round_number: int, event: DPSGDEvent, *, release: str | None = None, mechanism: str = DP_SGD
+    ) -> float:
+        """Record one release of the current job and persist it; returns the new epsilon.
 
         `release` identifies what was released (a site-private tag of everything the update
         depends on), so that a re-request of the same release is told apart from a new release. A
         round may be charged more than once, once per distinct release: a second release of a round
         with other data or settings is a new DP output and costs its own epsilon. The tag only
-        detects replays: it never opens a new budget.
+        detects replays: it never opens a new budget. `mechanism` is `DP_SGD` (a joined round) or
+        `GAUSSIAN` (a federated evaluation); both are composed into the same epsilon.
 
         Raises:
             PrivacyBudgetExhaustedError: the event would exceed the budget; nothing changed.
-            ValueError: this release (or, without a release tag, this round) is already charged.
+            ValueError: this release (or, without a release tag, this round's release of this
+                mechanism) is already charged, or the mechanism is unknown.
         """
-        if any(e.round == round_number and (release is None or e.release is None or e.release == release)
+        if mechanism not in (DP_SGD, GAUSSIAN):
+            raise ValueError(f"mechanism={mechanism!r}: a ledger entry is {DP_SGD!r} or {GAUSSIAN!r}")
+        if any(e.round == round_number and e.mechanism == mechanism
+               and (release is None or e.release is None or e.release == release)
                for e in self._mine()):  # fmt: skip
             raise ValueError(f"round {round_number} (this release) is already charged to client {self.client}")
         prospective = self._accountant.epsilon([*self.events, event], self.delta)
@@ -217,7 +237,7 @@ class PrivacyLedger:
                 requested=prospective,
                 budget=self.epsilon_budget,
             )
-        self.entries.append(LedgerEntry(self.job, round_number, event, release))
+        self.entries.append(LedgerEntry(self.job, round_number, event, release, mechanism))
         self._write()
         return prospective
 
@@ -262,6 +282,7 @@ class PrivacyLedger:
             {
                 "round": e.round,
                 **e.event.model_dump(),
+                **({"mechanism": e.mechanism} if e.mechanism != DP_SGD else {}),
                 **({"job": e.job} if e.job is not None and not public else {}),
                 **({"release": e.release} if e.release is not None and not public else {}),
             }
@@ -324,4 +345,11 @@ def _entry(raw: Any) -> LedgerEntry:
         round=int(raw["round"]),
         event=DPSGDEvent(**{k: v for k, v in raw.items() if k not in _ENTRY_KEYS}),
         release=None if release is None else str(release),
+        mechanism=_mechanism(raw.get("mechanism", DP_SGD)),
     )
+
+
+def _mechanism(raw: Any) -> str:
+    if raw not in (DP_SGD, GAUSSIAN):
+        raise ValueError(f"unknown mechanism {raw!r} in a ledger entry (this program knows {DP_SGD!r}, {GAUSSIAN!r})")
+    return str(raw)

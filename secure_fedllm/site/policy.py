@@ -214,16 +214,27 @@ def site_security_policy(config: RunConfig, *, roster: Sequence[bytes] | None) -
 def check_setting(config: RunConfig) -> None:
     """Fail before round 0 when the sites' policy admits no parameters for a full cohort.
 
-    In the malicious setting (2t > n + n_C, n_C over all clients) a small federation may have no
+    HE with one key holder is refused by every site that assumes a corrupt client (n_C > 0), in
+    either setting. In the malicious setting (2t > n + n_C, n_C over all clients) a small federation may have no
     threshold that also tolerates the assumed dropouts; better to say so than to stop after round 0.
 
     Raises:
         ConfigError: naming the settings to change.
     """
     sa = config.secure_aggregation
+    cohort = config.federation.clients_per_round or config.federation.clients
+    if sa.protocol.startswith("he-"):
+        try:
+            site_security_policy(config, roster=None).check_he(num_parties=cohort)
+        except InsecureParameterError as exc:
+            raise ConfigError(
+                f"secure_aggregation.protocol={sa.protocol!r}: every site would refuse it: {exc}. Set "
+                "secure_aggregation.corrupt_fraction=0 only if no client can collude with the server; otherwise "
+                "use secure_aggregation.protocol='secagg+'"
+            ) from exc
+        return
     if sa.setting != "malicious" or sa.protocol not in ("secagg", "secagg+"):
         return
-    cohort = config.federation.clients_per_round or config.federation.clients
     policy = site_security_policy(config, roster=None)
     try:
         policy.thresholds(cohort, malicious=True, roster_size=config.federation.clients)

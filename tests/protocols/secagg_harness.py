@@ -23,7 +23,7 @@ from protocols import (
     SecAggParams,
     SecAggServer,
 )
-from protocols.driver import goes_silent
+from protocols.driver import DropAt, goes_silent
 from protocols.primitives import ed25519_public, ring_dtype
 from protocols.secagg import (
     AdvertiseKeys,
@@ -41,6 +41,7 @@ from protocols.secagg import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from protocols.session import RoundStep, as_round_step
 
 SESSION = bytes(range(16))
 OTHER_SESSION = bytes(range(1, 17))
@@ -204,10 +205,10 @@ class HandRound:
             self.close()
         return self.pending
 
-    def run(self, drop_at: Mapping[int, int] | None = None) -> AggregateResult:
-        """The rest of the round, parties going silent as `run_round`'s drop_at says."""
+    def run(self, drop_at: DropAt | None = None) -> AggregateResult:
+        """The rest of the round, parties going silent as `run_round`'s drop_at says (`RoundStep` members)."""
         drop_at = dict(drop_at or {})
-        gone = {p for p, s in drop_at.items() if s <= 0}
+        gone = {p for p, s in drop_at.items() if as_round_step(s) is RoundStep.ADVERTISE}
         if self.closes == 0:
             self.submit(self.advertise(), drop=gone)
             self.close()
@@ -237,7 +238,7 @@ def round_graph(
     seed: int,
     inputs: Sequence[npt.NDArray[np.float64]],
     identity_keys: Sequence[bytes] | None = None,
-    drop_at: Mapping[int, int] | None = None,
+    drop_at: DropAt | None = None,
 ) -> NeighbourGraph:
     """The graph a `run_round(..., rng_for=party_rng(seed, .))` round with these dropouts will use.
 
@@ -247,7 +248,7 @@ def round_graph(
     hand = HandRound(params, seed=seed, identity_keys=identity_keys, session=session, inputs=inputs)
     if params.identity_keys is None or params.complete:
         return hand.server.graph
-    gone = {p for p, s in (drop_at or {}).items() if s == 0}
+    gone = {p for p, s in (drop_at or {}).items() if as_round_step(s) is RoundStep.ADVERTISE}
     hand.submit(hand.advertise(), drop=gone)
     hand.close()
     hand.submit(hand.respond())

@@ -273,8 +273,15 @@ def test_survivor_signatures_bind_the_graph_seed() -> None:
 # -- (c) a full malicious SecAgg+ round with dropouts after the toss ------------------------------------------
 
 
-@pytest.mark.parametrize("drop_at", [{2: 1, 5: 2, 8: 4}, {3: 0, 6: 1}, {1: 3, 4: 4}], ids=["1-2-4", "0-1", "3-4"])
-def test_full_round_with_dropouts_after_the_toss_is_exact(drop_at: dict[int, int]) -> None:
+_A, _S, _I, _C, _U = RoundStep.ADVERTISE, RoundStep.SHARE, RoundStep.INPUT, RoundStep.CONFIRM, RoundStep.UNMASK
+
+
+@pytest.mark.parametrize(
+    "drop_at",
+    [{2: _S, 5: _I, 8: _U}, {3: _A, 6: _S}, {1: _C, 4: _U}],
+    ids=["share-input-unmask", "advertise-share", "confirm-unmask"],
+)
+def test_full_round_with_dropouts_after_the_toss_is_exact(drop_at: dict[int, RoundStep]) -> None:
     n = 20
     private = [hashlib.sha256(b"toss-id/%d" % p).digest() for p in range(n)]
     params = SecAggParams.secagg_plus(
@@ -294,10 +301,10 @@ def test_full_round_with_dropouts_after_the_toss_is_exact(drop_at: dict[int, int
         tap=lambda _p, wire: seen.append(wire[1]),
     )
     result = report.result
-    gone_before_mask = {p for p, s in drop_at.items() if s <= 2}
+    gone_before_mask = {p for p, s in drop_at.items() if s.rank <= RoundStep.INPUT.rank}
     assert set(result.included) == set(range(n)) - gone_before_mask
     assert np.array_equal(result.ring_sum, expected_ring_sum(params, inputs, result.included, 12))
-    assert seen.count(GraphReveal.TAG) == n - sum(1 for s in drop_at.values() if s == 0)  # all of U1 revealed
+    assert seen.count(GraphReveal.TAG) == n - sum(1 for s in drop_at.values() if s is _A)  # all of U1 revealed
     graph = round_graph(params, session=session, seed=12, inputs=inputs, identity_keys=private, drop_at=drop_at)
     transcript = transcript_hash(session=session, round_number=0, params_digest=params.digest(), context=b"")
     assert graph.seed != transcript
@@ -315,7 +322,13 @@ def test_drop_at_orders_the_reveal_between_keys_and_shares() -> None:
 def test_a_party_silent_at_the_reveal_aborts_run_round() -> None:
     params, private = _params()
     with pytest.raises(AbortError, match=r"parties \[6\] did not reveal"):
-        run_round(params, random_inputs(10, 8, 1.0, 13), drop_at={6: 5}, identity_keys=private, session=_session(13))
+        run_round(
+            params,
+            random_inputs(10, 8, 1.0, 13),
+            drop_at={6: RoundStep.REVEAL},
+            identity_keys=private,
+            session=_session(13),
+        )
 
 
 # -- (d) beacon mode ----------------------------------------------------------------------------------------

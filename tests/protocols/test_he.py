@@ -86,13 +86,23 @@ def test_a_key_holder_that_drops_too_early_aborts_the_round(mode, stage):
         run_round(params, _inputs(4, 100, 0), protocol="he", drop_at={2: stage}, session=session)
 
 
-def test_ckks_sum_is_within_its_stated_error_and_never_released_to_the_server():
-    params = HEParams.ckks_nvflare(4, dimension=5000, clip_range=0.05)
+@pytest.mark.parametrize("mode", ["symmetric", "public-key"])
+def test_ckks_releases_the_exact_integer_sum_of_the_quantized_survivors(mode):
+    """CKKS encrypts BFV's quantized words; the key holder releases their exact sum (issue 13), not the decryption."""
+    params = HEParams.ckks_nvflare(4, dimension=5000, clip_range=0.05, mode=mode)
     xs = _inputs(4, 5000, 1)
-    report = run_round(params, xs, protocol="he", drop_at={2: 2})
+    seeds = [os.urandom(32) for _ in range(4)]
+    session = _session_with_holder(params, avoid={2})
+    report = run_round(params, xs, protocol="he", drop_at={2: 2}, rounding_seeds=seeds, session=session)
+    assert report.result.included == (0, 1, 3)
+    expected = sum(quantize(params, xs[p], weight=1.0, rounding_seed=seeds[p]) for p in (0, 1, 3))
+    assert report.result.ring_sum.dtype == np.int64 and (report.result.ring_sum == expected).all()
     exact = sum(np.clip(xs[p], -0.05, 0.05) for p in (0, 1, 3))
-    assert np.abs(report.result.decoded.weighted_sum - exact).max() <= params.max_abs_error
-    assert report.result.ring_sum is None
+    assert np.abs(report.result.decoded.weighted_sum - exact).max() <= report.result.decoded.max_abs_error
+    # the very words BFV would release for the same inputs and rounding seeds
+    bfv = HEParams.bfv_packed(4, dimension=5000, clip_range=0.05)
+    assert all((quantize(bfv, xs[p], weight=1.0, rounding_seed=seeds[p]) == quantize(params, xs[p], weight=1.0,
+               rounding_seed=seeds[p])).all() for p in (0, 1, 3))  # fmt: skip
 
 
 class Round:

@@ -25,6 +25,7 @@ from protocols import (
     FixedPointEncoding,
     InsecureParameterError,
     InvalidTransitionError,
+    RoundStep,
     SecAggParams,
     SecAggServer,
     ServerState,
@@ -33,23 +34,28 @@ from protocols import (
 from protocols.primitives import ed25519_public, ring_dtype
 from protocols.secagg import MaskedInput, NeighbourGraph
 
+ADVERTISE, SHARE, INPUT, CONFIRM, UNMASK = (RoundStep.ADVERTISE, RoundStep.SHARE, RoundStep.INPUT, RoundStep.CONFIRM,
+                                            RoundStep.UNMASK)  # fmt: skip
+STEPS = (ADVERTISE, SHARE, INPUT, CONFIRM, UNMASK)
+"""The steps a dropout is drawn from (REVEAL has its own tests: a withheld reveal aborts the toss)."""
+
 # -- a model of who survives ------------------------------------------------------------------------
 
 
 def predict(
-    params: SecAggParams, graph: NeighbourGraph, drop_at: Mapping[int, int]
+    params: SecAggParams, graph: NeighbourGraph, drop_at: Mapping[int, RoundStep]
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """(included, dropped) of a round with these dropouts, or None if some party must abort.
 
-    drop_at follows run_round: a party sends nothing from stage drop_at[p] on.
+    drop_at follows run_round: a party sends nothing from step drop_at[p] on.
     """
     n, t = params.num_parties, params.threshold
 
-    def alive_after(stage: int) -> set[int]:
-        return {p for p in range(n) if drop_at.get(p, 99) > stage}
+    def alive_after(step: RoundStep) -> set[int]:
+        return {p for p in range(n) if p not in drop_at or drop_at[p].rank > step.rank}
 
     nb = {p: graph.neighbours_of(p) for p in range(n)}
-    u1, u2, u3 = alive_after(0), alive_after(1), alive_after(2)
+    u1, u2, u3 = alive_after(ADVERTISE), alive_after(SHARE), alive_after(INPUT)
     # server: enough keys; every client of U1: enough holders of its shares among U1
     if len(u1) < t or any(len((nb[p] & u1) | {p}) < t for p in u1):
         return None
@@ -61,9 +67,9 @@ def predict(
     # SecAgg+ clients refuse a survivor set implying more than d_max dropouts (graph connectivity)
     if not params.complete and len(u3) < n - params.max_dropped:
         return None
-    if params.malicious and len(alive_after(3)) < params.consistency_quorum:
+    if params.malicious and len(alive_after(CONFIRM)) < params.consistency_quorum:
         return None
-    responders = alive_after(4)
+    responders = alive_after(UNMASK)
     if any(len(responders & (nb[u] | {u})) < t for u in u3):
         return None
     if any(len(responders & nb[v]) < t for v in u2 - u3):
@@ -115,7 +121,7 @@ def round_cases(draw):
         )
     else:
         params = SecAggParams.secagg(n, dimension=d, clip_range=clip, dropout_rate=rate, encoding=encoding)
-    drop_at = draw(st.dictionaries(st.integers(0, n - 1), st.integers(0, 4), max_size=n // 2 + 1))
+    drop_at = draw(st.dictionaries(st.integers(0, n - 1), st.sampled_from(STEPS), max_size=n // 2 + 1))
     seed = draw(st.integers(0, 2**20))
     return params, drop_at, seed
 
@@ -151,7 +157,7 @@ def test_ring_sum_is_bit_exact_with_dropouts(case) -> None:
     assert result.ring_sum.dtype == ring_dtype(params.encoding.ring_bits)
     assert np.array_equal(result.ring_sum, expected_ring_sum(params, inputs, included, seed))
     # the plaintext control, same parties, same rounding randomness: bit-identical
-    plain_drops = {p: 0 for p in range(n) if p not in included}
+    plain_drops = {p: ADVERTISE for p in range(n) if p not in included}
     plain = run_round(
         params, inputs, protocol="plaintext", drop_at=plain_drops, session=session, rng_for=rng_for
     ).result
@@ -174,7 +180,7 @@ def malicious_cases(draw):
             params = SecAggParams.secagg(n, dimension=20, clip_range=1.0, dropout_rate=rate, identity_keys=public)
     except InsecureParameterError:
         assume(False)
-    drop_at = draw(st.dictionaries(st.integers(0, n - 1), st.integers(0, 4), max_size=n // 3 + 1))
+    drop_at = draw(st.dictionaries(st.integers(0, n - 1), st.sampled_from(STEPS), max_size=n // 3 + 1))
     return params, private, drop_at, draw(st.integers(0, 2**20))
 
 
@@ -227,12 +233,12 @@ def test_no_dropouts_sum_is_exact_and_nobody_dropped() -> None:
 def test_run_round_is_reproducible_with_deterministic_sources() -> None:
     params = semi_honest_params(5, dimension=6)
     inputs = random_inputs(5, 6, 1.0, seed=4)
-    a = run_round(params, inputs, drop_at={1: 2}, rng_for=lambda p: DeterministicRandom(p))
-    b = run_round(params, inputs, drop_at={1: 2}, rng_for=lambda p: DeterministicRandom(p))
+    a = run_round(params, inputs, drop_at={1: INPUT}, rng_for=lambda p: DeterministicRandom(p))
+    b = run_round(params, inputs, drop_at={1: INPUT}, rng_for=lambda p: DeterministicRandom(p))
     assert np.array_equal(a.result.ring_sum, b.result.ring_sum)
     assert a.upload_bytes == b.upload_bytes and a.download_bytes == b.download_bytes
     assert a.upload_bytes[1] < a.upload_bytes[0]  # party 1 went silent after sharing
-    c = run_round(params, inputs, drop_at={1: 2}, rng_for=lambda p: DeterministicRandom(p + 100))
+    c = run_round(params, inputs, drop_at={1: INPUT}, rng_for=lambda p: DeterministicRandom(p + 100))
     assert not np.array_equal(a.result.ring_sum, c.result.ring_sum)  # other masks' rounding seeds
     assert a.result.included == c.result.included == (0, 2, 3, 4)
 
@@ -242,7 +248,7 @@ def test_secagg_plus_sparse_graph_round() -> None:
     params = SecAggParams.secagg_plus(n, dimension=40, clip_range=1.0, dropout_rate=0.1)
     assert not params.complete and not params.insecure
     inputs = random_inputs(n, 40, 1.0, seed=5)
-    drop_at = {0: 0, 7: 1, 13: 2, 21: 4}
+    drop_at = {0: ADVERTISE, 7: SHARE, 13: INPUT, 21: UNMASK}
     session = session_for(5)
     expected = predict(params, SecAggServer(params, session=session, round_number=0).graph, drop_at)
     assert expected is not None
@@ -260,9 +266,10 @@ def _identity(n: int) -> tuple[list[bytes], tuple[bytes, ...]]:
     return private, tuple(ed25519_public(k) for k in private)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("step", STEPS, ids=lambda s: s.name)
 @pytest.mark.parametrize("plus", [False, True], ids=["secagg", "secagg+"])
-def test_malicious_round_completes_with_dropouts(stage: int, plus: bool) -> None:
+def test_malicious_round_completes_with_dropouts(step: RoundStep, plus: bool) -> None:
+    seed = STEPS.index(step)
     n = 20 if plus else 10
     private, public = _identity(n)
     if plus:
@@ -273,10 +280,10 @@ def test_malicious_round_completes_with_dropouts(stage: int, plus: bool) -> None
             n, dimension=20, clip_range=1.0, threshold=6, dropout_rate=0.2, identity_keys=public
         )
     assert params.malicious
-    inputs = random_inputs(n, 20, 1.0, seed=stage)
-    drop_at = {2: stage, 5: stage}
-    session = session_for(stage)
-    graph = round_graph(params, session=session, seed=stage, inputs=inputs, identity_keys=private, drop_at=drop_at)
+    inputs = random_inputs(n, 20, 1.0, seed=seed)
+    drop_at = {2: step, 5: step}
+    session = session_for(seed)
+    graph = round_graph(params, session=session, seed=seed, inputs=inputs, identity_keys=private, drop_at=drop_at)
     expected = predict(params, graph, drop_at)
     assert expected is not None
     report = run_round(
@@ -285,12 +292,12 @@ def test_malicious_round_completes_with_dropouts(stage: int, plus: bool) -> None
         drop_at=drop_at,
         session=session,
         identity_keys=private,
-        rng_for=lambda p: party_rng(stage, p),
+        rng_for=lambda p: party_rng(seed, p),
     )
     result = report.result
     assert (result.included, result.dropped) == expected
-    assert (2 in result.included) == (stage >= 3)
-    assert np.array_equal(result.ring_sum, expected_ring_sum(params, inputs, expected[0], stage))
+    assert (2 in result.included) == (step.rank > INPUT.rank)
+    assert np.array_equal(result.ring_sum, expected_ring_sum(params, inputs, expected[0], seed))
     check_decoded(params, result, inputs, expected[0])
 
 
@@ -301,7 +308,7 @@ def test_malicious_round_with_a_dropout_at_every_stage() -> None:
     params = SecAggParams.secagg(n, dimension=30, clip_range=1.0, threshold=8, dropout_rate=0.4, identity_keys=public)
     assert params.consistency_quorum == 8
     inputs = random_inputs(n, 30, 1.0, seed=11)
-    drop_at = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4}
+    drop_at = {0: ADVERTISE, 1: SHARE, 2: INPUT, 3: CONFIRM, 4: UNMASK}
     result = run_round(
         params, inputs, drop_at=drop_at, session=session_for(11), identity_keys=private,
         rng_for=lambda p: party_rng(11, p),
@@ -329,7 +336,7 @@ def test_weighted_aggregation_gives_weighted_sum_and_total_weight() -> None:
     params = SecAggParams.secagg(n, dimension=d, clip_range=2.0, encoding=encoding)
     inputs = random_inputs(n, d, 2.0, seed=21)
     weights = [0.0, 0.5, 1.0, 1.5, 2.25, 3.0, 4.0]
-    drop_at = {4: 2}
+    drop_at = {4: INPUT}
     report = run_round(
         params, inputs, weights=weights, drop_at=drop_at, session=session_for(21), rng_for=lambda p: party_rng(21, p)
     )
@@ -367,12 +374,12 @@ def _assert_server_aborted(server: SecAggServer) -> None:
         server.close_stage()
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 4])
-def test_below_threshold_aborts_semi_honest(stage: int) -> None:
+@pytest.mark.parametrize("step", [ADVERTISE, SHARE, INPUT, UNMASK], ids=lambda s: s.name)
+def test_below_threshold_aborts_semi_honest(step: RoundStep) -> None:
     params = semi_honest_params(6)  # t = n - d_max = 5
     assert params.threshold == 5
-    drop_at = {1: stage, 4: stage}
-    hand = HandRound(params, seed=stage)
+    drop_at = {1: step, 4: step}
+    hand = HandRound(params, seed=STEPS.index(step))
     with pytest.raises(AbortError):
         hand.run(drop_at)
     _assert_server_aborted(hand.server)
@@ -384,12 +391,12 @@ def test_below_threshold_aborts_semi_honest(stage: int) -> None:
         run_round(params, hand.inputs, drop_at=drop_at, session=bytes(16))
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3, 4])
-def test_below_threshold_aborts_malicious(stage: int) -> None:
+@pytest.mark.parametrize("step", STEPS, ids=lambda s: s.name)
+def test_below_threshold_aborts_malicious(step: RoundStep) -> None:
     params, private = malicious_params()  # n=8, t=5, quorum=5
     assert (params.threshold, params.consistency_quorum) == (5, 5)
-    drop_at = {0: stage, 3: stage, 6: stage, 7: stage}
-    hand = HandRound(params, seed=stage, identity_keys=private)
+    drop_at = {0: step, 3: step, 6: step, 7: step}
+    hand = HandRound(params, seed=STEPS.index(step), identity_keys=private)
     with pytest.raises(AbortError):
         hand.run(drop_at)
     _assert_server_aborted(hand.server)
@@ -400,7 +407,7 @@ def test_below_threshold_aborts_malicious(stage: int) -> None:
 def test_exactly_threshold_survivors_complete() -> None:
     params = semi_honest_params(6)  # t = 5
     hand = HandRound(params, seed=9)
-    result = hand.run({2: 2})
+    result = hand.run({2: INPUT})
     assert result.included == (0, 1, 3, 4, 5)
     assert result.dropped == (2,)
     assert np.array_equal(result.ring_sum, expected_ring_sum(params, hand.inputs, result.included, 9))

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from protocols import decode_message
+from protocols import InsecureParameterError, decode_message
 from secure_fedllm import ConfigError, PlanRefusedError, PrivacyBudgetExhaustedError, RunConfig, run
 from secure_fedllm.adapters import SIDECAR
 from secure_fedllm.config import ModelConfig
@@ -341,7 +341,11 @@ def test_fedit_reports_its_product_error_and_user_level_dp_counts_people(tiny_mo
 @pytest.mark.parametrize("protocol", ["he-bfv", "he-ckks"])
 def test_the_run_works_with_homomorphic_aggregation(tiny_model_dir, tmp_path, protocol):
     config = tiny_config(
-        tiny_model_dir, "federation.rounds=1", f"secure_aggregation.protocol='{protocol}'", "evaluation.generations=0"
+        tiny_model_dir,
+        "federation.rounds=1",
+        f"secure_aggregation.protocol='{protocol}'",
+        "secure_aggregation.corrupt_fraction=0",  # one key holder: HE only where no client colludes
+        "evaluation.generations=0",
     )
     result = run(config, out=tmp_path / protocol, progress=False)
     row = result.metrics[1]
@@ -350,8 +354,24 @@ def test_the_run_works_with_homomorphic_aggregation(tiny_model_dir, tmp_path, pr
     assert result.metrics[1].eval_loss != result.metrics[0].eval_loss  # the update was applied
 
 
+def test_he_is_refused_before_anything_is_written_while_sites_assume_a_corrupt_client(tiny_model_dir, tmp_path):
+    """Same rule as a Flower node's Mod: HE with one key holder only where no client can collude."""
+    config = tiny_config(tiny_model_dir, "federation.rounds=1", "secure_aggregation.protocol='he-bfv'")
+    with pytest.raises(ConfigError, match="corrupt_fraction"):
+        run(config, out=tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    rng = np.random.default_rng(1)
+    updates = [rng.normal(0, 0.03, 500).astype(np.float32) for _ in range(3)]
+    with pytest.raises(InsecureParameterError, match="corrupt_fraction"):  # and each simulated site refuses it
+        aggregate_updates(config, updates, [1.0] * 3, round_number=1, context=b"c", drop_at={})
+    trusting = config.with_overrides(["secure_aggregation.corrupt_fraction=0"])  # control: n_C = 0 runs
+    assert aggregate_updates(trusting, updates, [1.0] * 3, round_number=1, context=b"c", drop_at={}).mean is not None
+
+
 def test_he_bfv_mean_is_within_the_quantization_bound():
-    config = RunConfig().with_overrides(["secure_aggregation.protocol='he-bfv'", "federation.clients=5"])
+    config = RunConfig().with_overrides(
+        ["secure_aggregation.protocol='he-bfv'", "secure_aggregation.corrupt_fraction=0", "federation.clients=5"]
+    )
     rng = np.random.default_rng(5)
     updates = [rng.normal(0, 0.03, 2000).astype(np.float32) for _ in range(5)]
     outcome = aggregate_updates(config, updates, [1.0] * 5, round_number=1, context=b"c", drop_at={})

@@ -24,7 +24,7 @@ from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD  # noqa: E402
 from flwr.server.workflow.constant import Key as WorkflowKey  # noqa: E402
 
-from protocols import AbortError, InsecureParameterError, SecAggParams, run_round  # noqa: E402
+from protocols import AbortError, InsecureParameterError, RoundStep, SecAggParams, run_round  # noqa: E402
 from protocols.primitives import ed25519_public  # noqa: E402
 from secure_fedllm.flower import (  # noqa: E402
     INPUT_RECORD,
@@ -39,6 +39,8 @@ from secure_fedllm.flower import (  # noqa: E402
 )
 
 N, D = 10, 600
+_ADVERTISE, _SHARE, _INPUT = RoundStep.ADVERTISE, RoundStep.SHARE, RoundStep.INPUT
+_CONFIRM, _UNMASK = RoundStep.CONFIRM, RoundStep.UNMASK
 
 
 def _inputs(n: int = N, d: int = D, scale: float = 0.1) -> list[np.ndarray]:
@@ -81,11 +83,11 @@ def _round(grid: LocalGrid, params: SecAggParams, **kw: object):
     ("silence", "drop_at", "malicious"),
     [
         ({}, {}, False),
-        ({2: 1, 5: 2, 9: 3}, {1: 1, 4: 2, 8: 4}, False),  # dropouts at shares, masked input and unmask
+        ({2: 1, 5: 2, 9: 3}, {1: _SHARE, 4: _INPUT, 8: _UNMASK}, False),  # dropouts at shares, masked input, unmask
         # malicious SecAgg+: message 1 of a node is the roster (answered with its graph reveal), so the
         # later stages come one message later than in the semi-honest rows
-        ({4: 0, 6: 3}, {3: 0, 5: 2}, True),  # signatures and the consistency round
-        ({3: 4}, {2: 3}, True),  # silent at the consistency round
+        ({4: 0, 6: 3}, {3: _ADVERTISE, 5: _INPUT}, True),  # signatures and the consistency round
+        ({3: 4}, {2: _CONFIRM}, True),  # silent at the consistency round
     ],
 )
 def test_ring_sum_bit_exact_with_our_driver(tmp_path, silence, drop_at, malicious) -> None:

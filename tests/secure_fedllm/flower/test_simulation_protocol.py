@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from protocols import SecAggParams, run_round
+from protocols import RoundStep, SecAggParams, run_round
 from secure_fedllm.flower.simulation import flwr_run, simulation_superlink
 
 HERE = Path(__file__).parent
@@ -60,7 +60,9 @@ def test_ten_supernodes_with_dropouts_match_our_driver_bit_for_bit(tmp_path) -> 
         flwr_run(folder, env, run_config={"out": str(out)}, supernodes=app.N, timeout=240)
     got = json.loads(out.read_text())
     order = got["party_partition"]
-    drop_at = {party: {2: 2, 3: 4}[app.DROP_AT[p]] for party, p in enumerate(order) if p in app.DROP_AT}
+    # message 2 of a node answers with its masked input, message 3 with its unmask response
+    step_of_message = {2: RoundStep.INPUT, 3: RoundStep.UNMASK}
+    drop_at = {party: step_of_message[app.DROP_AT[p]] for party, p in enumerate(order) if p in app.DROP_AT}
     params = SecAggParams.secagg_plus(app.N, dimension=app.D, clip_range=0.1, dropout_rate=0.3)
     ref = run_round(params, [app.inputs(p) for p in order], drop_at=drop_at, round_number=1, context=b"sim",
                     session=b"s" * 16, rounding_seeds=[app.rounding_seed(p) for p in order])  # fmt: skip
