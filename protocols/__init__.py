@@ -8,6 +8,7 @@ bytes. Secrets come from a `SecretSource` (the OS CSPRNG unless a test injects o
 Dependencies: numpy, cryptography and pydantic only.
 """
 
+from .dp_noise import DiscreteGaussianSampler, IntegerNoiseSampler, PoissonSampler, SkellamSampler
 from .driver import RoundReport, family_for, run_round, run_sessions
 from .encoding import DecodedSum, FixedPointEncoding
 from .errors import (
@@ -50,9 +51,11 @@ __all__ = [
     "DecodeError",
     "DecodedSum",
     "DeterministicRandom",
+    "DiscreteGaussianSampler",
     "FixedPointEncoding",
     "HEFamily",
     "InsecureParameterError",
+    "IntegerNoiseSampler",
     "IntegrityError",
     "InvalidTransitionError",
     "LocalProtocolError",
@@ -60,6 +63,7 @@ __all__ = [
     "PlaintextClient",
     "PlaintextFamily",
     "PlaintextServer",
+    "PoissonSampler",
     "ProtocolError",
     "RemoteProtocolError",
     "RoundReport",
@@ -75,6 +79,7 @@ __all__ = [
     "SessionFamily",
     "SignedRoster",
     "SignedShare",
+    "SkellamSampler",
     "decode_message",
     "derive_secagg_plus",
     "encode_message",

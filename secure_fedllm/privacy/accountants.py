@@ -1,9 +1,21 @@
 """Privacy accountants as small interchangeable classes behind one interface and a registry.
 
-Both use Opacus' analysis through public functions for add/remove-one: `rdp` is Rényi DP with
-Opacus' default orders (Mironov 2017; Mironov, Talwar, Zhang 2019), `prv` the privacy-random-variable
-accountant (Gopi, Lee, Wutschitz 2021, fed through its `step()` API), which is tighter; replace-one
-is below. A zero noise multiplier has no finite epsilon and is reported as infinity.
+`pld` (the default) is the privacy-loss-distribution accountant of dp_accounting (Koskela et al.
+2020; Doroshenko et al. 2022) with pessimistic discretisation: an upper bound at any interval, and
+the tightest sound numbers here (14-29% below RDP in epsilon at the default settings, which allows
+about 10% less noise at epsilon 8). `rdp` is Rényi DP with Opacus' default orders (Mironov 2017;
+Mironov, Talwar, Zhang 2019): exact for RDP and loose in (epsilon, delta), kept for comparison and
+reported beside the tight value. `prv` is Opacus' privacy-random-variable accountant (Gopi, Lee,
+Wutschitz 2021, fed through its `step()` API). A zero noise multiplier has no finite epsilon and
+is reported as infinity.
+
+Both directions. Under add/remove-one with Poisson subsampling, adding and removing a unit give
+different privacy loss distributions, and a sound epsilon must cover both (Lebeda, Regehr, Kamath,
+Steinke 2024; Zhu, Dong, Wang 2022). dp_accounting's PLD composes the add and the remove
+distributions separately and reports the larger epsilon. Opacus' PRV models one pair; for the
+sampled Gaussian it comes out above the two-direction PLD at every setting the tests check
+(tests/secure_fedllm/test_tight_accountant.py compares them over a grid), and `prv` also takes the
+maximum with the two-direction PLD, so it can never report the smaller direction alone.
 
 RDP composes additively, so `rdp` caches the one-step RDP curve of each (noise, sample rate) pair
 and multiplies by the step count: this is exactly what Opacus' `RDPAccountant.get_epsilon` sums,
@@ -25,7 +37,7 @@ How each accountant handles ``replace`` for the Poisson-sampled Gaussian (checke
 dp_accounting 0.6, whose `PLDAccountant` supports `NeighboringRelation.REPLACE_ONE` for
 `PoissonSampledDpEvent(GaussianDpEvent)` while its `RdpAccountant` refuses that combination):
 
-* `prv` composes dp_accounting's replace-one privacy loss distribution directly: the pair
+* `pld` and `prv` compose dp_accounting's replace-one privacy loss distribution directly: the pair
   q N(-1, s^2) + (1-q) N(0, s^2) against q N(1, s^2) + (1-q) N(0, s^2), with pessimistic rounding
   (an upper bound at any discretisation). This is tight.
 * `rdp` has no replace-one analysis of the sampled Gaussian to call, so it accounts replace as a
@@ -33,7 +45,7 @@ dp_accounting 0.6, whose `PLDAccountant` supports `NeighboringRelation.REPLACE_O
   P(S) <= e^e1 Q(S) + d1 <= e^(e1+e2) R(S) + d1 + e^e1 d2, so eps_replace(delta) =
   min over d1 + e^e1 d2 = delta of eps_ar(d1) + eps_ar(d2), minimised over `GROUP_OF_TWO_SPLITS`.
   It is sound but loose (1.1 to 2.4 times the tight replace-one epsilon at the settings the tests
-  use; the default user-level client is at 21.9 against 11.5): prefer `prv` with ``replace``.
+  use; the default user-level client is at 21.9 against 11.5): prefer `pld` (or `prv`) with ``replace``.
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ __all__ = [
     "NEIGHBOURING",
     "Accountant",
     "Neighbouring",
+    "PLDAccountant",
     "PRVAccountant",
     "RDPAccountant",
     "check_neighbouring",
@@ -223,16 +236,43 @@ class PRVAccountant(Accountant):
         for event in events:
             for _ in range(event.steps):
                 accountant.step(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate)
-        return float(accountant.get_epsilon(delta, eps_error=self.eps_error))
+        one_pair = float(accountant.get_epsilon(delta, eps_error=self.eps_error))
+        # Opacus' PRV models one of the two directions; never report less than both composed
+        return max(one_pair, _pld_epsilon(events, delta, "add_remove", self.replace_discretization))
 
     def _replace_epsilon(self, events: Sequence[DPSGDEvent], delta: float) -> float:
-        pld = pld_privacy_accountant.PLDAccountant(
-            NeighboringRelation.REPLACE_ONE, value_discretization_interval=self.replace_discretization
-        )
-        for event in events:
-            step = dp_event.PoissonSampledDpEvent(event.sample_rate, dp_event.GaussianDpEvent(event.noise_multiplier))
-            pld.compose(step, event.steps)
-        return float(pld.get_epsilon(delta))
+        return _pld_epsilon(events, delta, "replace", self.replace_discretization)
+
+
+class PLDAccountant(Accountant):
+    """dp_accounting's privacy loss distributions, both relations, both directions (the default).
+
+    `value_discretization` is the PLD's loss discretisation interval, rounded pessimistically (an
+    upper bound at any interval; the tail mass it truncates is counted in delta). 1e-3 is within
+    0.2% of 1e-4's epsilon at the default settings and about ten times faster to calibrate.
+    """
+
+    name = "pld"
+
+    def __init__(self, value_discretization: float = 1e-3, *, neighbouring: str = "add_remove") -> None:
+        super().__init__(neighbouring=neighbouring)
+        self.value_discretization = value_discretization
+
+    def _add_remove_epsilon(self, events: Sequence[DPSGDEvent], delta: float) -> float:
+        return _pld_epsilon(events, delta, "add_remove", self.value_discretization)
+
+    def _replace_epsilon(self, events: Sequence[DPSGDEvent], delta: float) -> float:
+        return _pld_epsilon(events, delta, "replace", self.value_discretization)
+
+
+def _pld_epsilon(events: Sequence[DPSGDEvent], delta: float, neighbouring: Neighbouring, interval: float) -> float:
+    """Epsilon at `delta` of Poisson-sampled Gaussian steps, composed as PLDs (pessimistic estimate)."""
+    relation = NeighboringRelation.REPLACE_ONE if neighbouring == "replace" else NeighboringRelation.ADD_OR_REMOVE_ONE
+    pld = pld_privacy_accountant.PLDAccountant(relation, value_discretization_interval=interval)
+    for event in events:
+        step = dp_event.PoissonSampledDpEvent(event.sample_rate, dp_event.GaussianDpEvent(event.noise_multiplier))
+        pld.compose(step, event.steps)
+    return float(pld.get_epsilon(delta))
 
 
 ACCOUNTANTS: dict[str, type[Accountant]] = {}
@@ -267,3 +307,4 @@ def make_accountant(name: str, *, neighbouring: str = "add_remove") -> Accountan
 
 register_accountant("rdp", RDPAccountant)
 register_accountant("prv", PRVAccountant)
+register_accountant("pld", PLDAccountant)
