@@ -31,6 +31,7 @@ __all__ = [
     "RunConfig",
     "SecureAggregationConfig",
     "TrainingConfig",
+    "to_toml",
     "toml_value",
 ]
 
@@ -318,7 +319,7 @@ class RunConfig(_Section):
         path = Path(path)
         data = self.model_dump(mode="json", exclude_none=True)
         if path.suffix == ".toml":
-            path.write_text(_to_toml(data))
+            path.write_text(to_toml(data))
         elif path.suffix in (".yaml", ".yml"):
             path.write_text(yaml.safe_dump(data, sort_keys=False))
         else:
@@ -384,7 +385,8 @@ def toml_value(value: Any) -> str:
     raise ConfigError(f"cannot write {type(value).__name__} to TOML")
 
 
-def _to_toml(data: dict[str, Any]) -> str:
+def to_toml(data: dict[str, Any]) -> str:
+    """TOML text of a nested dict (tomllib reads only; the site policy file reuses this writer)."""
     lines = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
     for section, values in data.items():
         if isinstance(values, dict):

@@ -48,6 +48,7 @@ from ._messages import (
 )
 from ._params import ETA, SIGMA, SecAggParams, derive_secagg_plus
 from ._server import AggregateResult, SecAggServer, ServerState
+from ._transcript import advertise_statement  # hazmat: what an AdvertiseKeys signature covers (threat models)
 
 __all__ = [
     "ETA",
@@ -78,6 +79,7 @@ __all__ = [
     "SurvivorSignature",
     "UnmaskRequest",
     "UnmaskResponse",
+    "advertise_statement",
     "decode_message",
     "derive_secagg_plus",
     "encode_message",

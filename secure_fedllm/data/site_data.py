@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
-from .sources import TextRecord, _load_hf_folder, read_json_rows
+from .sources import TextRecord, load_hf_folder, read_json_rows
 
 __all__ = ["SITE_FIELDS", "SiteDataSpec", "load_site_records", "split_heldout"]
 
@@ -226,7 +226,7 @@ def _read_rows(spec: SiteDataSpec) -> list[tuple[str, dict[str, Any]]]:
     if spec.format == "hf":
         if not spec.path.is_dir():
             raise ConfigError(f"{key}={str(spec.path)!r} is not a folder; data-format hf reads a save_to_disk folder")
-        rows = _load_hf_folder(str(spec.path), key=key)
+        rows = load_hf_folder(str(spec.path), key=key)
         if not rows:
             raise ConfigError(f"{key}={str(spec.path)!r}: the dataset has no rows; it must hold at least one record")
         return [(f"row {i}", row) for i, row in enumerate(rows)]

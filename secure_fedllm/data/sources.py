@@ -22,7 +22,15 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from .synthetic import synthesize_federation
 
-__all__ = ["FederationData", "TextRecord", "load_alpaca", "load_federation_data", "partition", "read_json_rows"]
+__all__ = [
+    "FederationData",
+    "TextRecord",
+    "load_alpaca",
+    "load_federation_data",
+    "load_hf_folder",
+    "partition",
+    "read_json_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,8 @@ def _json_array(text: str, path: Path, key: str) -> list[tuple[str, Any]]:
     return [(f"record {i}", row) for i, row in enumerate(loaded)]
 
 
-def _load_hf_folder(path: str, *, key: str = "data.path") -> list[dict[str, Any]]:
+def load_hf_folder(path: str, *, key: str = "data.path") -> list[dict[str, Any]]:
+    """Rows of a local Hugging Face dataset folder (`save_to_disk`); errors name `key` (the setting or node config)."""
     try:
         import datasets
     except ImportError as exc:
@@ -184,7 +193,7 @@ def load_federation_data(config: RunConfig) -> FederationData:
         heldout = [_synthetic(r, i, False) for i, r in enumerate(server.clients[0])]
         return FederationData(clients, heldout, federation.manifest())
     assert data.path is not None  # checked by DataConfig
-    rows = load_alpaca(data.path) if data.source == "alpaca" else _load_hf_folder(data.path)
+    rows = load_alpaca(data.path) if data.source == "alpaca" else load_hf_folder(data.path)
     if len(rows) <= heldout_n:
         raise ConfigError(f"{len(rows)} records leave none for clients after evaluation.heldout_records={heldout_n}")
     shuffled = np.random.default_rng(fed.seed).permutation(len(rows)).tolist()

@@ -519,7 +519,7 @@ def evaluate_in_process(transport: Any, round_number: int, global_vector: Any, r
     from ..errors import PrivacyBudgetExhaustedError
     from .aggregation import aggregate_updates
     from .federation import job_id
-    from .runner import _binding_tap
+    from .runner import binding_tap
 
     job, clients = transport.job, transport.clients
     config: RunConfig = job.config
@@ -560,7 +560,7 @@ def evaluate_in_process(transport: Any, round_number: int, global_vector: Any, r
         round_number=round_number,
         context=context,
         drop_at={},
-        tap=_binding_tap(config, round_number, [clients[c] for c in parties], releases, transport.tap),  # type: ignore[arg-type]
+        tap=binding_tap(config, round_number, [clients[c] for c in parties], releases, transport.tap),  # type: ignore[arg-type]
         rounding_seeds=[r.rounding_seed for r in releases],
         identity_keys=[clients[c].site.identity_key for c in parties],
         roster=[c.site.identity_public_key for c in clients],

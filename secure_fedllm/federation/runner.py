@@ -40,15 +40,20 @@ from .federation import (
     job_id,
     make_client,
     open_site,
-    public_seed,
 )
 from .plan import Assignment, RoundPlan
 from .record import ProtocolFacts, RoundBytes, RoundRecord, RoundSeconds
 
-__all__ = ["InProcessTransport", "RunResult", "adapter_sidecar", "job_id", "make_client", "open_site", "run"]
-
-_make_client = make_client  # the name tests/secure_fedllm/test_neighbouring.py imports
-_public_seed = public_seed
+__all__ = [
+    "InProcessTransport",
+    "RunResult",
+    "adapter_sidecar",
+    "binding_tap",
+    "job_id",
+    "make_client",
+    "open_site",
+    "run",
+]
 
 
 def run(
@@ -179,7 +184,7 @@ class InProcessTransport:
             round_number=plan.round,
             context=plan.digest(),
             drop_at=draw_dropouts(config, plan.round, len(parties)),
-            tap=_binding_tap(config, plan.round, [clients[c] for c in parties], updates, self.tap),
+            tap=binding_tap(config, plan.round, [clients[c] for c in parties], updates, self.tap),
             rounding_seeds=[u.rounding_seed for u in updates],
             # malicious setting: each client's own identity key (from its site state) and the roster all sites pin
             identity_keys=[clients[c].site.identity_key for c in parties],
@@ -232,7 +237,7 @@ def _fedit_error(manifest: Any, start: np.ndarray, deltas: list[np.ndarray], out
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
-def _binding_tap(
+def binding_tap(
     config: RunConfig,
     round_number: int,
     clients: list[FederatedClient],

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from protocols import InsecureParameterError, SecAggParams, SecurityPolicy, SignedRoster
 from protocols.primitives import ed25519_public
 
-from ..config import RunConfig, _to_toml
+from ..config import RunConfig, to_toml
 from ..errors import ConfigError
 
 __all__ = [
@@ -135,7 +135,7 @@ class SitePolicy(BaseModel):
         path = Path(path)
         data = self.model_dump(mode="json", exclude_none=True)
         if path.suffix == ".toml":
-            path.write_text(_to_toml(data))
+            path.write_text(to_toml(data))
         elif path.suffix == ".json":
             path.write_text(json.dumps(data, indent=1))
         else:

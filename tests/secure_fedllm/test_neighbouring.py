@@ -273,7 +273,7 @@ def test_a_client_refuses_a_ledger_accounted_under_another_relation(tmp_path):
     """A resumed run must not state 'replace' over a ledger that accounted add/remove (or back)."""
     from types import SimpleNamespace
 
-    from secure_fedllm.federation.runner import _make_client, open_site
+    from secure_fedllm.federation.runner import make_client, open_site
 
     counts = SimpleNamespace(num_units=256)  # only N_i matters to the policy and the ledger
     old = RunConfig().with_overrides(["privacy.neighbouring='add_remove'"])
@@ -282,6 +282,6 @@ def test_a_client_refuses_a_ledger_accounted_under_another_relation(tmp_path):
         site.ledger_path, client=0, epsilon_budget=8.0, delta=1e-5, accountant="rdp", neighbouring="add_remove"
     )
     ledger.charge(0, DPSGDEvent(noise_multiplier=1.0, sample_rate=0.125, steps=3))
-    assert _make_client(old, tmp_path, 0, counts, {}).ledger.neighbouring == "add_remove"  # type: ignore[arg-type]
+    assert make_client(old, tmp_path, 0, counts, {}).ledger.neighbouring == "add_remove"  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"accounts privacy\.neighbouring='add_remove' but the config says 'replace'"):
-        _make_client(RunConfig(), tmp_path, 0, counts, {})  # type: ignore[arg-type]
+        make_client(RunConfig(), tmp_path, 0, counts, {})  # type: ignore[arg-type]

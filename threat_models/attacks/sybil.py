@@ -31,10 +31,7 @@ from pydantic import Field
 
 from protocols import OsRandom, ProtocolError, SecAggClient
 from protocols.primitives import ed25519_sign, x25519_generate
-from protocols.secagg import AdvertiseKeys, KeyRoster, MaskedInput, SecAggParams
-
-# The statement a party signs over its round keys: a malicious server knows the protocol's format.
-from protocols.secagg._transcript import advertise_statement
+from protocols.secagg import AdvertiseKeys, KeyRoster, MaskedInput, SecAggParams, advertise_statement
 
 from ..results import MatrixRow
 from ._relay import (
