@@ -31,7 +31,7 @@ def plan_budget(
     delta: float,
     epsilon: float | None = None,
     noise_multiplier: float | None = None,
-    accountant: str = "rdp",
+    accountant: str = "pld",
     neighbouring: str = "replace",
 ) -> dict[str, Any]:
     """Target epsilon -> noise multiplier, or noise multiplier -> epsilon (exactly one of them given).
@@ -65,7 +65,17 @@ def plan_budget(
         else math.inf
         for k in range(1, rounds + 1)
     ]
+    beside: dict[str, Any] = {}
+    if accountant != "rdp" and sigma > 0:  # the loose RDP figures, reported beside the tight ones
+        rdp = make_accountant("rdp", neighbouring=neighbouring)
+        event = DPSGDEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=total_steps)
+        beside["epsilon_rdp"] = rdp.epsilon([event], delta)
+        if epsilon is not None:
+            beside["noise_multiplier_rdp"] = noise_for_epsilon(
+                epsilon, delta=delta, sample_rate=sample_rate, steps=total_steps, accountant=rdp
+            )
     return {
+        **beside,
         "accountant": accountant,
         "neighbouring": neighbouring,
         "sample_rate": sample_rate,

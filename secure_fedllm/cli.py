@@ -174,7 +174,7 @@ def budget_plan(
     steps: Annotated[int, typer.Option(help="DP-SGD steps per joined round")] = 3,
     rounds: Annotated[int, typer.Option(help="joins K = min(rounds, max participations)")] = 3,
     delta: Annotated[float | None, typer.Option(help="delta (default 0.1 / records)")] = None,
-    accountant: Annotated[str, typer.Option(help="rdp or prv")] = "rdp",
+    accountant: Annotated[str, typer.Option(help="pld (tight), rdp or prv")] = "pld",
     neighbouring: Annotated[str, typer.Option(help="replace (one unit swapped; a run's default) or add_remove")] = (
         "replace"
     ),
@@ -205,6 +205,12 @@ def budget_plan(
         f"{plan['epsilon']:.3f}"
     )
     typer.echo("epsilon after each join: " + ", ".join(f"{e:.3f}" for e in plan["epsilon_after_round"]))
+    if "epsilon_rdp" in plan:
+        rdp_noise = plan.get("noise_multiplier_rdp")
+        typer.echo(
+            f"rdp, for comparison: epsilon {plan['epsilon_rdp']:.3f} at this noise"
+            + (f"; noise {rdp_noise:.4f} for the same target" if rdp_noise is not None else "")
+        )
 
 
 def budget_show(

@@ -132,7 +132,9 @@ class PrivacyConfig(_Section):
         1.0, description="per-example (or per-user) L2 clipping bound"
     )
     accountant: Literal["pld", "rdp", "prv"] = Field(
-        "rdp", description="privacy accountant: pld (tight, both directions), rdp (loose, for comparison) or prv"
+        "pld",
+        description="privacy accountant: pld (tight, both directions; the default), rdp (loose; reported beside it) "
+        "or prv",
     )
     neighbouring: Literal["replace", "add_remove"] = Field(
         "replace",

@@ -254,7 +254,7 @@ class PLDAccountant(Accountant):
 
     name = "pld"
 
-    def __init__(self, value_discretization: float = 1e-3, *, neighbouring: str = "add_remove") -> None:
+    def __init__(self, value_discretization: float = 3e-3, *, neighbouring: str = "add_remove") -> None:
         super().__init__(neighbouring=neighbouring)
         self.value_discretization = value_discretization
 

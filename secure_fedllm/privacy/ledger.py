@@ -67,7 +67,7 @@ class PrivacyLedger:
         client: the client index this ledger speaks for in the current job (messages, report).
         epsilon_budget: the budget (a lifetime budget for a lifetime ledger).
         delta: the delta epsilon is stated at.
-        accountant: "rdp" or "prv": what composes the events.
+        accountant: "pld" (the tight default), "rdp" or "prv": what composes the events.
         neighbouring: the neighbouring relation of the events.
         job: the job this object charges (None: a single-run ledger keyed by round).
         population: the population of data subjects a lifetime ledger belongs to (recorded only).
@@ -296,6 +296,7 @@ class PrivacyLedger:
         for e in self.entries:
             per_job.setdefault(e.job or "(single-run ledger)", []).append(e)
         spent = self.epsilon
+        rdp = make_accountant("rdp", neighbouring=self.neighbouring)  # the loose reference, beside the tight one
         return {
             "path": str(self.path),
             "population": self.population,
@@ -304,6 +305,7 @@ class PrivacyLedger:
             "delta": self.delta,
             "budget": self.lifetime_budget,
             "epsilon": spent,
+            "epsilon_rdp": spent if self.accountant_name == "rdp" else rdp.epsilon(self.events, self.delta),
             "remaining": max(0.0, self.lifetime_budget - spent),
             "jobs": [
                 {

@@ -75,11 +75,12 @@ def test_noise_is_calibrated_per_client_for_its_own_sampling_rate_and_joins():
     small, large = client_policy(config, 0, 64), client_policy(config, 1, 1024)
     assert small.sample_rate == 0.5 and large.sample_rate == 32 / 1024
     assert small.max_participations == 2 and small.noise_multiplier > large.noise_multiplier
-    rdp = make_accountant("rdp", neighbouring=config.privacy.neighbouring)  # the run's relation (replace by default)
+    # the run's accountant (pld) and relation (replace by default)
+    accountant = make_accountant(config.privacy.accountant, neighbouring=config.privacy.neighbouring)
     for policy in (small, large):
         event = policy.event()
         assert event is not None
-        spent = rdp.epsilon([event, event], policy.delta)
+        spent = accountant.epsilon([event, event], policy.delta)
         assert 7.9 < spent <= 8.0
 
 

@@ -125,7 +125,8 @@ def test_a_client_of_the_next_job_sits_out_when_the_site_spent_its_lifetime_budg
     other = SiteState.open(tmp_path / "elsewhere")
     fresh = FederatedClient(0, SimpleNamespace(num_units=256), policy=policy,  # type: ignore[arg-type]
                             ledger=other.ledger_for("clinic", job="job-2", epsilon_budget=policy.epsilon_budget,
-                                                    delta=policy.delta, accountant="rdp", neighbouring="replace"),
+                                                    delta=policy.delta, accountant=config.privacy.accountant,
+                                                    neighbouring="replace"),
                             site=other, learning_rate=0.1, optimizer="adam", job="job-2")  # fmt: skip
     assert fresh.willing(0) is None
 

@@ -200,7 +200,8 @@ def test_client_policy_calibrates_for_the_configured_relation():
     for policy, relation in ((replace, "replace"), (add_remove, "add_remove")):
         event = policy.event()
         assert event is not None
-        spent = make_accountant("rdp", neighbouring=relation).epsilon([event] * policy.max_participations, policy.delta)
+        accountant = make_accountant(RunConfig().privacy.accountant, neighbouring=relation)
+        spent = accountant.epsilon([event] * policy.max_participations, policy.delta)
         assert 7.9 < spent <= 8.0
 
 

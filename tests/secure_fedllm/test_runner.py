@@ -164,7 +164,7 @@ def lone_client(finished, tmp_path):
         client=0,
         epsilon_budget=8.0,
         delta=policy.delta,
-        accountant="rdp",
+        accountant=config.privacy.accountant,
         neighbouring=config.privacy.neighbouring,
     )
     client = FederatedClient(

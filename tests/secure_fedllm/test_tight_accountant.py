@@ -143,3 +143,21 @@ def test_replace_one_is_never_below_add_remove_for_the_same_noise() -> None:
     events = [DPSGDEvent(noise_multiplier=0.7, sample_rate=0.125, steps=9)]
     assert accountant_r.epsilon(events, 1e-4) >= accountant_ar.epsilon(events, 1e-4)
     assert math.isinf(accountant_r.epsilon([DPSGDEvent(noise_multiplier=0.0, sample_rate=0.1, steps=1)], 1e-4))
+
+
+def test_the_default_accountant_is_the_tight_one_and_rdp_is_reported_beside_it(tmp_path) -> None:
+    from secure_fedllm import RunConfig, plan_budget
+    from secure_fedllm.privacy import PrivacyLedger
+
+    assert RunConfig().privacy.accountant == "pld"
+    plan = plan_budget(sample_rate=0.125, steps_per_round=3, rounds=3, delta=0.1 / 256, epsilon=8.0)
+    assert plan["accountant"] == "pld" and plan["noise_multiplier"] == pytest.approx(0.566, abs=0.002)
+    assert plan["noise_multiplier_rdp"] == pytest.approx(0.938, abs=0.002)  # replace-one, group of two
+    assert plan["epsilon_rdp"] > plan["epsilon"]  # the same noise, the loose accountant's larger epsilon
+    ledger = PrivacyLedger(tmp_path / "l.json", client=0, epsilon_budget=8.0, delta=1e-3, accountant="pld")
+    event = DPSGDEvent(noise_multiplier=0.8, sample_rate=0.125, steps=9)
+    ledger.charge(1, event)
+    summary = ledger.summary()
+    rdp = make_accountant("rdp", neighbouring=ledger.neighbouring)
+    assert summary["epsilon_rdp"] == pytest.approx(rdp.epsilon([event], 1e-3))
+    assert summary["epsilon"] < summary["epsilon_rdp"]

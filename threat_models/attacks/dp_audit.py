@@ -177,7 +177,7 @@ class DPAuditConfig(BaseModel):
     )
     confidence: Annotated[float, Field(gt=0, lt=1)] = Field(0.95, description="1 - significance of the bound")
     delta: Annotated[float, Field(ge=0, lt=1)] = Field(1e-5, description="delta of the (eps, delta) claim")
-    accountant: str = Field("rdp", description="registered accountant for the theoretical epsilon")
+    accountant: str = Field("pld", description="registered accountant for the theoretical epsilon")
     seed: int = Field(0, description="seeds canary bits, coordinates, sampling, noise and tie-breaking")
 
     def __init__(self, **data: Any) -> None:
