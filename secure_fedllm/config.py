@@ -145,6 +145,12 @@ class PrivacyConfig(_Section):
     )
     max_participations: Annotated[int, Field(ge=1)] | None = Field(None, description="cap on rounds a client joins")
     expected_batch_size: Annotated[int, Field(ge=1)] = Field(32, description="expected Poisson batch size")
+    noise_generator: Literal["csprng", "torch"] = Field(
+        "csprng",
+        description="where each client's DP-SGD noise comes from: csprng (the default: a ChaCha20 keystream keyed "
+        "per release, cryptographically unpredictable but still floating point) or torch (Opacus' own, torch's "
+        "Mersenne Twister, predictable from its outputs)",
+    )
     noise_seed: int | None = Field(
         None,
         description="unset (the default, and the only secure mode): each client draws a fresh noise seed per "

@@ -21,8 +21,9 @@ kind: the site checks the model (`federation.evaluation.check_model`), refuses a
 of a round on anything but the identical model and data, refuses past its budget, stores the noised
 values and charges one Gaussian event before they leave; see `secure_fedllm.federation.evaluation`.
 
-The sampling and noise generators of training are torch's Mersenne Twister seeded from that
-per-release seed, which is not a cryptographic RNG (an evaluation's noise is ChaCha20-based).
+Training's Poisson sampling uses torch's Mersenne Twister seeded from that per-release seed; its
+DP-SGD noise is ChaCha20-based under a key derived from the same seed (`privacy.noise_generator =
+"csprng"`, the default; "torch" keeps Opacus' Mersenne Twister), as is an evaluation's noise.
 `privacy.noise_seed` derives the site secret (hence every seed) from a public number for
 reproducible experiments only: anyone who knows it can regenerate the noise. The report says so.
 """
@@ -30,6 +31,7 @@ reproducible experiments only: anyone who knows it can regenerate the noise. The
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 
@@ -123,12 +125,18 @@ class FederatedClient:
         template: str = "",
         heldout: TokenizedDataset | None = None,
         evaluation: EvaluationSettings | None = None,
+        noise_generator: str = "csprng",
     ) -> None:
         self.client, self.data, self.policy, self.ledger, self.site = client, data, policy, ledger, site
         self.fingerprints = dict(fingerprints or {})
         self.learning_rate, self.optimizer = learning_rate, optimizer
         self.job, self.template = job, template
         self.heldout, self.evaluation = heldout, evaluation
+        if noise_generator not in ("csprng", "torch"):
+            raise ValueError(
+                f"noise_generator={noise_generator!r} must be 'csprng' or 'torch' (privacy.noise_generator)"
+            )
+        self.noise_generator = noise_generator
         self._data_digest: bytes | None = None
         self._heldout_digest: bytes | None = None
 
@@ -407,7 +415,11 @@ class FederatedClient:
                     self.data,
                     settings,
                     sample_generator=torch.Generator().manual_seed(_seed_int(seed, b"sample")),
-                    noise_generator=torch.Generator().manual_seed(_seed_int(seed, b"noise")),
+                    **(
+                        {"noise_key": hmac.new(seed, b"secure-fedllm/dp-sgd-noise-key/v1", hashlib.sha256).digest()}
+                        if self.noise_generator == "csprng"
+                        else {"noise_generator": torch.Generator().manual_seed(_seed_int(seed, b"noise"))}
+                    ),
                 )
             delta = get_vector(model, manifest) - global_vector
         finally:

@@ -292,20 +292,12 @@ def gaussian(seed: bytes, count: int) -> npt.NDArray[np.float64]:
 
     A CSPRNG stream (not a Mersenne Twister): without the seed, no draw predicts another.
     """
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    from ..privacy.noise import csprng_gaussian
 
     if len(seed) < 32:
         raise ValueError(f"the noise seed must be at least 32 bytes, got {len(seed)}")
     key = hmac.new(seed, b"secure-fedllm/evaluation-noise/v1", hashlib.sha256).digest()
-    pairs = (count + 1) // 2
-    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(16 * pairs))
-    words = np.frombuffer(stream, dtype="<u8")
-    uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1): log is finite
-    radius = np.sqrt(-2.0 * np.log(uniform[0::2]))
-    angle = 2.0 * math.pi * uniform[1::2]
-    out = np.empty(2 * pairs)
-    out[0::2], out[1::2] = radius * np.cos(angle), radius * np.sin(angle)
-    return out[:count]
+    return csprng_gaussian(key, count, dtype=np.float64)
 
 
 class EvaluationBook:

@@ -205,6 +205,7 @@ def make_client(
         template=json.dumps({"system_prompt": config.data.system_prompt, "max_length": config.data.max_length}),
         heldout=heldout,
         evaluation=EvaluationSettings.of(config) if federated else None,
+        noise_generator=config.privacy.noise_generator,
     )
 
 
@@ -224,6 +225,7 @@ def adapter_sidecar(
         # ("replace") or added/removed ("add_remove"); see `neighbouring_statement`.
         "privacy_unit": config.privacy.unit,
         "neighbouring": config.privacy.neighbouring,
+        "noise_generator": config.privacy.noise_generator,  # DP-SGD noise: ChaCha20 ("csprng") or torch's MT
     }
 
 

@@ -161,8 +161,14 @@ def write_report(
             "size-based weights, and the plan announces them.",
             f"- {neighbouring_statement(config.privacy.neighbouring, config.privacy.unit)}",
             "- Tuning hyperparameters on private data spends privacy that this ledger does not count.",
-            "- The sampling and noise generators are torch's Mersenne Twister seeded, per release, from a fresh "
-            "os.urandom seed kept in the client's state folder: not a cryptographic RNG.",
+            "- Poisson sampling uses torch's Mersenne Twister seeded, per release, from a fresh os.urandom seed kept "
+            "in the client's state folder: not a cryptographic RNG.",
+            f"- DP-SGD noise generator: `{config.privacy.noise_generator}` "
+            + (
+                "(ChaCha20 keystream keyed per release from that seed: unpredictable without it, but floating point)."
+                if config.privacy.noise_generator == "csprng"
+                else "(torch's Mersenne Twister: not a cryptographic RNG)."
+            ),
         ]
         if config.privacy.noise_seed is not None:
             lines.append("- **privacy.noise_seed is set: the noise is predictable to anyone who knows it.**")

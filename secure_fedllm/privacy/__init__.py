@@ -17,23 +17,42 @@ from .accountants import (
 )
 from .calibration import noise_for_epsilon
 from .events import DPSGDEvent
+from .integer_noise import (
+    IntegerNoiseEvent,
+    SkellamRDPAccountant,
+    discrete_gaussian_rdp,
+    poisson_subsampled_rdp,
+    rdp_to_epsilon,
+    skellam_mu_for_epsilon,
+    skellam_rdp,
+)
 from .ledger import PrivacyLedger
+from .noise import NOISE_GENERATORS, csprng_gaussian
 
 __all__ = [
     "ACCOUNTANTS",
     "GROUP_OF_TWO_SPLITS",
     "NEIGHBOURING",
+    "NOISE_GENERATORS",
     "Accountant",
     "DPSGDEvent",
+    "IntegerNoiseEvent",
     "Neighbouring",
     "PLDAccountant",
     "PRVAccountant",
     "PrivacyLedger",
     "RDPAccountant",
+    "SkellamRDPAccountant",
     "check_neighbouring",
+    "csprng_gaussian",
+    "discrete_gaussian_rdp",
     "group_of_two_epsilon",
     "make_accountant",
     "neighbouring_statement",
     "noise_for_epsilon",
+    "poisson_subsampled_rdp",
+    "rdp_to_epsilon",
     "register_accountant",
+    "skellam_mu_for_epsilon",
+    "skellam_rdp",
 ]

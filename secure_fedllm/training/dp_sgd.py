@@ -11,6 +11,13 @@ bring its own accountant and data loader, while here the ledger does the account
 must be replayable from the client's own seed. The pieces `make_private` assembles are used
 directly: `GradSampleModule` (via `wrap_model`), `DPOptimizer` and Opacus' Poisson sampler.
 
+Noise (`privacy.noise_generator`): with a `noise_key` (the default "csprng") the optimiser is a
+`CSPRNGDPOptimizer`, which overrides only `add_noise`: each step and each parameter gets a fresh
+draw of std noise_multiplier * max_grad_norm from the ChaCha20 Gaussian of
+`secure_fedllm.privacy.noise`, under a sub-key HMAC(noise_key, step | parameter index), generated in
+float64 on the CPU and cast to the parameter's dtype and device. Without one ("torch"), Opacus'
+own `DPOptimizer` draws from the torch generator it is given (a Mersenne Twister).
+
 Loss: each record's loss is the mean over its response tokens (not the batch-wide token mean that
 `labels=` computes in Hugging Face models, which would couple examples and break per-example
 clipping). A unit's loss is the mean over its records; the step sums unit losses, so per-sample
@@ -33,8 +40,46 @@ from peft import PeftModel
 
 from ..data.chat import IGNORE_INDEX
 from ..data.tokenized import Batch, TokenizedDataset
+from ..privacy.noise import csprng_gaussian, derive_key
 
-__all__ = ["LocalTrainer", "StepSettings", "per_example_loss"]
+__all__ = ["CSPRNGDPOptimizer", "LocalTrainer", "StepSettings", "dp_step_noise_key", "per_example_loss"]
+
+
+def dp_step_noise_key(noise_key: bytes, step: int, index: int) -> bytes:
+    """The ChaCha20 key of one (step, parameter) draw: never two draws from one keystream."""
+    return derive_key(noise_key, f"secure-fedllm/dp-sgd-noise/v1|step={step}|param={index}".encode())
+
+
+class CSPRNGDPOptimizer(DPOptimizer):
+    """Opacus' `DPOptimizer` with its Gaussian drawn from a ChaCha20 keystream instead of torch's generator.
+
+    Only `add_noise` differs; clipping, accumulation and scaling are Opacus' own. Used through
+    `LocalTrainer.optimizer` only (Opacus itself is not patched).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_key: bytes, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)
+        derive_key(noise_key, b"")  # refuse a short key now, not at the first step
+        self.noise_key = noise_key
+        self.noise_step = 0
+
+    def add_noise(self) -> None:
+        """p.grad = p.summed_grad + N(0, (noise_multiplier * max_grad_norm)^2), one fresh draw per parameter."""
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        std = self.noise_multiplier * self.max_grad_norm
+        for index, p in enumerate(self.params):
+            _check_processed_flag(p.summed_grad)
+            reference = p.summed_grad
+            if std == 0:
+                noise = torch.zeros_like(reference)
+            else:
+                key = dp_step_noise_key(self.noise_key, self.noise_step, index)
+                noise = csprng_gaussian(key, reference.shape, dtype=reference.dtype, std=std)
+                noise = noise.to(reference.device, non_blocking=False)
+            p.grad = (reference + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+        self.noise_step += 1
 
 
 @dataclass(frozen=True)
@@ -96,21 +141,30 @@ class LocalTrainer:
             raise ValueError("the model has no trainable parameters")
         self.module = wrap_model(model, grad_sample_mode, batch_first=True, loss_reduction="sum")
 
-    def optimizer(self, settings: StepSettings, *, noise_generator: torch.Generator) -> DPOptimizer:
-        """A fresh DP optimiser over the trainable parameters."""
+    def optimizer(
+        self,
+        settings: StepSettings,
+        *,
+        noise_generator: torch.Generator | None = None,
+        noise_key: bytes | None = None,
+    ) -> DPOptimizer:
+        """A fresh DP optimiser: ChaCha20 noise under `noise_key` if given, else torch's `noise_generator`."""
+        if (noise_key is None) == (noise_generator is None):
+            raise ValueError("give exactly one of noise_key (csprng noise) and noise_generator (torch noise)")
         inner: torch.optim.Optimizer
         if settings.optimizer == "adam":
             inner = torch.optim.Adam(self.params, lr=settings.learning_rate)
         else:
             inner = torch.optim.SGD(self.params, lr=settings.learning_rate)
-        return DPOptimizer(
-            inner,
-            noise_multiplier=settings.noise_multiplier,
-            max_grad_norm=settings.max_grad_norm,
-            expected_batch_size=max(1, round(settings.expected_batch_size)),
-            loss_reduction="mean",
-            generator=noise_generator,
-        )
+        common = {
+            "noise_multiplier": settings.noise_multiplier,
+            "max_grad_norm": settings.max_grad_norm,
+            "expected_batch_size": max(1, round(settings.expected_batch_size)),
+            "loss_reduction": "mean",
+        }
+        if noise_key is not None:
+            return CSPRNGDPOptimizer(inner, noise_key=noise_key, **common)
+        return DPOptimizer(inner, generator=noise_generator, **common)
 
     def step(self, optimizer: DPOptimizer, batch: Batch | None) -> None:
         """One DP-SGD step on the units in `batch` (None or no units: noise only); on any error the trainer is reset."""
@@ -145,7 +199,8 @@ class LocalTrainer:
         settings: StepSettings,
         *,
         sample_generator: torch.Generator,
-        noise_generator: torch.Generator,
+        noise_generator: torch.Generator | None = None,
+        noise_key: bytes | None = None,
     ) -> int:
         """Run `settings.steps` Poisson-sampled DP-SGD steps; returns how many units were used in all.
 
@@ -153,7 +208,7 @@ class LocalTrainer:
         mode): it is shared by every client of the process, and a half-finished step would otherwise
         leak into (or break) the next client's run.
         """
-        optimizer = self.optimizer(settings, noise_generator=noise_generator)
+        optimizer = self.optimizer(settings, noise_generator=noise_generator, noise_key=noise_key)
         used = 0
         try:
             for units in self._poisson(data.num_units, settings, sample_generator):
