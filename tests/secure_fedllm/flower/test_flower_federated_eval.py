@@ -10,6 +10,7 @@ from test_runner import tiny_config
 
 from secure_fedllm import run
 from secure_fedllm.federation.checkpoint import Checkpoint, RunPaths
+from secure_fedllm.federation.evaluation import EvaluationSettings
 from secure_fedllm.federation.federation import Job
 from secure_fedllm.federation.record import RoundRecord
 from secure_fedllm.flower import LocalGrid
@@ -41,8 +42,12 @@ def test_grid_federated_evaluation_equals_the_in_process_one(both):
         assert ours.federated_evaluation is not None and theirs.federated_evaluation is not None
         assert ours.federated_evaluation.sites == [0, 1, 2]
         mine, ref = ours.federated_evaluation, theirs.federated_evaluation
-        assert (mine.loss_sum, mine.count) == (ref.loss_sum, ref.count)  # reproducible mode: the same noise
-        assert repr(mine.perplexity) == repr(ref.perplexity)  # equal, or both NaN (a noised count below 0)
+        # Reproducible mode: the same noise draw on both engines. The pre-noise loss sums are float32
+        # forward passes whose batching can differ between engines (seen: 3.5e-6 relative), so compare
+        # to 1e-4 relative: five orders of magnitude below the noise std, which a different draw would show.
+        assert mine.count == ref.count and mine.loss_sum == pytest.approx(ref.loss_sum, rel=1e-4)
+        assert abs(mine.loss_sum - ref.loss_sum) < 1e-3 * EvaluationSettings.of(both[0]).sigma
+        assert mine.perplexity == pytest.approx(ref.perplexity, rel=1e-4, nan_ok=True)
         assert mine.epsilon == ref.epsilon and ours.epsilon == theirs.epsilon
     # each node bound each release to its one session: 2 training rounds and 3 evaluations
     assert all(len(list((sites / f"client-{c:04d}/bindings").glob("*.json"))) == 5 for c in range(3))
