@@ -132,7 +132,7 @@ def neighbouring_statement(neighbouring: str, unit: str = "record") -> str:
             "weights), so add/remove-one, whose neighbours differ in N_i, is not claimed. Replacing is removing then "
             "adding, so a replace-one epsilon is at most the group-of-two add/remove bound; for the sampled Gaussian "
             "it is above the add/remove-one epsilon of the same noise. The `rdp` accountant reports the group-of-two "
-            "bound (sound, loose), `prv` the tight replace-one value."
+            "bound (sound, loose); `pld` (the default) and `prv` the tight replace-one value."
         )
     return (
         f"Epsilon is for add/remove-one neighbours: two datasets that differ by one {unit} present or absent. This "
