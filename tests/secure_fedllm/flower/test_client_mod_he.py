@@ -25,14 +25,14 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import ConfigRecord, Message, RecordDict
+from test_rerun import fixed_update_app, rounding_seed_of
 
 from protocols import AbortError, SecurityPolicy
 from protocols.he import HEAck, HEParams, HESum, decode_he_message, encode_he_message
 from protocols.he._ciphers import quantize
 from protocols.primitives import ed25519_public
-from secure_fedllm.flower import INPUT_RECORD, LocalGrid, client_mod, secure_aggregate, secure_aggregation_mod
+from secure_fedllm.flower import LocalGrid, client_mod, secure_aggregate
 from secure_fedllm.flower.records import PROTOCOL_RECORD, STATE_RECORD, STEP
 from secure_fedllm.site import BindingBook, SitePolicy
 
@@ -43,27 +43,6 @@ CLIP = 0.1
 def _inputs() -> list[np.ndarray]:
     rng = np.random.default_rng(13)
     return [rng.uniform(-CLIP, CLIP, D) for _ in range(N)]
-
-
-def _seed(i: int) -> bytes:
-    return hashlib.sha256(b"rounding|%d" % i).digest()
-
-
-def _app(inputs: list[np.ndarray]) -> ClientApp:
-    """A ClientApp that returns the same update whenever asked (a deterministic re-run of local training)."""
-    app = ClientApp(mods=[secure_aggregation_mod])
-
-    @app.train()
-    def train(msg: Message, ctx: Context) -> Message:
-        i = int(ctx.node_config["partition-id"])  # type: ignore[arg-type]
-        content = {
-            "arrays": ArrayRecord([inputs[i]]),
-            "metrics": MetricRecord({"num-examples": 1.0}),
-            INPUT_RECORD: ConfigRecord({"rounding_seed": _seed(i)}),
-        }
-        return Message(RecordDict(content), reply_to=msg)
-
-    return app
 
 
 class _Grid(LocalGrid):
@@ -104,7 +83,7 @@ def _grid(tmp_path, *, policy: SecurityPolicy | None = None, keyed: bool = True)
         elif keyed:
             config["secagg-identity-key"] = str(tmp_path / f"id{node}.key")
         configs.append(config)
-    grid = _Grid(_app(_inputs()), configs)
+    grid = _Grid(fixed_update_app(_inputs()), configs)
     grid.errors, grid.sums = [], {}
     return grid
 
@@ -122,7 +101,7 @@ def _run(grid: _Grid, params: HEParams, nodes: list[int], context: bytes = b"pla
 
 def _quantized(params: HEParams, nodes: list[int]) -> np.ndarray:
     inputs = _inputs()
-    return sum(quantize(params, inputs[n - 1], weight=1.0, rounding_seed=_seed(n - 1)) for n in nodes)
+    return sum(quantize(params, inputs[n - 1], weight=1.0, rounding_seed=rounding_seed_of(n - 1)) for n in nodes)
 
 
 def _forgetful_book(_context: object, _release: object) -> BindingBook:

@@ -10,14 +10,13 @@ quantized updates, so its run is bit-identical to the in-process one too.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import Message
+from test_rerun import RecordingGrid
 from test_runner import tiny_config
 
 from secure_fedllm import ConfigError, run
@@ -65,17 +64,6 @@ def test_grid_run_with_he_equals_the_in_process_run(tiny_model_dir, tmp_path, pr
     assert first.bytes.upload == ref_first.bytes.upload > 0
 
 
-class _RecordingGrid(LocalGrid):
-    """LocalGrid that keeps the reason of every error reply (an aborted round does not return them)."""
-
-    errors: list[str]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = list(super().push_messages(messages))
-        self.errors.extend(r.error.reason for mid in ids if (r := self._replies.get(mid)) is not None and r.has_error())
-        return ids
-
-
 def test_he_on_flower_is_refused_by_sites_that_assume_a_corrupt_client(tiny_model_dir, tmp_path) -> None:
     """Sites keep the default corrupt_fraction (0.05); a server that claims n_C = 0 and announces HE is refused.
 
@@ -85,12 +73,12 @@ def test_he_on_flower_is_refused_by_sites_that_assume_a_corrupt_client(tiny_mode
     site_config = tiny_config(tiny_model_dir, 'secure_aggregation.protocol="he-bfv"', "federation.rounds=1",
                               "evaluation.generations=0")  # fmt: skip
     with pytest.raises(ConfigError, match="corrupt_fraction"):  # an honest server refuses before any node works
-        run_on_grid(_RecordingGrid(client_app, {}), site_config, out=tmp_path / "honest", log=lambda _m: None)
+        run_on_grid(RecordingGrid(client_app, {}), site_config, out=tmp_path / "honest", log=lambda _m: None)
     config = site_config.with_overrides(["secure_aggregation.corrupt_fraction=0"])
     out, sites = tmp_path / "run", tmp_path / "sites"
     nodes = _nodes(site_config, tmp_path, sites)
     provision_sites(site_config, sites)
-    grid = _RecordingGrid(client_app, nodes)
+    grid = RecordingGrid(client_app, nodes)
     grid.errors = []
     result = run_on_grid(grid, config, out=out, log=lambda _m: None)
     first = result.metrics[1]

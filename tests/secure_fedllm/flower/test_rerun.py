@@ -41,11 +41,11 @@ def _inputs() -> list[np.ndarray]:
     return [rng.uniform(-0.1, 0.1, D) for _ in range(N)]
 
 
-def _seed(i: int) -> bytes:
+def rounding_seed_of(i: int) -> bytes:
     return hashlib.sha256(b"rounding|%d" % i).digest()
 
 
-def _app(inputs: list[np.ndarray]) -> ClientApp:
+def fixed_update_app(inputs: list[np.ndarray]) -> ClientApp:
     """A ClientApp that returns the same update whenever asked (a deterministic re-run of local training)."""
     app = ClientApp(mods=[secure_aggregation_mod])
 
@@ -55,14 +55,14 @@ def _app(inputs: list[np.ndarray]) -> ClientApp:
         content = {
             "arrays": ArrayRecord([inputs[i]]),
             "metrics": MetricRecord({"num-examples": 1.0}),
-            INPUT_RECORD: ConfigRecord({"rounding_seed": _seed(i)}),
+            INPUT_RECORD: ConfigRecord({"rounding_seed": rounding_seed_of(i)}),
         }
         return Message(RecordDict(content), reply_to=msg)
 
     return app
 
 
-class _RecordingGrid(LocalGrid):
+class RecordingGrid(LocalGrid):
     """LocalGrid that also keeps the reason of every error reply (secure_aggregate raises before returning them)."""
 
     errors: list[str]
@@ -76,13 +76,13 @@ class _RecordingGrid(LocalGrid):
         return ids
 
 
-def _grid(tmp_path, inputs: list[np.ndarray]) -> tuple[_RecordingGrid, dict[int, bytes]]:
+def _grid(tmp_path, inputs: list[np.ndarray]) -> tuple[RecordingGrid, dict[int, bytes]]:
     keys = {node: os.urandom(32) for node in range(1, N + 1)}
     configs = []
     for node, key in keys.items():
         (tmp_path / f"id{node}.key").write_text(key.hex())
         configs.append({"partition-id": node - 1, "secagg-identity-key": str(tmp_path / f"id{node}.key")})
-    grid = _RecordingGrid(_app(inputs), configs)
+    grid = RecordingGrid(fixed_update_app(inputs), configs)
     grid.errors = []
     return grid, keys
 
@@ -130,7 +130,7 @@ def test_control_without_binding_recovers_the_target_update_exactly(tmp_path, mo
     second = _session(grid, keys, [n for n in everyone if n != T])
     assert len(second.aggregate.included) == N - 1
     recovered = _difference(first.aggregate.ring_sum, second.aggregate.ring_sum)
-    target = ENCODING.encode(inputs[T - 1], weight=1.0, rounding_seed=_seed(T - 1)).astype(np.uint64)
+    target = ENCODING.encode(inputs[T - 1], weight=1.0, rounding_seed=rounding_seed_of(T - 1)).astype(np.uint64)
     assert np.array_equal(recovered, target)  # S1 - S2 = x_T, bit for bit
 
 
@@ -157,7 +157,7 @@ def test_the_release_key_never_reaches_the_server(tmp_path) -> None:
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
         i = int(ctx.node_config["partition-id"])  # type: ignore[arg-type]
-        extra = {"rounding_seed": _seed(i), "release_key": secret + bytes([i]), "release_job": "job",
+        extra = {"rounding_seed": rounding_seed_of(i), "release_key": secret + bytes([i]), "release_job": "job",
                  "release_round": 1, "site_state": str(tmp_path / f"site{i}")}  # fmt: skip
         content = {"arrays": ArrayRecord([inputs[i]]), "metrics": MetricRecord({"num-examples": 1.0}),
                    INPUT_RECORD: ConfigRecord(extra)}  # fmt: skip
@@ -195,7 +195,7 @@ def _site_app(inputs: list[np.ndarray], tmp_path) -> ClientApp:
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
         i = int(ctx.node_config["partition-id"])  # type: ignore[arg-type]
-        extra = {"rounding_seed": _seed(i), "release_key": hashlib.sha256(b"key|%d" % i).digest(),
+        extra = {"rounding_seed": rounding_seed_of(i), "release_key": hashlib.sha256(b"key|%d" % i).digest(),
                  "release_job": "job", "release_round": 1, "site_state": str(tmp_path / f"site{i}")}  # fmt: skip
         content = {"arrays": ArrayRecord([inputs[i]]), "metrics": MetricRecord({"num-examples": 1.0}),
                    INPUT_RECORD: ConfigRecord(extra)}  # fmt: skip
