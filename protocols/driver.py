@@ -202,7 +202,7 @@ def run_round(
 
 def run_sessions(
     family: SessionFamily,
-    inputs: Sequence[npt.NDArray[np.floating]],
+    inputs: Sequence[npt.NDArray[np.floating] | npt.NDArray[np.integer]],
     *,
     weights: Sequence[float] | None = None,
     drop_at: DropAt | None = None,
@@ -216,7 +216,10 @@ def run_sessions(
     rounding_seeds: Sequence[bytes] | None = None,
     party_contexts: Sequence[bytes] | None = None,
 ) -> RoundReport:
-    """`run_round` for any `SessionFamily` (the same arguments, with the family in place of params/protocol)."""
+    """`run_round` for any `SessionFamily` (the same arguments, with the family in place of params/protocol).
+
+    An integer input vector is passed to `set_input` as ring elements (see `ClientSession.set_input`).
+    """
     rng_for = rng_for or (lambda _party: OsRandom())
     session = session if session is not None else rng_for(-1).token_bytes(16)
     drops = {p: as_round_step(s) for p, s in (drop_at or {}).items()}
@@ -274,7 +277,10 @@ def _decrypted(family: SessionFamily, client: ClientSession) -> bool:
 
 
 def _starter(
-    client: ClientSession, x: npt.NDArray[np.floating], weight: float, seed: bytes | None
+    client: ClientSession,
+    x: npt.NDArray[np.floating] | npt.NDArray[np.integer],
+    weight: float,
+    seed: bytes | None,
 ) -> Callable[[], Any]:
     def start() -> Any:
         client.set_input(x, weight=weight, rounding_seed=seed)

@@ -12,6 +12,10 @@ scale level / max_weight), so the server learns only sum(w_i x_i) and sum(w_i).
 Stochastic-rounding randomness is not secret (it only has to be independent of the data); it comes
 from an AES-CTR stream whose seed the caller may pass in, and which is otherwise drawn from the
 session's `SecretSource`.
+
+Distributed DP needs a second kind of input: a client that quantizes its own update and adds its share
+of integer (Skellam) noise already holds ring elements, and `encode_ring` takes them as they are
+(reduced mod 2^b, never clipped or scaled), with the same weight word as `encode`.
 """
 
 from __future__ import annotations
@@ -114,12 +118,27 @@ class FixedPointEncoding(BaseModel):
         x = np.asarray(x)
         if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
             raise LocalProtocolError(f"x must be a 1-D float vector, got shape {x.shape} dtype {x.dtype}")
+        return ChunkEncoder(self, x, weight, self._seed(weight, rounding_seed, rng))
+
+    def _seed(self, weight: float, rounding_seed: bytes | None, rng: SecretSource | None) -> bytes:
+        """Check the weight, then the rounding seed (drawn from `rng` when omitted: one 32-byte draw)."""
         if not (math.isfinite(weight) and 0 <= weight <= self.max_weight):
             raise LocalProtocolError(f"weight={weight} must be finite and in [0, max_weight={self.max_weight}]")
         seed = rounding_seed if rounding_seed is not None else (rng or OsRandom()).token_bytes(32)
         if len(seed) != 32:
             raise LocalProtocolError(f"rounding_seed must be 32 bytes, got {len(seed)}")
-        return ChunkEncoder(self, x, weight, seed)
+        return seed
+
+    def _weight_word(self, weight: float, uniform_word: int) -> int:
+        """The weight word as a signed integer: weight * weight_scale, rounded up iff u < its fraction.
+
+        `uniform_word` is the 32-bit rounding word (the one after the data words of the rounding
+        stream), so `encode` and `encode_ring` agree bit for bit; with the default max_weight = 1.0 a
+        weight of 1.0 lands on `level` exactly (no rounding).
+        """
+        u_w = uniform_word * _U32_SCALE
+        y_w = min(weight * self.weight_scale, float(self.level))
+        return math.floor(y_w) + (u_w < y_w - math.floor(y_w))
 
     def encode(
         self,
@@ -145,6 +164,73 @@ class FixedPointEncoding(BaseModel):
         for start in range(0, stream.length, CHUNK_WORDS):
             stream.fill(out[start : start + CHUNK_WORDS], start)
         return out
+
+    def encode_ring(
+        self,
+        z: npt.NDArray[np.integer],
+        *,
+        weight: float = 1.0,
+        rounding_seed: bytes | None = None,
+        rng: SecretSource | None = None,
+    ) -> npt.NDArray[np.unsignedinteger]:
+        """Take integer ring elements `z` as they are, plus the weight word: a vector of length len(z) + 1.
+
+        For distributed DP: the client has quantized its clipped update itself and added its share
+        of integer noise, so each value is already a ring element. It is reduced mod 2^b (two's
+        complement: -1 becomes 2^b - 1) and never clipped nor scaled: clipping one client's noisy
+        share would change the distribution of the summed noise the privacy guarantee rests on, and
+        a sum that wraps is post-processing of that sum, for the caller to read with its own lift.
+        The last word is the weight word exactly as `encode` writes it for an input of this length
+        and this rounding seed (the same draw from `rng`, the same rounding word), so weight 1.0
+        (with the default max_weight) encodes exactly and the server decodes the weight sum, the
+        number of inputs, as it does for float inputs.
+
+        Args:
+            z: 1-D vector of any signed or unsigned integer dtype.
+            weight: aggregation weight in [0, max_weight].
+            rounding_seed: 32-byte seed of the rounding stream (only the weight word uses it).
+            rng: source for the rounding seed; `os.urandom` when omitted.
+
+        Raises:
+            LocalProtocolError: if `z` is not a 1-D integer vector (float and bool are refused, so a
+                float update cannot skip its clipping) or `weight` is out of range.
+        """
+        z = np.asarray(z)
+        if z.ndim != 1 or not np.issubdtype(z.dtype, np.integer):
+            raise LocalProtocolError(
+                f"x must be a 1-D integer vector of ring elements, got shape {z.shape} dtype {z.dtype}"
+            )
+        seed = self._seed(weight, rounding_seed, rng)
+        d = z.shape[0]
+        out = np.empty(d + 1, dtype=ring_dtype(self.ring_bits))
+        out[:d] = z.astype(out.dtype, casting="unsafe")  # integer casts wrap mod 2^b (two's complement)
+        # The rounding word `encode` uses is bytes [4d, 4d + 4) of the AES-CTR stream (one word per
+        # data coordinate comes first): start the counter at that block rather than run through it.
+        block, offset = divmod(4 * d, 16)
+        stream = Cipher(algorithms.AES(seed), modes.CTR(block.to_bytes(16, "big"))).encryptor()
+        word = int.from_bytes(stream.update(bytes(offset + 4))[offset:], "little")
+        signed = out.view(out.dtype.str.replace("u", "i"))
+        signed[d] = self._weight_word(weight, word)
+        return out
+
+    def encode_input(
+        self,
+        x: npt.NDArray[np.floating] | npt.NDArray[np.integer],
+        *,
+        weight: float = 1.0,
+        rounding_seed: bytes | None = None,
+        rng: SecretSource | None = None,
+    ) -> npt.NDArray[np.unsignedinteger]:
+        """`encode_ring` for an integer-dtype `x`, `encode` otherwise: the one rule every masking client uses.
+
+        The dtype decides, not the values: an integer vector holds ring elements the client made
+        itself (distributed DP), a float vector is an update to clip. Anything else (bool, object,
+        complex) reaches `encode` and is refused there.
+        """
+        arr: npt.NDArray[Any] = np.asarray(x)
+        if np.issubdtype(arr.dtype, np.integer):
+            return self.encode_ring(arr, weight=weight, rounding_seed=rounding_seed, rng=rng)
+        return self.encode(arr, weight=weight, rounding_seed=rounding_seed, rng=rng)
 
     def decode(self, ring_sum: npt.NDArray[np.unsignedinteger], *, num_inputs: int) -> DecodedSum:
         """Decode the ring sum of `num_inputs` encoded inputs (weight in the last coordinate).
@@ -217,7 +303,5 @@ class ChunkEncoder:
             signed[:w] = f  # |f| <= level, so the cast is exact; the view wraps mod 2^b
         if start + len(out) > d:  # the weight word
             word: bytes = self._stream.update(bytes(4))
-            u_w = int.from_bytes(word, "little") * _U32_SCALE
-            y_w = min(self.weight * enc.weight_scale, float(enc.level))
-            signed[d - start] = math.floor(y_w) + (u_w < y_w - math.floor(y_w))
+            signed[d - start] = enc._weight_word(self.weight, int.from_bytes(word, "little"))
         self._next = start + len(out)

@@ -91,12 +91,16 @@ class PlaintextClient:
         return self.state is PlaintextClientStage.SENT
 
     def set_input(
-        self, x: npt.NDArray[np.floating], *, weight: float = 1.0, rounding_seed: bytes | None = None
+        self,
+        x: npt.NDArray[np.floating] | npt.NDArray[np.integer],
+        *,
+        weight: float = 1.0,
+        rounding_seed: bytes | None = None,
     ) -> None:
-        """Encode the update exactly as `SecAggClient.set_input` does."""
+        """Encode the update exactly as `SecAggClient.set_input` does (integer `x`: ring elements, unclipped)."""
         if self.state is not PlaintextClientStage.NEW:
             raise InvalidTransitionError("set_input() after the input was sent")
-        self._input = self.params.encoding.encode(x, weight=weight, rounding_seed=rounding_seed, rng=self._rng)
+        self._input = self.params.encoding.encode_input(x, weight=weight, rounding_seed=rounding_seed, rng=self._rng)
 
     def start(self) -> Message:
         """The only message: the unmasked encoded input."""

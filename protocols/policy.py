@@ -13,7 +13,10 @@ a 100-party SecAgg+ runs with k = 2. `SecurityPolicy` is what a site decides for
   a `roster_label`: it then accepts the roster in a `SignedRoster` the authority signed for that
   label, relayed by the server (one label names one roster, so the server cannot pick among several);
 * the assumed corrupt fraction and dropout rate, and the statistical parameters sigma and eta;
-* floors: `min_parties`, and `min_honest_survivors`, the honest inputs any released sum must hold.
+* floors: `min_parties`, and `min_honest_survivors`, the honest inputs any released sum must hold;
+* `distributed_noise`: the site adds only its share of DP noise, calibrated for n - n_C - d_max
+  honest survivors, so it runs full SecAgg only, with t >= n - d_max: every released sum then holds
+  at least n - d_max inputs (each client aborts at UNMASK on a smaller survivor set).
 
 n_C, the parties colluding with the server, is counted ONCE over the whole pinned roster,
 ceil(corrupt_fraction x roster size), never as a fraction of the announced n: the server picks the
@@ -146,6 +149,24 @@ class SecurityPolicy(BaseModel):
     allow_insecure: bool = Field(
         False, description="accept parameters the server marks allow_insecure (below the security bound)"
     )
+    distributed_noise: bool = Field(
+        False,
+        description="this site adds only its share of DP noise, calibrated for n - n_C - d_max honest survivors; "
+        "it then requires full SecAgg (every party a neighbour of every other, whatever `protocol` says) and "
+        "threshold t >= n - d_max, so every released sum holds at least n - d_max inputs, each client aborting "
+        "at UNMASK otherwise; SecAgg+ is refused because its guarantee is per neighbourhood: a malicious server "
+        "learns sums over groups of honest survivors",
+    )
+    """Distributed DP: the noise in a released sum is only the sum of the survivors' shares.
+
+    Each client's share is calibrated so that h = n - n_C - d_max honest shares add up to the target
+    noise; a sum of fewer honest inputs carries less noise than the guarantee assumes. Full SecAgg
+    with t >= n - d_max makes every client refuse to unmask for a survivor set below n - d_max, of
+    which at most n_C collude, so at least h honest shares are in any released sum. SecAgg+ cannot
+    give this: a malicious server that drops parties at will learns sums over connected groups of
+    honest survivors (Bell et al. 2020), each with fewer than h noise shares. `allow_insecure` does
+    not lift these checks: they protect the noise calibration, not the masking bound.
+    """
     max_graph_tosses: Annotated[int, Field(ge=1, le=1000)] = Field(
         3,
         description="graph tosses (revealed nonces) this site joins per release in the malicious SecAgg+ "
@@ -227,6 +248,9 @@ class SecurityPolicy(BaseModel):
     ) -> SecAggParams:
         """The `SecAggParams` this site would use for `num_parties` (an honest server builds exactly these).
 
+        With `distributed_noise` they are full SecAgg (neighbours n - 1) with t >= n - d_max, whatever
+        `protocol` says (see the field).
+
         Args:
             num_parties: the announced n.
             dimension: length of each input.
@@ -257,6 +281,8 @@ class SecurityPolicy(BaseModel):
             self._check_members(tuple(identity_keys), n)
         n_c, d_max = self.max_corrupt(n), self.max_dropped(n)
         k, t = self.thresholds(n, malicious=identity_keys is not None)
+        if self.distributed_noise:  # thresholds() already gives (n - 1, n - d_max): the floor, stated here
+            k, t = n - 1, max(t, n - d_max)
         if encoding is None:
             if clip_range is None:
                 raise InsecureParameterError("derive needs clip_range or encoding")
@@ -279,6 +305,8 @@ class SecurityPolicy(BaseModel):
     def thresholds(self, num_parties: int, *, malicious: bool, roster_size: int | None = None) -> tuple[int, int]:
         """(k, t) this site derives for an announced n, without building parameters.
 
+        Full SecAgg, (n - 1, n - d_max), for protocol='secagg' and whenever `distributed_noise` is set.
+
         `roster_size` counts n_C over a roster of that size when the policy pins none yet (a job
         checking, before its first round, that its sites can run the malicious setting at all).
 
@@ -298,7 +326,7 @@ class SecurityPolicy(BaseModel):
                 f"num_parties={n}: n_C={n_c} ({self._nc_basis(n)}) plus d_max={d_max} leave no honest survivor; "
                 "announce a larger session, or lower corrupt_fraction or dropout_rate"
             )
-        if self.protocol == "secagg":
+        if self._full_graph:
             k, t = n - 1, n - d_max
             security, _ = _bounds(n, k, t, n_c, d_max, malicious)
             quorum = (n + n_c) // 2 + 1 if malicious else t
@@ -342,7 +370,9 @@ class SecurityPolicy(BaseModel):
 
         Raises:
             InsecureParameterError: naming the offending field (protocol, num_parties, allow_insecure,
-                roster, identity_keys, corrupt_parties, neighbours or threshold) and the fix.
+                roster, identity_keys, corrupt_parties, neighbours or threshold) and the fix. With
+                `distributed_noise`, also any graph but the complete one (neighbours) and any
+                threshold below n - d_max (threshold), whatever allow_insecure says.
         """
         if self.roster_authority is not None:
             self.with_roster(signed_roster).check_secagg(
@@ -356,6 +386,8 @@ class SecurityPolicy(BaseModel):
                 f"neighbours={params.neighbours}: this site runs protocol='secagg' (complete graph, "
                 f"neighbours={n - 1}), not SecAgg+; the server must announce SecAgg"
             )
+        if self.distributed_noise:
+            self._require_survivor_floor(params)
         if n < self.min_parties:
             raise InsecureParameterError(
                 f"num_parties={n} is below this site's min_parties={self.min_parties}; announce more parties"
@@ -528,7 +560,7 @@ class SecurityPolicy(BaseModel):
         try:
             want_k, want_t = (
                 (n - 1, n - d_max)
-                if self.protocol == "secagg"
+                if self._full_graph
                 else derive_secagg_plus(
                     n,
                     dropout_rate=self.dropout_rate,
@@ -550,6 +582,29 @@ class SecurityPolicy(BaseModel):
             f"d_max={d_max}; {wanted}; the server must announce at least those"
         )
 
+    @property
+    def _full_graph(self) -> bool:
+        """Whether this site runs only the complete graph (plain SecAgg)."""
+        return self.protocol == "secagg" or self.distributed_noise
+
+    def _require_survivor_floor(self, params: SecAggParams) -> None:
+        """Distributed noise: complete graph and t >= n - d_max (this site's d_max), or refuse."""
+        n, d_max = params.num_parties, self.max_dropped(params.num_parties)
+        if not params.complete:
+            raise InsecureParameterError(
+                f"neighbours={params.neighbours}: this site adds only its share of DP noise (distributed_noise=true), "
+                f"calibrated for n - n_C - d_max honest survivors, and accepts only full SecAgg; SecAgg+'s "
+                f"guarantee is per neighbourhood (a malicious server learns sums over groups of honest survivors); "
+                f"the server must announce neighbours={n - 1} (SecAgg) and threshold >= n - d_max = {n - d_max}"
+            )
+        if params.threshold < n - d_max:
+            raise InsecureParameterError(
+                f"threshold={params.threshold} at num_parties={n}: this site adds only its share of DP noise "
+                f"(distributed_noise=true), calibrated for n - n_C - d_max honest survivors with d_max={d_max}, so "
+                f"no sum of fewer than n - d_max = {n - d_max} inputs may be released; announce threshold >= n - "
+                f"d_max = {n - d_max}"
+            )
+
     def _nc_basis(self, n: int) -> str:
         if self.roster is not None:
             return f"corrupt_fraction={self.corrupt_fraction} of a pinned roster of {len(self.roster)}"
@@ -567,4 +622,5 @@ class SecurityPolicy(BaseModel):
             "min_parties": self.min_parties,
             "min_honest_survivors": self.min_honest_survivors,
             "allow_insecure": self.allow_insecure,
+            "distributed_noise": self.distributed_noise,
         }

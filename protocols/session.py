@@ -117,9 +117,19 @@ class ClientSession(Protocol):
         ...
 
     def set_input(
-        self, x: npt.NDArray[np.floating], *, weight: float = 1.0, rounding_seed: bytes | None = None
+        self,
+        x: npt.NDArray[np.floating] | npt.NDArray[np.integer],
+        *,
+        weight: float = 1.0,
+        rounding_seed: bytes | None = None,
     ) -> None:
-        """The update to contribute (before the step that consumes it)."""
+        """The update to contribute (before the step that consumes it).
+
+        A float vector is clipped, scaled and rounded into the ring. An integer vector holds ring
+        elements the client produced itself (distributed DP: its quantized update plus its share of
+        integer noise); the masking families (SecAgg, SecAgg+, plaintext) take it unclipped, mod
+        2^b, and HE refuses it (`LocalProtocolError`), since HE encodes its own plaintexts.
+        """
         ...
 
     def start(self) -> Any:

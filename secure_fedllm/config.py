@@ -122,6 +122,18 @@ class PrivacyConfig(_Section):
     """DP-SGD at each client; every client enforces these itself."""
 
     mechanism: Literal["none", "dp-sgd"] = Field("dp-sgd", description="none disables DP (not private)")
+    mode: Literal["local", "distributed"] = Field(
+        "local",
+        description="local: each client adds the full DP-SGD noise to its own update (holds against anyone); "
+        "distributed: each DP step is one secure-aggregation round and each client adds integer Skellam noise "
+        "calibrated so that the n - n_C - d_max honest survivors' shares together meet the target (holds against "
+        "the server and n_C colluding clients while secure aggregation holds; full SecAgg only; rounds = DP steps)",
+    )
+    sample_rate: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = Field(
+        None,
+        description="distributed: the common public Poisson rate q of every client (default expected_batch_size / "
+        "data.records_per_client)",
+    )
     unit: Literal["record", "user"] = Field("record", description="what one privacy unit is")
     user_field: str | None = Field(None, description="record field holding the person id, for unit='user'")
     target_epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(8.0, description="per-client epsilon")
@@ -272,6 +284,24 @@ class RunConfig(_Section):
                 f"secure_aggregation.protocol={self.secure_aggregation.protocol!r} needs at least 3 clients per "
                 f"round (got {cohort}): with two, each learns the other's update; add clients or set protocol='none'"
             )
+        if self.privacy.mode == "distributed" and self.privacy.mechanism != "none":
+            if self.secure_aggregation.protocol != "secagg":
+                raise ValueError(
+                    f"privacy.mode='distributed' needs secure_aggregation.protocol='secagg' (got "
+                    f"{self.secure_aggregation.protocol!r}): each client adds only a share of the noise, so only a sum "
+                    "of at least n - d_max inputs may be released; SecAgg+ reveals sums over groups of honest "
+                    "survivors to a malicious server, and HE or none do not hide one share"
+                )
+            if self.federation.weighting != "uniform":
+                raise ValueError(
+                    "privacy.mode='distributed' sums unit gradients over q * sum(N_i), not weighted updates; set "
+                    "federation.weighting='uniform'"
+                )
+            if self.evaluation.mode == "federated":
+                raise ValueError(
+                    "privacy.mode='distributed' with evaluation.mode='federated' is not supported yet; use "
+                    "evaluation.mode='server'"
+                )
         if self.privacy.unit == "user" and self.data.source == "synthetic" and self.privacy.user_field != "person_id":
             raise ValueError("synthetic data groups records by privacy.user_field='person_id'")
         return self

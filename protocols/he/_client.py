@@ -267,11 +267,24 @@ class HEClient:
         return self._ctx is not None
 
     def set_input(
-        self, x: npt.NDArray[np.floating], *, weight: float = 1.0, rounding_seed: bytes | None = None
+        self,
+        x: npt.NDArray[np.floating] | npt.NDArray[np.integer],
+        *,
+        weight: float = 1.0,
+        rounding_seed: bytes | None = None,
     ) -> None:
-        """The update to contribute (weights are folded into the encoding)."""
+        """The update to contribute (weights are folded into the encoding).
+
+        Integer vectors are refused: they are ring elements for the masking families (distributed
+        DP), whereas HE encodes its own plaintexts from a float update, so integer noise shares
+        would silently be rescaled as if they were floats.
+        """
         if self.state not in (HEClientState.NEW, HEClientState.HELLO_SENT):
             raise InvalidTransitionError("set_input() after keys were delivered")
+        if np.issubdtype(np.asarray(x).dtype, np.integer):
+            raise LocalProtocolError(
+                "x: integer ring inputs are for masking families; HE encodes its own plaintexts (pass a float update)"
+            )
         if not 0 < weight <= self.params.max_weight:
             raise LocalProtocolError(f"weight={weight} must be in (0, max_weight={self.params.max_weight}]")
         self._input = (np.asarray(x, dtype=np.float64), weight, rounding_seed)

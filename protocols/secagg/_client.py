@@ -209,15 +209,26 @@ class SecAggClient:
         return self.graph_mode is GraphMode.TOSS and self.state in _AFTER_REVEAL
 
     def set_input(
-        self, x: npt.NDArray[np.floating], *, weight: float = 1.0, rounding_seed: bytes | None = None
+        self,
+        x: npt.NDArray[np.floating] | npt.NDArray[np.integer],
+        *,
+        weight: float = 1.0,
+        rounding_seed: bytes | None = None,
     ) -> None:
-        """Encode this party's update; allowed any time before the share bundle arrives."""
+        """Encode this party's update; allowed any time before the share bundle arrives.
+
+        A float `x` is clipped, scaled and rounded (`FixedPointEncoding.encode`); an integer `x` is
+        taken as ring elements, unclipped (`FixedPointEncoding.encode_ring`): a distributed-DP client
+        that quantized its update and added its share of integer noise itself.
+        """
         if self.state not in (ClientState.IDLE, ClientState.ADVERTISED, ClientState.SHARED):
             raise InvalidTransitionError(f"set_input is not allowed in state {self.state.name}")
         if np.asarray(x).shape != (self.params.dimension,):
             raise LocalProtocolError(f"x must have shape ({self.params.dimension},), got {np.asarray(x).shape}")
         # Encoded now, so the session holds a snapshot of the update (4 bytes per coordinate).
-        self._s["input"] = self.params.encoding.encode(x, weight=weight, rounding_seed=rounding_seed, rng=self._rng)
+        self._s["input"] = self.params.encoding.encode_input(
+            x, weight=weight, rounding_seed=rounding_seed, rng=self._rng
+        )
 
     def advertise_keys(self) -> AdvertiseKeys:
         """Round 0: draw two fresh X25519 pairs and advertise their public halves."""

@@ -61,6 +61,7 @@ __all__ = [
     "round_params",
     "sample_cohort",
     "secagg_params",
+    "signed_sum",
     "simulated_identity_keys",
 ]
 
@@ -84,6 +85,14 @@ class AggregationOutcome:
     neighbours: int = 0
     threshold: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    ring_sum: npt.NDArray[np.int64] | None = None
+    """Integer inputs (distributed DP): the exact signed sum of the included vectors mod 2^b (no weight word)."""
+
+
+def signed_sum(ring_sum: npt.NDArray[np.unsignedinteger]) -> npt.NDArray[np.int64]:
+    """The centred lift of a ring sum without its weight word: what distributed DP decodes."""
+    values = np.asarray(ring_sum)
+    return values[:-1].view(values.dtype.str.replace("u", "i")).astype(np.int64)
 
 
 def _rng(seed: int, purpose: str, round_number: int) -> np.random.Generator:
@@ -146,6 +155,12 @@ def secagg_params(
         if sa.threshold is not None and sa.threshold != params.threshold:
             params = SecAggParams(**{**params.model_dump(), "threshold": sa.threshold})
             policy.check_secagg(params, party_id=0, identity_public_key=identity_keys[0])
+        return params
+    if config.privacy.mode == "distributed" and config.privacy.mechanism != "none":
+        # each client adds only a noise share: the sites' full-SecAgg parameters with t >= n - d_max
+        params = site_security_policy(config, roster=None).derive(n, dimension=dimension, clip_range=sa.clip_range)
+        if sa.threshold is not None and sa.threshold != params.threshold:  # announced as configured; sites check it
+            params = SecAggParams(**{**params.model_dump(), "threshold": sa.threshold})
         return params
     make = SecAggParams.secagg if sa.protocol == "secagg" else SecAggParams.secagg_plus
     return make(
@@ -274,7 +289,8 @@ def aggregate_updates(
     sa = config.secure_aggregation
     n = len(updates)
     clip = sa.clip_range
-    clipped = int(sum(int(np.count_nonzero(np.abs(u) > clip)) for u in updates))
+    integer = bool(updates) and all(np.issubdtype(u.dtype, np.integer) for u in updates)
+    clipped = 0 if integer else int(sum(int(np.count_nonzero(np.abs(u) > clip)) for u in updates))
     if sa.protocol == "none" and n < 3:
         survivors = [i for i in range(n) if i not in drop_at]
         if not survivors:
@@ -293,15 +309,16 @@ def aggregate_updates(
     else:
         identity_keys = None
         family = round_family(config, n, dimension)
-        if isinstance(family, HEFamily):  # HE's collusion rule holds in the semi-honest setting too
-            policy = site_security_policy(config, roster=None)
+        distributed = config.privacy.mode == "distributed" and config.privacy.mechanism != "none"
+        if isinstance(family, HEFamily) or distributed:  # HE's collusion rule and distributed DP's survivor floor
+            policy = site_security_policy(config, roster=None)  # hold in the semi-honest setting too
             for party in range(n):
                 _site_check(policy, family, party, None)
     neighbours, threshold, malicious = family_facts(family)
     try:
         report = run_sessions(
             family,
-            [u.astype(np.float64) for u in updates],
+            [u.astype(np.int64) if integer else u.astype(np.float64) for u in updates],
             weights=list(weights),
             drop_at=drop_at,
             round_number=round_number,
@@ -329,4 +346,5 @@ def aggregate_updates(
         malicious=malicious,
         neighbours=neighbours,
         threshold=threshold,
+        ring_sum=signed_sum(result.ring_sum) if integer and result.ring_sum is not None else None,
     )

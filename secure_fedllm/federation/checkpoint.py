@@ -104,20 +104,42 @@ def site_folder(sites: Path, client: int) -> Path:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The last completed round and the global aggregated vector after it."""
+    """The last completed round, the global aggregated vector after it, and the server optimiser's state.
+
+    `optimizer` (distributed DP's server-side Adam: first and second moments and its step count)
+    is public: it is a function of the released sums only.
+    """
 
     round: int
     global_vector: npt.NDArray[np.float32]
+    optimizer: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], int] | None = None
 
     def save(self, paths: RunPaths) -> None:
-        """Write the vector, then the state that points at it."""
+        """Write the vectors, then the state that points at them."""
         vector = np.ascontiguousarray(self.global_vector, dtype="<f4")
         atomic_write(paths.checkpoint / f"global-{self.round:04d}.f32", vector.tobytes())
-        state = {"round": self.round, "global": f"global-{self.round:04d}.f32", "dimension": int(vector.size)}
+        state: dict[str, object] = {
+            "round": self.round,
+            "global": f"global-{self.round:04d}.f32",
+            "dimension": int(vector.size),
+        }
+        keep = {str(state["global"])}
+        if self.optimizer is not None:
+            first, second, steps = self.optimizer
+            for name, moment in (("m", first), ("v", second)):
+                file = f"adam-{name}-{self.round:04d}.f32"
+                atomic_write(paths.checkpoint / file, np.ascontiguousarray(moment, dtype="<f4").tobytes())
+                keep.add(file)
+            state["optimizer"] = {
+                "m": f"adam-m-{self.round:04d}.f32",
+                "v": f"adam-v-{self.round:04d}.f32",
+                "steps": steps,
+            }
         atomic_write(paths.checkpoint / "state.json", json.dumps(state).encode())
-        for old in paths.checkpoint.glob("global-*.f32"):
-            if old.name != state["global"]:
-                old.unlink()
+        for pattern in ("global-*.f32", "adam-*.f32"):
+            for old in paths.checkpoint.glob(pattern):
+                if old.name not in keep:
+                    old.unlink()
 
     @classmethod
     def load(cls, paths: RunPaths) -> Checkpoint | None:
@@ -140,4 +162,14 @@ class Checkpoint:
         vector = np.frombuffer(data, dtype="<f4").copy()
         if not np.isfinite(vector).all():
             raise RunFolderError(f"{vector_file}: holds NaN or infinite values; {fix}")
-        return cls(round=round_number, global_vector=vector)
+        optimizer = None
+        if "optimizer" in state:
+            moments = []
+            for name in ("m", "v"):
+                file = paths.checkpoint / Path(str(state["optimizer"][name])).name
+                raw = file.read_bytes() if file.is_file() else b""
+                if len(raw) != 4 * dimension:
+                    raise RunFolderError(f"{file}: missing or not {dimension} float32 values; {fix}")
+                moments.append(np.frombuffer(raw, dtype="<f4").copy())
+            optimizer = (moments[0], moments[1], int(state["optimizer"]["steps"]))
+        return cls(round=round_number, global_vector=vector, optimizer=optimizer)

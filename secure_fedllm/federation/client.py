@@ -44,6 +44,9 @@ from ..adapters import AdapterManifest, get_vector, set_vector
 from ..data.tokenized import TokenizedDataset
 from ..errors import PrivacyBudgetExhaustedError
 from ..privacy import DPSGDEvent, PrivacyLedger
+from ..privacy.distributed import DistributedDP
+from ..privacy.ledger import DP_SGD, SKELLAM
+from ..privacy.noise import KeystreamSource
 from ..site import SiteState
 from ..training import LocalTrainer, StepSettings
 from .evaluation import (
@@ -75,7 +78,8 @@ class ClientUpdate:
 
     client: int
     round: int
-    delta: npt.NDArray[np.float32]
+    delta: npt.NDArray[np.float32] | npt.NDArray[np.int64]
+    """The update (local mode), or distributed DP's integer vector: rounded unit gradients plus a noise share."""
     epsilon: float
     replayed: bool
     release_key: bytes
@@ -191,15 +195,22 @@ class FederatedClient:
         key = self.release_key(plan, global_vector, assignment)
         tag = hashlib.sha256(b"secure-fedllm/ledger-tag|" + key).hexdigest()[:32]
         event = self.policy.event()
+        round_dp = (
+            self.policy.round_dp(assignment, len(plan.participants)) if self.policy.distributed is not None else None
+        )
+        mechanism = SKELLAM if round_dp is not None else DP_SGD
         charged = False
         if event is not None and self.ledger is not None:
-            event = event.model_copy(
-                update={
-                    "noise_multiplier": assignment.noise_multiplier,
-                    "sample_rate": assignment.sample_rate,
-                    "steps": assignment.steps,
-                }
-            )
+            if round_dp is not None:
+                event = round_dp.event()
+            else:
+                event = event.model_copy(
+                    update={
+                        "noise_multiplier": assignment.noise_multiplier,
+                        "sample_rate": assignment.sample_rate,
+                        "steps": assignment.steps,
+                    }
+                )
             charged = self.ledger.charged(plan.round, tag)
             if not charged:
                 if len(self.ledger.rounds) >= self.policy.max_participations:
@@ -207,7 +218,8 @@ class FederatedClient:
                         f"client {self.client}: participation cap {self.policy.max_participations} reached"
                     )
                 if self.ledger.would_exceed(event):
-                    self.ledger.charge(plan.round, event, release=tag)  # raises PrivacyBudgetExhaustedError
+                    # raises PrivacyBudgetExhaustedError
+                    self.ledger.charge(plan.round, event, release=tag, mechanism=mechanism)
         seed = self.site.noise_seed(self.job, plan.round, key)
         delta = self.site.load_output(self.job, plan.round, key)
         if delta is None:
@@ -216,10 +228,13 @@ class FederatedClient:
                     f"client {self.client}: round {plan.round} was charged but its output is missing from "
                     f"{self.site.root}; refusing to release it again"
                 )
-            delta = self._train(trainer, model, manifest, global_vector, assignment, seed)
+            if round_dp is not None:
+                delta = self._distributed_step(trainer, model, manifest, global_vector, round_dp, seed)
+            else:
+                delta = self._train(trainer, model, manifest, global_vector, assignment, seed)
             self.site.save_output(self.job, plan.round, key, delta)
         if event is not None and self.ledger is not None and not charged:
-            self.ledger.charge(plan.round, event, release=tag)
+            self.ledger.charge(plan.round, event, release=tag, mechanism=mechanism)
         rounding = hashlib.sha256(b"secure-fedllm/rounding|" + seed).digest()
         return ClientUpdate(self.client, plan.round, delta, self.epsilon, charged, key, rounding)
 
@@ -425,6 +440,39 @@ class FederatedClient:
         finally:
             set_vector(model, manifest, global_vector)  # the shared model never keeps one client's update
         return delta.astype(np.float32)
+
+    def _distributed_step(
+        self,
+        trainer: LocalTrainer,
+        model: PeftModel,
+        manifest: AdapterManifest,
+        global_vector: npt.NDArray[np.float32],
+        round_dp: DistributedDP,
+        seed: bytes,
+    ) -> npt.NDArray[np.int64]:
+        """One distributed DP-SGD step: Poisson-sample, per-unit gradients, conditional rounding, Skellam share.
+
+        Sampling, rounding and model dropout follow public-quality generators seeded from the
+        release's secret seed; the Skellam share comes from a ChaCha20 keystream under a key derived
+        from it (`secure_fedllm.privacy.distributed`).
+        """
+        set_vector(model, manifest, global_vector)
+        sampler = torch.Generator().manual_seed(_seed_int(seed, b"sample"))
+        chosen = torch.rand(self.data.num_units, generator=sampler) < round_dp.sample_rate
+        units = [int(u) for u in chosen.nonzero().flatten()]
+        batch = self.data.batch_of_units(units) if units else None
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed_int(seed, b"dropout"))
+                grads = trainer.per_unit_gradients(batch, list(manifest.check(model).values()))
+        finally:
+            set_vector(model, manifest, global_vector)
+        noise_key = hmac.new(seed, b"secure-fedllm/skellam-noise-key/v1", hashlib.sha256).digest()
+        return round_dp.contribution(
+            grads.numpy(),
+            rounding=np.random.default_rng(_seed_int(seed, b"rounding")),
+            noise=KeystreamSource(noise_key),
+        )
 
     def _check_plan(self, plan: RoundPlan) -> Assignment:
         """Refuse a malformed plan, one for another model, a weakened one, or one that could single out an update."""

@@ -34,6 +34,7 @@ from .checkpoint import Checkpoint, RunInterruptedError, RunPaths, site_folder
 from .folder import RunFolder, open_run_folder
 from .plan import Assignment, ClientPolicy, RoundPlan
 from .record import RoundRecord
+from .server_optimizer import ServerAdam
 
 __all__ = [
     "ClientLedger",
@@ -153,7 +154,14 @@ def open_site(config: RunConfig, sites: Path, client: int) -> Any:
 
 
 def make_client(
-    config: RunConfig, sites: Path, client: int, data: Any, fingerprints: dict[str, str], *, heldout: Any = None
+    config: RunConfig,
+    sites: Path,
+    client: int,
+    data: Any,
+    fingerprints: dict[str, str],
+    *,
+    heldout: Any = None,
+    dimension: int | None = None,
 ) -> Any:
     """Client `client` of `config` with its policy (calibrated to its N_i), ledger and state folder.
 
@@ -161,7 +169,8 @@ def make_client(
     `heldout` is the site's held-out split for federated evaluation: its units join the population
     the ledger is named after (every person at the site, trained on or held out, is in one ledger),
     and with `evaluation.mode = "federated"` the training noise is raised so that training and the
-    evaluations fit the budget together (`evaluation.policy_with_evaluation`).
+    evaluations fit the budget together (`evaluation.policy_with_evaluation`). `dimension` (the adapter's
+    length) is needed under `privacy.mode = "distributed"`, whose calibration depends on it.
 
     Raises:
         ConfigError: the policy cannot be calibrated, or the ledger accounts another neighbouring relation.
@@ -172,7 +181,7 @@ def make_client(
     from .plan import client_policy
 
     federated = config.evaluation.mode == "federated"
-    policy = policy_with_evaluation(client_policy(config, client, data.num_units), config)
+    policy = policy_with_evaluation(client_policy(config, client, data.num_units, dimension=dimension), config)
     site = open_site(config, sites, client)
     ledger = None
     if policy.private:
@@ -362,7 +371,13 @@ class Federation:
         check_setting(config)  # a malicious setting the cohort cannot run fails here, before anything is written
         job = Job.build(config)
         units = self.transport.start(job, folder.paths)
-        self.job, self.folder, self.weights = job, folder, client_weights(config, units)
+        self.job, self.folder, self.weights, self.units = job, folder, client_weights(config, units), units
+        self.server_optimizer: ServerAdam | None = None
+        if config.privacy.mode == "distributed" and config.privacy.mechanism != "none":
+            saved = folder.checkpoint.optimizer if folder.checkpoint is not None else None
+            self.server_optimizer = ServerAdam(
+                job.manifest.dimension, learning_rate=config.training.learning_rate, state=saved
+            )
         if folder.checkpoint is not None and folder.checkpoint.global_vector.size != job.manifest.dimension:
             raise ConfigError(
                 f"{folder.paths.checkpoint}: does not match this adapter ({job.manifest.dimension} values); "
@@ -401,7 +416,8 @@ class Federation:
             record, vector = self.play_round(round_number, vector)
             rows.append(record)
             paths.write_metrics(rows)
-            Checkpoint(round_number, vector).save(paths)
+            optimizer = self.server_optimizer.state() if self.server_optimizer is not None else None
+            Checkpoint(round_number, vector, optimizer=optimizer).save(paths)
             self._print(record)
             if self.on_round is not None:
                 self.on_round(record)
@@ -474,7 +490,29 @@ class Federation:
         record.seconds.round = time.perf_counter() - t
         if mean is None:
             return global_vector
+        if self.server_optimizer is not None:  # distributed DP: `mean` is the signed integer sum of the round
+            return self._distributed_step(plan, global_vector, mean, record)
         return (global_vector.astype(np.float64) + mean).astype(np.float32)
+
+    def _distributed_step(self, plan: RoundPlan, global_vector: Vector, signed: Any, record: RoundRecord) -> Vector:
+        """Decode the released sum with public constants (s, q, the included clients' N_i) and take Adam's step."""
+        from ..privacy.distributed import decode_gradient, ring_scale
+        from .plan import common_sample_rate
+
+        config, dimension = self.job.config, self.job.manifest.dimension
+        assert self.server_optimizer is not None
+        units = sum(self.units[c] for c in record.included)
+        q = min(a.sample_rate for a in plan.participants)
+        scale = ring_scale(config.privacy.max_grad_norm, dimension)
+        gradient = decode_gradient(signed, scale=scale, sample_rate=q, total_units=units)
+        record.distributed = {
+            "included": float(len(record.included)),
+            "sample_rate": q,
+            "common_sample_rate": common_sample_rate(config),
+            "units": float(units),
+            "scale": scale,
+        }
+        return self.server_optimizer.step(global_vector, gradient)
 
     def finish(self, rows: list[RoundRecord], global_vector: Vector, *, merge: bool = False) -> RunResult:
         """The adapter (from the last global vector, with its sidecar) and the report."""

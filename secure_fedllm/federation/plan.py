@@ -26,9 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import RunConfig
 from ..errors import ConfigError, SecureFedLLMError
-from ..privacy import DPSGDEvent, make_accountant, noise_for_epsilon
+from ..privacy import DPSGDEvent, IntegerNoiseEvent, make_accountant, noise_for_epsilon
+from ..privacy.distributed import DistributedDP, calibrate_distributed
 
-__all__ = ["Assignment", "ClientPolicy", "PlanRefusedError", "RoundPlan", "client_policy"]
+__all__ = ["Assignment", "ClientPolicy", "PlanRefusedError", "RoundPlan", "client_policy", "common_sample_rate"]
 
 
 class PlanRefusedError(SecureFedLLMError):
@@ -121,12 +122,52 @@ class ClientPolicy(BaseModel):
     min_weight: float = Field(
         0.1, description="smallest weight relative to the largest that the client accepts in a plan"
     )
+    distributed: DistributedDP | None = Field(
+        None, description="privacy.mode='distributed': the site's own distributed-DP parameters (else local DP-SGD)"
+    )
+    corrupt_fraction: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        0.0,
+        description="distributed mode: colluding clients this site assumes (n_C = ceil of it over roster_size or n)",
+    )
+    roster_size: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="distributed mode: clients n_C is counted over (the pinned roster; None: the round's n)"
+    )
+    dropout_rate: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="distributed mode: dropouts this site assumes (d_max = ceil(dropout_rate n))"
+    )
 
-    def event(self) -> DPSGDEvent | None:
-        """What one joined round costs (None without DP)."""
+    def event(self) -> DPSGDEvent | IntegerNoiseEvent | None:
+        """What one joined round costs (None without DP); distributed: the round sized for the full cohort."""
         if not self.private:
             return None
+        if self.distributed is not None:
+            return self.distributed.event()
         return DPSGDEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps)
+
+    def round_dp(self, assignment: Assignment, parties: int) -> DistributedDP:
+        """Distributed mode: this round's parameters, from the site's own assumptions, never the server's.
+
+        The central mu is the calibrated one (or more, if the plan asks for more noise); the share
+        is mu / h with h = n - n_C - d_max for this round's n, so a smaller round gets larger shares.
+
+        Raises:
+            PlanRefusedError: the round guarantees no honest share (h < 1), or the mode is local.
+        """
+        base = self.distributed
+        if base is None:
+            raise PlanRefusedError(f"client {self.client} runs local DP-SGD, not distributed DP")
+        corrupt = math.ceil(self.corrupt_fraction * (self.roster_size or parties) - 1e-9)
+        dropouts = math.ceil(self.dropout_rate * parties - 1e-9)
+        honest = parties - corrupt - dropouts
+        if honest < 1:
+            raise PlanRefusedError(
+                f"client {self.client} refuses a distributed-DP round of {parties} clients: with n_C={corrupt} and "
+                f"d_max={dropouts} no honest noise share is guaranteed; the server must run larger rounds"
+            )
+        mu = max(base.mu, (assignment.noise_multiplier * base.l2) ** 2 / 2)
+        return base.model_copy(
+            update={"parties": parties, "honest": honest, "mu": mu, "sample_rate": assignment.sample_rate}
+        )
 
     def check(self, assignment: Assignment) -> None:
         """Refuse a plan that asks for less noise, a larger clip, a larger q or more steps than allowed.
@@ -165,8 +206,14 @@ class ClientPolicy(BaseModel):
                 )
 
 
-def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolicy:
+def client_policy(config: RunConfig, client: int, num_units: int, *, dimension: int | None = None) -> ClientPolicy:
     """Derive client `client`'s policy from the run config and its own N_i.
+
+    With `privacy.mode = "distributed"` (`dimension`, the adapter's length, is then required) the
+    policy holds the site's `DistributedDP` parameters: the common q, one DP step per round, the
+    central Skellam noise calibrated for h = n - n_C - d_max honest shares at the full cohort, and
+    delta = 0.1 / (clients N_i) (0.1 / sum N_i when the sites are of equal size; a smaller site
+    should set privacy.delta to 0.1 / sum N_i itself).
 
     Raises:
         ConfigError: delta above 0.1 / N_i, or an epsilon out of reach.
@@ -177,6 +224,8 @@ def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolic
             f"client {client}: no privacy unit left to train on (every record's prompt fills "
             f"data.max_length={config.data.max_length}, or its data is empty); raise data.max_length or give it records"
         )
+    if privacy.mode == "distributed" and privacy.mechanism != "none":
+        return _distributed_policy(config, client, num_units, dimension)
     q = min(1.0, privacy.expected_batch_size / num_units)
     joins = min(fed.rounds, privacy.max_participations or fed.rounds)
     steps = fed.local_steps if fed.local_epochs is None else max(1, round(fed.local_epochs / q))
@@ -213,4 +262,60 @@ def client_policy(config: RunConfig, client: int, num_units: int) -> ClientPolic
         epsilon_budget=privacy.target_epsilon if privacy.mechanism != "none" else math.inf,
         delta=delta,
         min_weight=min_weight,
+    )
+
+
+def common_sample_rate(config: RunConfig) -> float:
+    """Distributed mode's public Poisson rate q: privacy.sample_rate, or expected_batch_size / records_per_client."""
+    privacy = config.privacy
+    if privacy.sample_rate is not None:
+        return privacy.sample_rate
+    return min(1.0, privacy.expected_batch_size / config.data.records_per_client)
+
+
+def _distributed_policy(config: RunConfig, client: int, num_units: int, dimension: int | None) -> ClientPolicy:
+    privacy, fed, sa = config.privacy, config.federation, config.secure_aggregation
+    if dimension is None:
+        raise ConfigError("privacy.mode='distributed' calibrates for the adapter's dimension; pass dimension=")
+    q = common_sample_rate(config)
+    joins = min(fed.rounds, privacy.max_participations or fed.rounds)
+    delta_cap = 0.1 / (fed.clients * num_units)
+    delta = privacy.delta if privacy.delta is not None else delta_cap
+    if delta > 0.1 / num_units * (1 + 1e-12):
+        raise ConfigError(
+            f"privacy.delta={delta:g} exceeds 0.1/N_i = {0.1 / num_units:.3g} for client {client}; lower it "
+            "(distributed mode: 0.1 / sum N_i) or leave it unset"
+        )
+    n = fed.clients_per_round or fed.clients
+    roster = fed.clients if sa.setting == "malicious" else None
+    corrupt = math.ceil(sa.corrupt_fraction * (roster or n) - 1e-9)
+    dropouts = math.ceil(sa.dropout_rate * n - 1e-9)
+    dist = calibrate_distributed(
+        target_epsilon=privacy.target_epsilon,
+        delta=delta,
+        sample_rate=q,
+        steps=joins,
+        clip=privacy.max_grad_norm,
+        dimension=dimension,
+        parties=n,
+        corrupt=corrupt,
+        dropouts=dropouts,
+        neighbouring=privacy.neighbouring,
+    )
+    return ClientPolicy(
+        client=client,
+        private=True,
+        num_units=num_units,
+        noise_multiplier=dist.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        sample_rate=q,
+        steps=1,
+        max_participations=joins,
+        epsilon_budget=privacy.target_epsilon,
+        delta=delta,
+        min_weight=1.0,
+        distributed=dist,
+        corrupt_fraction=sa.corrupt_fraction,
+        roster_size=roster,
+        dropout_rate=sa.dropout_rate,
     )

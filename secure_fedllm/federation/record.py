@@ -127,6 +127,9 @@ class RoundRecord(_Row):
     federated_evaluation: FederatedEvaluation | None = None
     """With `evaluation.mode = "federated"`: this round's federated evaluation (eval_loss and perplexity are
     then its noised figures; the server scored nothing itself)."""
+    distributed: dict[str, float] | None = None
+    """With `privacy.mode = "distributed"`: the released sum's public facts (included clients, the honest
+    shares and central Skellam mu the sites guarantee, the units it is divided by, the wrap-around bound)."""
 
     def to_line(self) -> str:
         """The JSON line of `metrics.jsonl`."""

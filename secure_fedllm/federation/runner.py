@@ -127,7 +127,15 @@ class InProcessTransport:
         datasets = [TokenizedDataset.build(records, job.template) for records in job.data.clients]
         heldout = [TokenizedDataset.build(records, job.template) for records in job.site_heldout or ()]
         self.clients = [
-            make_client(config, sites, i, ds, job.fingerprints, heldout=heldout[i] if heldout else None)
+            make_client(
+                config,
+                sites,
+                i,
+                ds,
+                job.fingerprints,
+                heldout=heldout[i] if heldout else None,
+                dimension=job.manifest.dimension,
+            )
             for i, ds in enumerate(datasets)
         ]
         self.trainer = LocalTrainer(job.model, grad_sample_mode=config.training.grad_sample_mode)
@@ -211,7 +219,7 @@ class InProcessTransport:
             evaluation=record.seconds.evaluation,
         )
         record.bytes = RoundBytes(upload=outcome.upload_bytes, download=outcome.download_bytes)
-        return outcome.mean
+        return outcome.ring_sum if outcome.ring_sum is not None else outcome.mean  # distributed DP: the integer sum
 
 
 def _fedit_error(manifest: Any, start: np.ndarray, deltas: list[np.ndarray], outcome: Any) -> float:

@@ -162,7 +162,15 @@ def _node(context: Context) -> _Node:
     data = _DATA[key]
     # The client (and its ledger) is re-read from disk for every message: another worker process may
     # have served this node since, and a stale in-memory ledger would under-count its epsilon.
-    client = make_client(config, state, partition, data, shared.job.fingerprints, heldout=_HELDOUT[key])
+    client = make_client(
+        config,
+        state,
+        partition,
+        data,
+        shared.job.fingerprints,
+        heldout=_HELDOUT[key],
+        dimension=shared.job.manifest.dimension,
+    )
     return _Node(config, partition, shared.job, shared.trainer, client, len(data.examples), data.dropped)
 
 
@@ -184,7 +192,7 @@ def _facts(context: Context) -> tuple[Any, dict[str, int]]:
     digest = hashlib.sha256((config.model_dump_json() + "|" + data_path).encode()).hexdigest()
     path = site_folder(state, partition) / "facts.json"
     facts = json.loads(path.read_text()) if path.exists() else {}
-    if facts.get("config") != digest or "population" not in facts:
+    if facts.get("config") != digest or "population" not in facts or "dimension" not in facts:
         node = _node(context)
         held = node.client.heldout.unit_ids if node.client.heldout is not None else []
         facts = {
@@ -193,10 +201,12 @@ def _facts(context: Context) -> tuple[Any, dict[str, int]]:
             "population": population_id([*node.client.data.unit_ids, *held]),  # as make_client names it
             "records": node.records,
             "dropped": node.dropped,
+            "dimension": node.job.manifest.dimension,  # public: distributed DP calibrates for it
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(facts).encode())
-    client = make_client(config, state, partition, _Counts(int(facts["units"]), str(facts["population"])), {})
+    counts = _Counts(int(facts["units"]), str(facts["population"]))
+    client = make_client(config, state, partition, counts, {}, dimension=int(facts["dimension"]))
     return client, facts
 
 

@@ -215,14 +215,21 @@ def _check_family(name: str, params: SecAggParams | HEParams) -> None:
 class ClientUpdate:
     """What a ClientApp's reply contributes: its flat vector, its weight and an optional rounding seed."""
 
-    vector: npt.NDArray[np.float64]
+    vector: npt.NDArray[np.float64] | npt.NDArray[np.int64]
     weight: float
     rounding_seed: bytes | None
     context: bytes | None = None
 
 
-def flatten_arrays(arrays: Iterable[npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
-    """Concatenate arrays in order into one float64 vector (the protocol's input)."""
+def flatten_arrays(arrays: Iterable[npt.NDArray[Any]]) -> npt.NDArray[np.float64] | npt.NDArray[np.int64]:
+    """Concatenate arrays in order into one vector (the protocol's input).
+
+    Float arrays give float64 (encoded by the protocol); all-integer arrays (distributed DP's
+    rounded, noised sums) stay int64, the protocol's ring input, which must not pass through floats.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    if arrays and all(np.issubdtype(a.dtype, np.integer) for a in arrays):
+        return np.concatenate([a.astype(np.int64).ravel() for a in arrays])
     parts = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
     return np.concatenate(parts) if parts else np.zeros(0)
 

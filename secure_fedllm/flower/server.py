@@ -208,6 +208,10 @@ class GridTransport:
         record.bytes = RoundBytes(
             upload=sum(outcome.upload_bytes.values()), download=sum(outcome.download_bytes.values())
         )
+        if config.privacy.mode == "distributed" and config.privacy.mechanism != "none":
+            from ..federation.aggregation import signed_sum
+
+            return signed_sum(outcome.aggregate.ring_sum)  # distributed DP: the exact integer sum
         return outcome.mean()
 
     def _roster(self) -> list[bytes] | None:

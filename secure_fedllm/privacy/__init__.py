@@ -18,25 +18,35 @@ from .accountants import (
 from .calibration import noise_for_epsilon
 from .events import DPSGDEvent
 from .integer_noise import (
+    INTEGER_RDP_ORDERS,
     IntegerNoiseEvent,
     SkellamRDPAccountant,
     discrete_gaussian_rdp,
+    mixed_rdp,
+    mixed_rdp_epsilon,
+    own_share_events,
     poisson_subsampled_rdp,
     rdp_to_epsilon,
     skellam_mu_for_epsilon,
     skellam_rdp,
 )
-from .ledger import PrivacyLedger
+from .ledger import DP_SGD, GAUSSIAN, MECHANISMS, SKELLAM, LedgerEvent, PrivacyLedger
 from .noise import NOISE_GENERATORS, csprng_gaussian
 
 __all__ = [
     "ACCOUNTANTS",
+    "DP_SGD",
+    "GAUSSIAN",
     "GROUP_OF_TWO_SPLITS",
+    "INTEGER_RDP_ORDERS",
+    "MECHANISMS",
     "NEIGHBOURING",
     "NOISE_GENERATORS",
+    "SKELLAM",
     "Accountant",
     "DPSGDEvent",
     "IntegerNoiseEvent",
+    "LedgerEvent",
     "Neighbouring",
     "PLDAccountant",
     "PRVAccountant",
@@ -48,8 +58,11 @@ __all__ = [
     "discrete_gaussian_rdp",
     "group_of_two_epsilon",
     "make_accountant",
+    "mixed_rdp",
+    "mixed_rdp_epsilon",
     "neighbouring_statement",
     "noise_for_epsilon",
+    "own_share_events",
     "poisson_subsampled_rdp",
     "rdp_to_epsilon",
     "register_accountant",

@@ -115,7 +115,10 @@ def group_of_two_epsilon(epsilon_at: Callable[[float], float], delta: float) -> 
         first = epsilon_at(first_delta)
         if math.isinf(first):
             return math.inf
-        best = min(best, first + epsilon_at((delta - first_delta) * math.exp(-first)))
+        second_delta = (delta - first_delta) * math.exp(-first)
+        if second_delta <= 0:  # e^-eps(d1) underflowed: this split gives no finite bound
+            continue
+        best = min(best, first + epsilon_at(second_delta))
     return best
 
 

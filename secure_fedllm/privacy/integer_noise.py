@@ -40,28 +40,53 @@ written down and tested here, so its epsilon is computed from its own RDP:
   (Proposition 12): eps = min over alpha of rdp(alpha) + log((alpha-1)/alpha) - (log delta + log alpha)/(alpha-1),
   the same conversion Opacus' RDP accountant uses.
 
+* Mixed histories (`mixed_rdp_epsilon`). A site's ledger may hold Gaussian DP-SGD rounds (and
+  Gaussian evaluations) and distributed-DP Skellam rounds. Their epsilon must be one composition of
+  all of them, never a sum of per-part epsilons. The `pld` and `prv` accountants cannot do it: there
+  is no privacy loss distribution of the (Poisson-subsampled) Skellam mechanism here (dp_accounting
+  has no Skellam event, and an RDP curve cannot be turned back into a PLD), so a history that holds
+  any Skellam event is composed entirely by RDP at `INTEGER_RDP_ORDERS`: the sum of the Skellam
+  curves above and of the Poisson-subsampled Gaussian curves (Mironov, Talwar, Zhang 2019, Opacus'
+  `compute_rdp`, exact at integer orders and valid in both directions of add/remove, their
+  Theorem 4), converted once. RDP is looser than the PLD in (epsilon, delta), so the Gaussian part
+  of a mixed history reads higher than the same Gaussian rounds alone under `pld`: the first Skellam
+  round also re-reads the Gaussian history that precedes it. A history without Skellam events is
+  not affected (the ledger keeps its own accountant for it).
+* Own share (`own_share_events`). With distributed noise the release carries the sum of the honest
+  survivors' shares, Skellam(mu); if secure aggregation fails (the aggregator sees a client's masked
+  update unmasked, or colluders subtract their own shares), only the client's own share,
+  Skellam(own_mu), protects it. Its epsilon is the same composition with each Skellam mu replaced
+  by `own_mu`.
+
 tests/secure_fedllm/test_integer_noise_accounting.py checks the Skellam and subsampled bounds against
-Rényi divergences summed directly from the Skellam pmf on small cases.
+Rényi divergences summed directly from the Skellam pmf on small cases; tests/secure_fedllm/
+test_ledger_skellam.py checks the mixed composition against curves summed independently.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from opacus.accountants.analysis import rdp as _rdp_analysis
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from scipy.special import gammaln, logsumexp  # type: ignore[import-untyped]
 
 from ..errors import ConfigError
 from .accountants import check_neighbouring, group_of_two_epsilon
+from .events import DPSGDEvent
 
 __all__ = [
     "INTEGER_RDP_ORDERS",
     "IntegerNoiseEvent",
     "SkellamRDPAccountant",
     "discrete_gaussian_rdp",
+    "mixed_rdp",
+    "mixed_rdp_epsilon",
+    "own_share_events",
     "poisson_subsampled_rdp",
     "rdp_to_epsilon",
     "skellam_mu_for_epsilon",
@@ -189,6 +214,9 @@ class IntegerNoiseEvent(BaseModel):
 
     `l1`, `l2` are the integer sensitivities of one unit's contribution after scaling and rounding to
     the ring (in ring units); `mu` is the central (summed) Skellam parameter, variance 2 mu.
+    `own_mu`, when given, is the parameter of the charging client's own share alone (mu divided by the
+    honest survivors it was calibrated for): what still protects the client if secure aggregation
+    fails. It is part of the sum, so it cannot exceed `mu`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -198,18 +226,114 @@ class IntegerNoiseEvent(BaseModel):
     l2: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(description="L2 sensitivity in ring units")
     sample_rate: Annotated[float, Field(gt=0, le=1)] = Field(description="Poisson sampling probability q")
     steps: Annotated[int, Field(ge=1)] = Field(description="number of noisy steps")
+    own_mu: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = Field(
+        default=None, description="Skellam parameter of this client's own share alone (<= mu)"
+    )
+
+    @field_validator("own_mu")
+    @classmethod
+    def _own_share_within_sum(cls, value: float | None, info: ValidationInfo) -> float | None:
+        mu = info.data.get("mu")
+        if value is not None and mu is not None and value > mu:
+            raise ValueError(
+                f"own_mu={value} exceeds mu={mu}: a client's own share is part of the summed noise; pass "
+                "own_mu = mu / (honest survivors the noise was calibrated for)"
+            )
+        return value
+
+    def own_share(self) -> IntegerNoiseEvent:
+        """This event with only the client's own share of noise (itself when `own_mu` is not recorded)."""
+        if self.own_mu is None or self.own_mu == self.mu:
+            return self
+        return IntegerNoiseEvent(**{**self.model_dump(), "mu": self.own_mu})
 
 
-def _one_step_curve(event: IntegerNoiseEvent, orders: Sequence[int]) -> np.ndarray:
+@lru_cache(maxsize=1024)
+def _skellam_curve(mu: float, l1: float, l2: float, sample_rate: float, orders: tuple[int, ...]) -> np.ndarray:
     top = max(orders)
-    base = [skellam_rdp(a, mu=event.mu, l1=event.l1, l2=event.l2) for a in range(2, top + 1)]
+    base = [skellam_rdp(a, mu=mu, l1=l1, l2=l2) for a in range(2, top + 1)]
     curve = []
     for a in orders:
         unsampled = base[a - 2]
-        if event.sample_rate < 1:
-            unsampled = min(unsampled, poisson_subsampled_rdp(a, event.sample_rate, base))
+        if sample_rate < 1:
+            unsampled = min(unsampled, poisson_subsampled_rdp(a, sample_rate, base))
         curve.append(unsampled)
-    return np.asarray(curve)
+    result = np.asarray(curve)
+    result.setflags(write=False)
+    return result
+
+
+@lru_cache(maxsize=1024)
+def _gaussian_curve(noise_multiplier: float, sample_rate: float, orders: tuple[int, ...]) -> np.ndarray:
+    result: np.ndarray = np.asarray(
+        _rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)),
+        dtype=float,
+    )
+    result.setflags(write=False)
+    return result
+
+
+def _one_step_curve(event: IntegerNoiseEvent, orders: Sequence[int]) -> np.ndarray:
+    """One step's add/remove RDP at `orders` (read-only; cached per parameters)."""
+    return _skellam_curve(event.mu, event.l1, event.l2, event.sample_rate, tuple(orders))
+
+
+def mixed_rdp(
+    events: Sequence[DPSGDEvent | IntegerNoiseEvent], orders: Sequence[int] = INTEGER_RDP_ORDERS
+) -> np.ndarray:
+    """Composed add/remove RDP curve at integer `orders` of Gaussian DP-SGD and Skellam events (sum of curves).
+
+    A Gaussian event with zero noise gives an infinite curve.
+
+    Raises:
+        ConfigError: a non-integer order, or an event of another type.
+    """
+    checked = tuple(_check_order(a) for a in orders)
+    total = np.zeros(len(checked))
+    for event in events:
+        if isinstance(event, IntegerNoiseEvent):
+            curve = _skellam_curve(event.mu, event.l1, event.l2, event.sample_rate, checked)
+        elif isinstance(event, DPSGDEvent):
+            if event.noise_multiplier == 0:
+                return np.full(len(checked), math.inf)
+            curve = _gaussian_curve(event.noise_multiplier, event.sample_rate, checked)
+        else:
+            raise ConfigError(f"cannot account {type(event).__name__}: an event is a DPSGDEvent or IntegerNoiseEvent")
+        total += event.steps * curve
+    return total
+
+
+def mixed_rdp_epsilon(
+    events: Sequence[DPSGDEvent | IntegerNoiseEvent],
+    delta: float,
+    *,
+    neighbouring: str = "add_remove",
+    orders: Sequence[int] = INTEGER_RDP_ORDERS,
+) -> float:
+    """(epsilon, delta) epsilon of composing Gaussian and Skellam events by RDP (module docstring); 0 if empty.
+
+    ``replace`` is the group-of-two bound over the add/remove profile, as for `SkellamRDPAccountant`.
+
+    Raises:
+        ConfigError: delta outside (0, 1), an unknown relation, a non-integer order or an unknown event type.
+    """
+    relation = check_neighbouring(neighbouring)
+    if not (0 < delta < 1):
+        raise ConfigError(f"delta={delta!r} must be in (0, 1)")
+    if not events:
+        return 0.0
+    checked = tuple(_check_order(a) for a in orders)
+    total = mixed_rdp(events, checked)
+    if np.all(np.isinf(total)):
+        return math.inf
+    if relation == "replace":
+        return group_of_two_epsilon(lambda d: rdp_to_epsilon(checked, total, d), delta)
+    return rdp_to_epsilon(checked, total, delta)
+
+
+def own_share_events(events: Sequence[DPSGDEvent | IntegerNoiseEvent]) -> list[DPSGDEvent | IntegerNoiseEvent]:
+    """`events` with every Skellam event's mu replaced by its `own_mu` (others, and Gaussian events, unchanged)."""
+    return [e.own_share() if isinstance(e, IntegerNoiseEvent) else e for e in events]
 
 
 class SkellamRDPAccountant:
@@ -217,7 +341,8 @@ class SkellamRDPAccountant:
 
     Not in the `ACCOUNTANTS` registry: that registry's accountants take `DPSGDEvent`s (a Gaussian
     noise multiplier), which do not describe integer noise. Same `epsilon(events, delta)` shape and
-    the same neighbouring relations.
+    the same neighbouring relations. It is `mixed_rdp_epsilon` restricted to Skellam events (and
+    accepts Gaussian ones too, composed the same way).
     """
 
     name = "skellam_rdp"
@@ -226,21 +351,13 @@ class SkellamRDPAccountant:
         self.neighbouring = check_neighbouring(neighbouring)
         self.orders = tuple(_check_order(a) for a in orders)
 
-    def rdp(self, events: Sequence[IntegerNoiseEvent]) -> np.ndarray:
+    def rdp(self, events: Sequence[DPSGDEvent | IntegerNoiseEvent]) -> np.ndarray:
         """Composed add/remove RDP curve at `self.orders` (RDP adds over steps and events)."""
-        total = np.zeros(len(self.orders))
-        for event in events:
-            total += event.steps * _one_step_curve(event, self.orders)
-        return total
+        return mixed_rdp(events, self.orders)
 
-    def epsilon(self, events: Sequence[IntegerNoiseEvent], delta: float) -> float:
+    def epsilon(self, events: Sequence[DPSGDEvent | IntegerNoiseEvent], delta: float) -> float:
         """(epsilon, delta) epsilon of composing `events` under this relation; 0 for an empty history."""
-        if not events:
-            return 0.0
-        total = self.rdp(events)
-        if self.neighbouring == "replace":
-            return group_of_two_epsilon(lambda d: rdp_to_epsilon(self.orders, total, d), delta)
-        return rdp_to_epsilon(self.orders, total, delta)
+        return mixed_rdp_epsilon(events, delta, neighbouring=self.neighbouring, orders=self.orders)
 
 
 def skellam_mu_for_epsilon(

@@ -18,11 +18,23 @@ Two kinds of ledger share this class and this file format:
 * A single-run ledger (`job=None`, the format written before lifetime ledgers): entries keyed by
   round. Files of that format (no `version`, no `job` per event) keep loading; their entries count
   toward the epsilon of whatever job later opens them.
+
+Mechanisms. An entry is a joined DP-SGD round (`DP_SGD`, Gaussian noise added locally), a joined
+distributed-DP round (`SKELLAM`: one secure-aggregation round whose released sum carries Skellam
+noise, recorded as an `IntegerNoiseEvent`), or a federated evaluation (`GAUSSIAN`). A history of
+Gaussian events alone is read by the ledger's accountant (`pld`, `rdp` or `prv`); as soon as it holds
+a Skellam event the whole history is composed by RDP at integer orders
+(`integer_noise.mixed_rdp_epsilon`; that module's docstring says why), whatever the accountant.
+`epsilon_own_share` is the same composition with each Skellam event's noise cut to the client's own
+share: the epsilon that still holds if secure aggregation fails. Files with Skellam entries keep
+format version 2; a program that predates them refuses such an entry (unknown fields) rather than
+misreading it.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +46,9 @@ from ..errors import ConfigError, PrivacyBudgetExhaustedError
 from ..files import atomic_write
 from .accountants import make_accountant
 from .events import DPSGDEvent
+from .integer_noise import IntegerNoiseEvent, mixed_rdp_epsilon, own_share_events
 
-__all__ = ["LedgerEntry", "PrivacyLedger"]
+__all__ = ["DP_SGD", "GAUSSIAN", "MECHANISMS", "SKELLAM", "LedgerEntry", "LedgerEvent", "PrivacyLedger"]
 
 _VERSION = 2
 _ENTRY_KEYS = ("round", "release", "job", "mechanism")
@@ -46,6 +59,16 @@ GAUSSIAN = "gaussian"
 """An entry's mechanism: one Gaussian release of a bounded-sensitivity statistic (a federated evaluation),
 recorded as `DPSGDEvent(noise_multiplier=z, sample_rate=1, steps=1)`: the Gaussian mechanism is DP-SGD's
 step without sampling, so the accountants compose it with the training events as they are."""
+SKELLAM = "skellam"
+"""An entry's mechanism: one joined distributed-DP round (a participation) whose secure-aggregation sum carries
+Skellam noise, recorded as an `IntegerNoiseEvent` (central mu, and the client's own share as `own_mu`)."""
+
+MECHANISMS: tuple[str, ...] = (DP_SGD, GAUSSIAN, SKELLAM)
+_TRAINING = (DP_SGD, SKELLAM)
+"""Mechanisms of a joined training round: `rounds` and `releases` count them, and they share one round's slot."""
+
+LedgerEvent = DPSGDEvent | IntegerNoiseEvent
+"""What a ledger entry records: a Gaussian event (DP-SGD or evaluation) or a Skellam event."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +77,7 @@ class LedgerEntry:
 
     job: str | None
     round: int
-    event: DPSGDEvent
+    event: LedgerEvent
     release: str | None = None
     mechanism: str = DP_SGD
 
@@ -144,19 +167,19 @@ class PrivacyLedger:
     # -- views -----------------------------------------------------------------------------------
 
     @property
-    def events(self) -> list[DPSGDEvent]:
+    def events(self) -> list[LedgerEvent]:
         """Every charged event, of every job: what the accountant composes."""
         return [e.event for e in self.entries]
 
     @property
     def rounds(self) -> list[int]:
-        """The DP-SGD rounds charged in the current job (its participations; once per distinct release)."""
-        return [e.round for e in self._mine() if e.mechanism == DP_SGD]
+        """The training rounds (DP-SGD or Skellam) charged in the current job (its participations; once per release)."""
+        return [e.round for e in self._mine() if e.mechanism in _TRAINING]
 
     @property
     def releases(self) -> list[str | None]:
-        """The DP-SGD release tags charged in the current job, in the order of `rounds`."""
-        return [e.release for e in self._mine() if e.mechanism == DP_SGD]
+        """The training release tags charged in the current job, in the order of `rounds`."""
+        return [e.release for e in self._mine() if e.mechanism in _TRAINING]
 
     @property
     def evaluations(self) -> list[int]:
@@ -171,19 +194,32 @@ class PrivacyLedger:
     @property
     def epsilon(self) -> float:
         """Epsilon spent so far, over all jobs, at the ledger's delta."""
-        return self._accountant.epsilon(self.events, self.delta)
+        return self.epsilon_of(self.events)
 
-    def epsilon_of(self, events: Sequence[DPSGDEvent]) -> float:
-        """Epsilon of `events` alone under this ledger's accountant and delta."""
-        return self._accountant.epsilon(list(events), self.delta)
+    @property
+    def epsilon_own_share(self) -> float:
+        """Epsilon spent if secure aggregation failed: each Skellam event counted with the client's own share only.
+
+        Equal to `epsilon` when no Skellam event is charged (or none recorded `own_mu`).
+        """
+        if not any(isinstance(e, IntegerNoiseEvent) for e in self.events):
+            return self.epsilon
+        return self.epsilon_of(own_share_events(self.events))
+
+    def epsilon_of(self, events: Sequence[LedgerEvent]) -> float:
+        """Epsilon of `events` alone at this ledger's delta: its accountant, or RDP if a Skellam event is among them."""
+        gaussian = _gaussian_only(events)
+        if gaussian is None:
+            return mixed_rdp_epsilon(list(events), self.delta, neighbouring=self.neighbouring)
+        return self._accountant.epsilon(gaussian, self.delta)
 
     # -- charging --------------------------------------------------------------------------------
 
-    def would_exceed(self, event: DPSGDEvent) -> bool:
+    def would_exceed(self, event: LedgerEvent) -> bool:
         """True if charging `event` would go past the budget (a client then sits the round out)."""
-        return self._accountant.epsilon([*self.events, event], self.delta) > self.epsilon_budget
+        return self.epsilon_of([*self.events, event]) > self.epsilon_budget
 
-    def admit(self, planned: Sequence[DPSGDEvent]) -> float:
+    def admit(self, planned: Sequence[LedgerEvent]) -> float:
         """Check, before any training, that a job's planned events fit the remaining budget.
 
         Returns:
@@ -192,7 +228,7 @@ class PrivacyLedger:
         Raises:
             PrivacyBudgetExhaustedError: they would not fit; nothing was charged.
         """
-        prospective = self._accountant.epsilon([*self.events, *planned], self.delta)
+        prospective = self.epsilon_of([*self.events, *planned])
         if prospective > self.epsilon_budget:
             raise PrivacyBudgetExhaustedError(
                 f"{self._where()}: job {self.job!r} ({len(planned)} planned releases) would raise epsilon from "
@@ -205,7 +241,7 @@ class PrivacyLedger:
         return prospective
 
     def charge(
-        self, round_number: int, event: DPSGDEvent, *, release: str | None = None, mechanism: str = DP_SGD
+        self, round_number: int, event: LedgerEvent, *, release: str | None = None, mechanism: str = DP_SGD
     ) -> float:
         """Record one release of the current job and persist it; returns the new epsilon.
 
@@ -213,21 +249,24 @@ class PrivacyLedger:
         depends on), so that a re-request of the same release is told apart from a new release. A
         round may be charged more than once, once per distinct release: a second release of a round
         with other data or settings is a new DP output and costs its own epsilon. The tag only
-        detects replays: it never opens a new budget. `mechanism` is `DP_SGD` (a joined round) or
-        `GAUSSIAN` (a federated evaluation); both are composed into the same epsilon.
+        detects replays: it never opens a new budget. `mechanism` is `DP_SGD` (a joined round, with a
+        `DPSGDEvent`), `SKELLAM` (a joined distributed-DP round, with an `IntegerNoiseEvent`) or
+        `GAUSSIAN` (a federated evaluation, with a `DPSGDEvent`); all are composed into the same
+        epsilon. `DP_SGD` and `SKELLAM` are both the round's training release, so a replay check
+        compares them with each other.
 
         Raises:
             PrivacyBudgetExhaustedError: the event would exceed the budget; nothing changed.
             ValueError: this release (or, without a release tag, this round's release of this
-                mechanism) is already charged, or the mechanism is unknown.
+                kind) is already charged, the mechanism is unknown, or the event does not fit it.
         """
-        if mechanism not in (DP_SGD, GAUSSIAN):
-            raise ValueError(f"mechanism={mechanism!r}: a ledger entry is {DP_SGD!r} or {GAUSSIAN!r}")
-        if any(e.round == round_number and e.mechanism == mechanism
+        _check_event(mechanism, event)
+        kind = _TRAINING if mechanism in _TRAINING else (mechanism,)
+        if any(e.round == round_number and e.mechanism in kind
                and (release is None or e.release is None or e.release == release)
                for e in self._mine()):  # fmt: skip
             raise ValueError(f"round {round_number} (this release) is already charged to client {self.client}")
-        prospective = self._accountant.epsilon([*self.events, event], self.delta)
+        prospective = self.epsilon_of([*self.events, event])
         if prospective > self.epsilon_budget:
             raise PrivacyBudgetExhaustedError(
                 f"{self._where()}: round {round_number} would raise epsilon from {self.epsilon:.3f} to "
@@ -281,7 +320,7 @@ class PrivacyLedger:
         out["events"] = [
             {
                 "round": e.round,
-                **e.event.model_dump(),
+                **e.event.model_dump(exclude_none=True),
                 **({"mechanism": e.mechanism} if e.mechanism != DP_SGD else {}),
                 **({"job": e.job} if e.job is not None and not public else {}),
                 **({"release": e.release} if e.release is not None and not public else {}),
@@ -296,7 +335,11 @@ class PrivacyLedger:
         for e in self.entries:
             per_job.setdefault(e.job or "(single-run ledger)", []).append(e)
         spent = self.epsilon
-        rdp = make_accountant("rdp", neighbouring=self.neighbouring)  # the loose reference, beside the tight one
+        gaussian = _gaussian_only(self.events)  # None: a Skellam event is charged, and `spent` is already RDP
+        if gaussian is None or self.accountant_name == "rdp":
+            spent_rdp = spent
+        else:  # the loose reference, beside the tight one
+            spent_rdp = make_accountant("rdp", neighbouring=self.neighbouring).epsilon(gaussian, self.delta)
         return {
             "path": str(self.path),
             "population": self.population,
@@ -305,7 +348,9 @@ class PrivacyLedger:
             "delta": self.delta,
             "budget": self.lifetime_budget,
             "epsilon": spent,
-            "epsilon_rdp": spent if self.accountant_name == "rdp" else rdp.epsilon(self.events, self.delta),
+            "epsilon_rdp": spent_rdp,
+            "epsilon_own_share": spent if gaussian is not None else self.epsilon_own_share,
+            "mechanisms": dict(Counter(e.mechanism for e in self.entries)),
             "remaining": max(0.0, self.lifetime_budget - spent),
             "jobs": [
                 {
@@ -342,16 +387,36 @@ def _entry(raw: Any) -> LedgerEntry:
     if not isinstance(raw, dict):
         raise ValueError(f"an event must be a JSON object, found {raw!r}")
     job, release = raw.get("job"), raw.get("release")
+    mechanism = _mechanism(raw.get("mechanism", DP_SGD))
+    fields = {k: v for k, v in raw.items() if k not in _ENTRY_KEYS}
     return LedgerEntry(
         job=None if job is None else str(job),
         round=int(raw["round"]),
-        event=DPSGDEvent(**{k: v for k, v in raw.items() if k not in _ENTRY_KEYS}),
+        event=IntegerNoiseEvent(**fields) if mechanism == SKELLAM else DPSGDEvent(**fields),
         release=None if release is None else str(release),
-        mechanism=_mechanism(raw.get("mechanism", DP_SGD)),
+        mechanism=mechanism,
     )
 
 
+def _gaussian_only(events: Sequence[LedgerEvent]) -> list[DPSGDEvent] | None:
+    """`events` as Gaussian events, or None if any is a Skellam event (then the history is read by RDP)."""
+    gaussian = [e for e in events if isinstance(e, DPSGDEvent)]
+    return gaussian if len(gaussian) == len(events) else None
+
+
 def _mechanism(raw: Any) -> str:
-    if raw not in (DP_SGD, GAUSSIAN):
-        raise ValueError(f"unknown mechanism {raw!r} in a ledger entry (this program knows {DP_SGD!r}, {GAUSSIAN!r})")
+    if raw not in MECHANISMS:
+        raise ValueError(f"unknown mechanism {raw!r} in a ledger entry (this program knows {list(MECHANISMS)})")
     return str(raw)
+
+
+def _check_event(mechanism: str, event: object) -> None:
+    """Refuse an unknown mechanism, or an event of the wrong kind for it (naming both)."""
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism={mechanism!r}: a ledger entry is one of {list(MECHANISMS)}")
+    expected = IntegerNoiseEvent if mechanism == SKELLAM else DPSGDEvent
+    if not isinstance(event, expected):
+        raise ValueError(
+            f"event={type(event).__name__} does not fit mechanism={mechanism!r}: it records a {expected.__name__} "
+            f"(charge an IntegerNoiseEvent with mechanism={SKELLAM!r}, a DPSGDEvent with {DP_SGD!r} or {GAUSSIAN!r})"
+        )

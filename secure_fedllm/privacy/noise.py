@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["KEY_BYTES", "NOISE_GENERATORS", "csprng_gaussian", "derive_key"]
+__all__ = ["KEY_BYTES", "NOISE_GENERATORS", "KeystreamSource", "csprng_gaussian", "derive_key"]
 
 KEY_BYTES = 32
 """ChaCha20 keys are 256 bits; a shorter key would cap the unpredictability below that."""
@@ -88,3 +88,26 @@ def csprng_gaussian(
             raise ValueError(f"Gaussian noise needs a floating dtype, got {dtype}")
         return torch.from_numpy(values).reshape(dims).to(dtype)
     return values.reshape(dims).astype(np.dtype(dtype), copy=False)
+
+
+class KeystreamSource:
+    """A `protocols.SecretSource` reading one ChaCha20 keystream under a 32-byte key, for integer noise.
+
+    Why not `os.urandom` directly: a release must be redrawn identically after a crash (the stored
+    output is the release), and the reproducible `privacy.noise_seed` mode must regenerate it; the
+    key is the release's secret seed (os.urandom per release otherwise), so the stream is as
+    unpredictable as that seed. Consecutive calls continue the stream: no byte is read twice.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"the noise key must be exactly {KEY_BYTES} bytes (a ChaCha20 key), got {len(key)}")
+        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+    def token_bytes(self, n: int) -> bytes:
+        """The next `n` bytes of the keystream."""
+        if n < 0:
+            raise ValueError(f"cannot read {n} bytes")
+        return self._stream.update(bytes(n))

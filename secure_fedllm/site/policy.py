@@ -208,6 +208,7 @@ def site_security_policy(config: RunConfig, *, roster: Sequence[bytes] | None) -
         roster=tuple(roster) if roster is not None else None,
         corrupt_fraction=sa.corrupt_fraction,
         dropout_rate=sa.dropout_rate,
+        distributed_noise=config.privacy.mode == "distributed" and config.privacy.mechanism != "none",
     )
 
 

@@ -477,20 +477,32 @@ class SiteState:
         self._write(path, json.dumps({"job": job, "round": round_number, "seed": seed.hex()}).encode())
         return seed
 
-    def save_output(self, job: str, round_number: int, release_key: bytes, output: npt.NDArray[np.float32]) -> None:
+    def save_output(
+        self, job: str, round_number: int, release_key: bytes, output: npt.NDArray[np.float32] | npt.NDArray[np.int64]
+    ) -> None:
         """Keep the release's DP output (before it is charged), dropping the outputs of other rounds.
 
         Only the latest round's outputs are kept: they serve re-requests after a crash or an abort
         before the masked input went out; an older round is never asked for again without a new plan.
+        A float update is kept as float32; distributed DP's integer vector as int64 (float32 would
+        round integers above 2^24).
         """
-        path = self._release_path(job, round_number, release_key, ".f32")
-        self._write(path, np.ascontiguousarray(output, dtype="<f4").tobytes())
-        for old in (self.root / "releases").glob("*.f32"):
-            if old != path and _round_of(old.with_suffix(".json")) != round_number:
-                old.unlink()
+        integer = np.issubdtype(np.asarray(output).dtype, np.integer)
+        suffix, dtype = (".i64", "<i8") if integer else (".f32", "<f4")
+        path = self._release_path(job, round_number, release_key, suffix)
+        self._write(path, np.ascontiguousarray(output, dtype=dtype).tobytes())
+        for pattern in ("*.f32", "*.i64"):
+            for old in (self.root / "releases").glob(pattern):
+                if old != path and _round_of(old.with_suffix(".json")) != round_number:
+                    old.unlink()
 
-    def load_output(self, job: str, round_number: int, release_key: bytes) -> npt.NDArray[np.float32] | None:
-        """The stored DP output of this release, or None if it was never stored."""
+    def load_output(
+        self, job: str, round_number: int, release_key: bytes
+    ) -> npt.NDArray[np.float32] | npt.NDArray[np.int64] | None:
+        """The stored DP output of this release (float32, or int64 for distributed DP), or None if never stored."""
+        integer = self._release_path(job, round_number, release_key, ".i64")
+        if integer.exists():
+            return np.frombuffer(integer.read_bytes(), dtype="<i8").astype(np.int64)
         path = self._release_path(job, round_number, release_key, ".f32")
         if not path.exists():
             return None

@@ -29,7 +29,7 @@ make the released update depend on the sampling outcome outside the accounted me
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +192,37 @@ class LocalTrainer:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.module.eval()
+
+    def per_unit_gradients(self, batch: Batch | None, order: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+        """Each unit's gradient (unclipped, float32), flattened in the order of `order`: shape (units, d).
+
+        Distributed DP-SGD (`secure_fedllm.privacy.distributed`) clips, rounds and noises these
+        itself, outside Opacus' optimiser; the gradients are the same per-unit gradients DP-SGD
+        clips here (`_step`). `order` lists the trained parameters (the adapter manifest's order).
+        The trainer is left clean whatever happens.
+        """
+        ids = {id(p) for p in self.params}
+        if len(order) != len(self.params) or {id(p) for p in order} != ids:
+            raise ValueError("order must list exactly the trained parameters")
+        d = sum(p.numel() for p in order)
+        if batch is None or batch.num_units == 0:
+            return torch.zeros((0, d), dtype=torch.float32)
+        try:
+            self.module.train()
+            losses = per_example_loss(self.module, batch)
+            rows_per_unit = torch.bincount(batch.unit_index, minlength=batch.num_units).to(losses.dtype)
+            (losses / rows_per_unit[batch.unit_index]).sum().backward()
+            parts = []
+            for p in order:
+                per_row = p.grad_sample
+                if batch.num_units != len(batch.unit_index):
+                    per_row = torch.zeros((batch.num_units, *p.shape), dtype=per_row.dtype).index_add_(
+                        0, batch.unit_index, per_row
+                    )
+                parts.append(per_row.reshape(batch.num_units, -1).float())
+            return torch.cat(parts, dim=1)
+        finally:
+            self.reset()
 
     def train(
         self,
