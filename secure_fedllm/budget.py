@@ -20,7 +20,7 @@ from .config import RunConfig
 from .errors import ConfigError
 from .privacy import DPSGDEvent, PrivacyLedger, make_accountant, noise_for_epsilon
 
-__all__ = ["format_state_dir", "plan_budget", "show_budget", "show_state_dir"]
+__all__ = ["format_state_dir", "plan_budget", "plan_distributed_budget", "show_budget", "show_state_dir"]
 
 
 def plan_budget(
@@ -88,6 +88,67 @@ def plan_budget(
     }
 
 
+def plan_distributed_budget(
+    *,
+    epsilon: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    clients: int,
+    corrupt: int,
+    dropouts: int,
+    dimension: int,
+    clip: float = 1.0,
+    neighbouring: str = "replace",
+) -> dict[str, Any]:
+    """Distributed DP: the central Skellam noise for `epsilon` over `steps` released sums, and each client's share.
+
+    Returns what holds against whom: the charged epsilon (the h = n - n_C - d_max honest shares in
+    every released sum, against the server and n_C colluding clients while secure aggregation
+    holds) and the epsilon of one share alone (against anyone, if secure aggregation fails).
+
+    Raises:
+        ConfigError: no honest share is guaranteed, or a value out of range.
+    """
+    from .privacy import SkellamRDPAccountant
+    from .privacy.distributed import calibrate_distributed
+
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"sample rate {sample_rate} must be in (0, 1]; q = expected batch / records")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta {delta} must be in (0, 1)")
+    if steps < 1:
+        raise ConfigError("--rounds (DP steps, one per round in distributed mode) must be positive")
+    params = calibrate_distributed(
+        target_epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps, clip=clip, dimension=dimension,
+        parties=clients, corrupt=corrupt, dropouts=dropouts, neighbouring=neighbouring,
+    )  # fmt: skip
+    accountant = SkellamRDPAccountant(neighbouring=neighbouring)
+    event = params.event(steps)
+    return {
+        "mode": "distributed",
+        "accountant": "skellam-rdp",
+        "neighbouring": neighbouring,
+        "sample_rate": sample_rate,
+        "steps": steps,
+        "delta": delta,
+        "clients": clients,
+        "corrupt": corrupt,
+        "dropouts": dropouts,
+        "honest_shares": params.honest,
+        "dimension": dimension,
+        "scale": params.scale,
+        "l2": params.l2,
+        "mu": params.mu,
+        "share_mu": params.share_mu,
+        "noise_multiplier": params.noise_multiplier,
+        "share_noise_multiplier": params.share_noise_multiplier,
+        "epsilon": accountant.epsilon([event], delta),
+        "epsilon_own_share": accountant.epsilon([event.own_share()], delta),
+        "wrap_probability": params.wrap_probability(total_units=max(1, round(clients / sample_rate))),
+    }
+
+
 def show_budget(run_dir: str | Path, *, sites: str | Path | None = None) -> list[dict[str, Any]]:
     """Per client: epsilon spent, delta, rounds joined, remaining budget (from the clients' ledgers).
 
@@ -118,6 +179,7 @@ def show_budget(run_dir: str | Path, *, sites: str | Path | None = None) -> list
                 "budget": ledger.epsilon_budget,
                 "remaining": max(0.0, ledger.epsilon_budget - spent),
                 "rounds_joined": [e.round for e in ledger.entries],
+                "epsilon_own_share": ledger.epsilon_own_share,  # distributed DP: one noise share alone
                 "accountant": ledger.accountant_name,
                 "neighbouring": ledger.neighbouring,
                 "population": ledger.population,

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 
-from .budget import format_state_dir, plan_budget, show_budget, show_state_dir
+from .budget import format_state_dir, plan_budget, plan_distributed_budget, show_budget, show_state_dir
 from .config import RunConfig, toml_value
 from .errors import ConfigError, SecureFedLLMError
 
@@ -178,12 +178,25 @@ def budget_plan(
     neighbouring: Annotated[str, typer.Option(help="replace (one unit swapped; a run's default) or add_remove")] = (
         "replace"
     ),
+    mode: Annotated[str, typer.Option(help="local (each client's own noise) or distributed (shares in SecAgg)")] = (
+        "local"
+    ),
+    clients: Annotated[int, typer.Option(help="distributed: clients per round n")] = 4,
+    corrupt: Annotated[int, typer.Option(help="distributed: colluding clients n_C")] = 1,
+    dropouts: Annotated[int, typer.Option(help="distributed: dropouts d_max")] = 1,
+    dimension: Annotated[int, typer.Option(help="distributed: adapter length d")] = 368_640,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Noise for a target epsilon, or epsilon for a noise, over K joins at rate q."""
+    """Noise for a target epsilon, or epsilon for a noise, over K joins at rate q (or distributed DP's shares)."""
     if records < 1:
         raise ConfigError(f"--records {records}: must be at least 1; give the number of privacy units")
     q = sample_rate if sample_rate is not None else min(1.0, batch / records)
+    if mode not in ("local", "distributed"):
+        raise ConfigError(f"--mode {mode!r}: choose local or distributed")
+    if mode == "distributed":
+        _plan_distributed(epsilon, noise, q, rounds, delta, records, clients, corrupt, dropouts, dimension,
+                          neighbouring, as_json)  # fmt: skip
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plan = plan_budget(
@@ -213,6 +226,43 @@ def budget_plan(
         )
 
 
+def _plan_distributed(
+    epsilon: float | None,
+    noise: float | None,
+    q: float,
+    rounds: int,
+    delta: float | None,
+    records: int,
+    clients: int,
+    corrupt: int,
+    dropouts: int,
+    dimension: int,
+    neighbouring: str,
+    as_json: bool,
+) -> None:
+    if epsilon is None or noise is not None:
+        raise ConfigError("budget plan --mode distributed: give --epsilon (the central noise is calibrated for it)")
+    plan = plan_distributed_budget(
+        epsilon=epsilon, sample_rate=q, steps=rounds, delta=delta if delta is not None else 0.1 / (clients * records),
+        clients=clients, corrupt=corrupt, dropouts=dropouts, dimension=dimension, neighbouring=neighbouring,
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(plan, indent=1))
+        return
+    typer.echo(
+        f"distributed: q={q:.4g}, {rounds} DP steps (one per round), delta={plan['delta']:.3g}, skellam-rdp "
+        f"({neighbouring}), n={clients}, n_C={corrupt}, d_max={dropouts} -> h={plan['honest_shares']} honest shares"
+    )
+    typer.echo(
+        f"central noise multiplier {plan['noise_multiplier']:.4f} (Skellam mu {plan['mu']:.4g}) -> epsilon "
+        f"{plan['epsilon']:.3f}: against the server and {corrupt} colluding clients while secure aggregation holds"
+    )
+    typer.echo(
+        f"each client's share: noise multiplier {plan['share_noise_multiplier']:.4f} -> epsilon "
+        f"{plan['epsilon_own_share']:.3f}: what holds against anyone if secure aggregation fails"
+    )
+
+
 def budget_show(
     run_dir: Annotated[Path | None, typer.Argument(help="a run folder")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -239,11 +289,19 @@ def budget_show(
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
-    typer.echo(f"{'client':>6} {'epsilon':>9} {'budget':>7} {'remaining':>9} {'delta':>9}  rounds joined")
+    shares = any(r["epsilon_own_share"] != r["epsilon"] for r in rows)
+    own = f" {'own share':>9}" if shares else ""
+    typer.echo(f"{'client':>6} {'epsilon':>9}{own} {'budget':>7} {'remaining':>9} {'delta':>9}  rounds joined")
     for r in rows:
+        own = f" {r['epsilon_own_share']:>9.3f}" if shares else ""
         typer.echo(
-            f"{r['client']:>6} {r['epsilon']:>9.3f} {r['budget']:>7g} {r['remaining']:>9.3f} {r['delta']:>9.3g}  "
-            f"{r['rounds_joined']}"
+            f"{r['client']:>6} {r['epsilon']:>9.3f}{own} {r['budget']:>7g} {r['remaining']:>9.3f} "
+            f"{r['delta']:>9.3g}  {r['rounds_joined']}"
+        )
+    if shares:
+        typer.echo(
+            "distributed DP: 'epsilon' holds against the server and the assumed colluding clients while secure "
+            "aggregation holds; 'own share' is what one client's noise alone gives if it fails"
         )
 
 

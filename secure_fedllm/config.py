@@ -134,7 +134,11 @@ class PrivacyConfig(_Section):
         description="distributed: the common public Poisson rate q of every client (default expected_batch_size / "
         "data.records_per_client)",
     )
-    unit: Literal["record", "user"] = Field("record", description="what one privacy unit is")
+    unit: Literal["record", "user", "client"] = Field(
+        "record",
+        description="what one privacy unit is: a record, a person (user_field), or a client's whole data (client-level "
+        "DP: only with mode='distributed'; each client clips its whole update, the noise shares cover one client)",
+    )
     user_field: str | None = Field(None, description="record field holding the person id, for unit='user'")
     target_epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(8.0, description="per-client epsilon")
     delta: Annotated[float, Field(gt=0, lt=1)] | None = Field(
@@ -302,6 +306,11 @@ class RunConfig(_Section):
                     "privacy.mode='distributed' with evaluation.mode='federated' is not supported yet; use "
                     "evaluation.mode='server'"
                 )
+        if self.privacy.unit == "client" and self.privacy.mode != "distributed" and self.privacy.mechanism != "none":
+            raise ValueError(
+                "privacy.unit='client' (client-level DP) needs privacy.mode='distributed': each client's whole update "
+                "is clipped and only the noise shares of the honest survivors together cover one client"
+            )
         if self.privacy.unit == "user" and self.data.source == "synthetic" and self.privacy.user_field != "person_id":
             raise ValueError("synthetic data groups records by privacy.user_field='person_id'")
         return self

@@ -34,6 +34,7 @@ from secure_fedllm.tiny_model import save_tiny_llama
 from .attacks.backdoor import Backdoor, BackdoorConfig
 from .attacks.downgrade import Downgrade, DowngradeConfig
 from .attacks.dp_audit import DPAuditConfig, OneRunAudit
+from .attacks.dp_audit_distributed import DistributedAudit, DistributedAuditConfig
 from .attacks.dropout_forging import DropoutForging, DropoutForgingConfig
 from .attacks.forged_share import ForgedShare, ForgedShareConfig
 from .attacks.he_oracle import HEOracle, HEOracleConfig
@@ -50,6 +51,8 @@ from .results import MatrixRow
 __all__ = ["EvaluationConfig", "EvaluationResult", "evaluate"]
 
 EPSILONS: tuple[float, ...] = (math.inf, 8.0, 1.0)
+DISTRIBUTED_EPSILONS: tuple[float, ...] = (8.0, 1.0)
+"""Epsilons of the distributed-DP defense rows (`privacy.mode = "distributed"`, full SecAgg)."""
 UTILITY_ONLY: tuple[float, ...] = (3.0,)
 """Epsilons at which only utility is measured (the attacks run at EPSILONS)."""
 
@@ -78,7 +81,7 @@ class EvaluationResult:
         return {f"{r.attack}/{r.metric}/{r.defense}": round(r.value, 4) for r in self.rows}
 
 
-def _run_config(model: str, quick: bool, epsilon: float, seed: int) -> RunConfig:
+def _run_config(model: str, quick: bool, epsilon: float, seed: int, *, distributed: bool = False) -> RunConfig:
     base = [
         f'model.name="{model}"',
         "federation.clients=3",
@@ -95,7 +98,14 @@ def _run_config(model: str, quick: bool, epsilon: float, seed: int) -> RunConfig
     if quick:
         base += ["data.max_length=256", "federation.local_steps=30"]
     base += ["privacy.mechanism='none'"] if math.isinf(epsilon) else [f"privacy.target_epsilon={epsilon}"]
+    if distributed:  # the same DP steps per client, one full-SecAgg round each
+        steps = 2 * (30 if quick else RunConfig().federation.local_steps)
+        base += ["privacy.mode='distributed'", "secure_aggregation.protocol='secagg'", f"federation.rounds={steps}"]
     return RunConfig().with_overrides(base)
+
+
+def _distributed_label(epsilon: float) -> str:
+    return f"distributed-dp-eps{epsilon:g}"
 
 
 def _label(epsilon: float) -> str:
@@ -140,6 +150,8 @@ def evaluate(config: EvaluationConfig, *, out: str | Path) -> EvaluationResult:
             r.model_copy(update={"defense": _label(epsilon)}) for r in _canaries(released, template, federation)
         )
 
+    rows.extend(_distributed_rows(model, config, work, (members, nonmembers, federation), utility, roc))
+
     for epsilon in UTILITY_ONLY:  # the utility curve's extra point
         result = run(_run_config(model, config.quick, epsilon, config.seed), out=work / f"run-{_label(epsilon)}",
                      progress=False)  # fmt: skip
@@ -155,6 +167,8 @@ def evaluate(config: EvaluationConfig, *, out: str | Path) -> EvaluationResult:
         )
         outcome = audit.simulate(noise_multiplier=sigma, clip_norm=1.0, steps=steps, sample_rate=policy.sample_rate)
         rows.extend(r.model_copy(update={"defense": _label(epsilon)}) for r in outcome.rows())
+
+    rows.extend(_distributed_audit_rows(config.seed))
 
     # a malicious server isolating one client's update inside the sum
     target = np.random.default_rng(config.seed).normal(0, 0.02, 4096)
@@ -206,14 +220,66 @@ def evaluate(config: EvaluationConfig, *, out: str | Path) -> EvaluationResult:
         "sum with SecAgg+ or HE.",
         "The DP audit is the one-run lower bound (Steinke, Nasr, Jagielski 2023) on one client's update with 1,000 "
         "Dirac canaries; it must stay below the accountant's epsilon.",
+        "Distributed DP rows: the adapters of privacy.mode='distributed' runs (full SecAgg, Skellam shares sized for "
+        "h = n - n_C - d_max) under the same attacks; their audit runs the mechanism's own code on 5,000 Dirac "
+        "canaries through real SecAgg sessions (q = 1, one step), and its control draws every share at sigma/4 "
+        "with epsilon 1 declared: that row must exceed 1.",
     ]
     if config.quick:
         notes.append("--quick: a tiny random LLaMA; the mechanics are real, the model is not.")
     setting = {"model": "tiny random LLaMA" if config.quick else model, "clients": 3, "rounds": 2, "seed": config.seed}
-    order = ["base model", _label(math.inf), *(_label(e) for e in sorted((*EPSILONS, *UTILITY_ONLY), reverse=True))]
+    order = [
+        "base model",
+        _label(math.inf),
+        *(_label(e) for e in sorted((*EPSILONS, *UTILITY_ONLY), reverse=True)),
+        *(_distributed_label(e) for e in DISTRIBUTED_EPSILONS),
+    ]
     utility = {k: utility[k] for k in dict.fromkeys(order) if k in utility}
     report = write_evaluation(out, rows, setting=setting, roc_curves=roc, utility=utility, notes=notes)
     return EvaluationResult(rows, utility, report, time.perf_counter() - started)
+
+
+def _distributed_rows(
+    model: str,
+    config: EvaluationConfig,
+    work: Path,
+    data: tuple[list[TextRecord], list[TextRecord], Any],
+    utility: dict[str, float],
+    roc: dict[str, tuple[list[float], list[float]]],
+) -> list[MatrixRow]:
+    """Membership and canary rows on the adapters of distributed-DP runs (same DP steps per client)."""
+    members, nonmembers, federation = data
+    rows: list[MatrixRow] = []
+    for epsilon in DISTRIBUTED_EPSILONS:  # distributed DP: noise shares inside SecAgg, same steps per client
+        run_config = _run_config(model, config.quick, epsilon, config.seed, distributed=True)
+        label = _distributed_label(epsilon)
+        result = run(run_config, out=work / f"run-{label}", progress=False)
+        utility[label] = float(result.metrics[-1]["perplexity"])
+        released, tokenizer = _load_released(run_config, result.adapter)
+        template = ChatTemplate(tokenizer, system_prompt="", max_length=run_config.data.max_length)
+        mia = MembershipInference(MembershipConfig(allow_small=False)).run(released, template, members, nonmembers)
+        rows.extend(row.model_copy(update={"defense": label}) for row in mia.rows())
+        roc[label] = (list(mia.reports["loss"].roc_fpr), list(mia.reports["loss"].roc_tpr))
+        rows.extend(r.model_copy(update={"defense": label}) for r in _canaries(released, template, federation))
+    return rows
+
+
+def _distributed_audit_rows(seed: int) -> list[MatrixRow]:
+    """The one-run audit of distributed DP's released sums, with its under-noised control."""
+    rows: list[MatrixRow] = []
+    # one-run audit of distributed DP's released sums (the mechanism's own code, real SecAgg sessions), with the
+    # under-noised control (shares at sigma/4, declared epsilon 1) that must exceed its declared epsilon
+    for epsilon, scale in ((8.0, 1.0), (1.0, 1.0), (1.0, 0.25)):
+        audited = DistributedAudit(
+            DistributedAuditConfig(
+                audit=DPAuditConfig(num_canaries=5000, seed=seed, delta=1e-5),
+                target_epsilon=epsilon,
+                noise_scale=scale,
+            )
+        ).run()
+        label = _distributed_label(epsilon) + (" shares at sigma/4 (control)" if scale != 1.0 else "")
+        rows.extend(r.model_copy(update={"defense": label}) for r in audited.rows())
+    return rows
 
 
 def _load_released(run_config: RunConfig, adapter: Path) -> tuple[Any, Any]:

@@ -57,6 +57,7 @@ __all__ = [
     "aggregate_updates",
     "draw_dropouts",
     "family_facts",
+    "protocol_dimension",
     "round_family",
     "round_params",
     "sample_cohort",
@@ -171,6 +172,15 @@ def secagg_params(
         dropout_rate=sa.dropout_rate,
         corrupt_fraction=sa.corrupt_fraction,
     )
+
+
+def protocol_dimension(config: RunConfig, dimension: int) -> int:
+    """The length of the vectors a round sums: the adapter's, or (client-level DP) its rotation's power of two."""
+    if config.privacy.mode == "distributed" and config.privacy.unit == "client" and config.privacy.mechanism != "none":
+        from ..privacy.rotation import padded_dimension
+
+        return padded_dimension(dimension)
+    return dimension
 
 
 def round_params(

@@ -47,6 +47,7 @@ from ..privacy import DPSGDEvent, PrivacyLedger
 from ..privacy.distributed import DistributedDP
 from ..privacy.ledger import DP_SGD, SKELLAM
 from ..privacy.noise import KeystreamSource
+from ..privacy.rotation import rotate, rotation_seed
 from ..site import SiteState
 from ..training import LocalTrainer, StepSettings
 from .evaluation import (
@@ -228,7 +229,9 @@ class FederatedClient:
                     f"client {self.client}: round {plan.round} was charged but its output is missing from "
                     f"{self.site.root}; refusing to release it again"
                 )
-            if round_dp is not None:
+            if round_dp is not None and self.policy.local_steps is not None:  # client-level distributed DP
+                delta = self._client_level_update(trainer, model, manifest, global_vector, round_dp, seed, plan.round)
+            elif round_dp is not None:
                 delta = self._distributed_step(trainer, model, manifest, global_vector, round_dp, seed)
             else:
                 delta = self._train(trainer, model, manifest, global_vector, assignment, seed)
@@ -470,6 +473,40 @@ class FederatedClient:
         noise_key = hmac.new(seed, b"secure-fedllm/skellam-noise-key/v1", hashlib.sha256).digest()
         return round_dp.contribution(
             grads.numpy(),
+            rounding=np.random.default_rng(_seed_int(seed, b"rounding")),
+            noise=KeystreamSource(noise_key),
+        )
+
+    def _client_level_update(
+        self,
+        trainer: LocalTrainer,
+        model: PeftModel,
+        manifest: AdapterManifest,
+        global_vector: npt.NDArray[np.float32],
+        round_dp: DistributedDP,
+        seed: bytes,
+        round_number: int,
+    ) -> npt.NDArray[np.int64]:
+        """Client-level distributed DP: noise-free local steps, then the whole update rotated, clipped, rounded, noised.
+
+        The local steps take no per-record noise or clipping (the unit is the client); the update is
+        rotated by the round's public randomized Hadamard transform, clipped to C, conditionally
+        rounded and given this client's Skellam share (Kairouz, Liu, Steinke 2021).
+        """
+        assert self.policy.local_sample_rate is not None and self.policy.local_steps is not None
+        local = Assignment(
+            client=self.client,
+            noise_multiplier=0.0,
+            max_grad_norm=1e6,  # no per-record clipping: the whole update is clipped below
+            sample_rate=self.policy.local_sample_rate,
+            steps=self.policy.local_steps,
+            weight=1.0,
+        )
+        update = self._train(trainer, model, manifest, global_vector, local, seed)
+        rotated = rotate(update, rotation_seed(self.job, round_number))
+        noise_key = hmac.new(seed, b"secure-fedllm/skellam-noise-key/v1", hashlib.sha256).digest()
+        return round_dp.contribution(
+            rotated[None, :],
             rounding=np.random.default_rng(_seed_int(seed, b"rounding")),
             noise=KeystreamSource(noise_key),
         )

@@ -373,7 +373,8 @@ class Federation:
         units = self.transport.start(job, folder.paths)
         self.job, self.folder, self.weights, self.units = job, folder, client_weights(config, units), units
         self.server_optimizer: ServerAdam | None = None
-        if config.privacy.mode == "distributed" and config.privacy.mechanism != "none":
+        self.distributed = config.privacy.mode == "distributed" and config.privacy.mechanism != "none"
+        if self.distributed and config.privacy.unit != "client":  # record-level: the server takes the DP-SGD step
             saved = folder.checkpoint.optimizer if folder.checkpoint is not None else None
             self.server_optimizer = ServerAdam(
                 job.manifest.dimension, learning_rate=config.training.learning_rate, state=saved
@@ -490,9 +491,23 @@ class Federation:
         record.seconds.round = time.perf_counter() - t
         if mean is None:
             return global_vector
-        if self.server_optimizer is not None:  # distributed DP: `mean` is the signed integer sum of the round
+        if self.distributed:  # distributed DP: `mean` is the signed integer sum of the round
             return self._distributed_step(plan, global_vector, mean, record)
         return (global_vector.astype(np.float64) + mean).astype(np.float32)
+
+    def _client_level_step(self, plan: RoundPlan, global_vector: Vector, signed: Any, record: RoundRecord) -> Vector:
+        """Client-level DP: un-scale and un-rotate the sum of the clipped updates, and apply their mean."""
+        from ..privacy.distributed import ring_scale
+        from ..privacy.rotation import padded_dimension, rotation_seed, unrotate
+
+        config, dimension = self.job.config, self.job.manifest.dimension
+        scale = ring_scale(config.privacy.max_grad_norm, padded_dimension(dimension))
+        total = unrotate(np.asarray(signed, dtype=np.float64) / scale, rotation_seed(job_id(config), plan.round),
+                         dimension)  # fmt: skip
+        included = len(record.included)
+        record.distributed = {"included": float(included), "sample_rate": 1.0, "units": float(included),
+                              "scale": scale}  # fmt: skip
+        return (global_vector.astype(np.float64) + total / included).astype(np.float32)
 
     def _distributed_step(self, plan: RoundPlan, global_vector: Vector, signed: Any, record: RoundRecord) -> Vector:
         """Decode the released sum with public constants (s, q, the included clients' N_i) and take Adam's step."""
@@ -500,6 +515,8 @@ class Federation:
         from .plan import common_sample_rate
 
         config, dimension = self.job.config, self.job.manifest.dimension
+        if config.privacy.unit == "client":
+            return self._client_level_step(plan, global_vector, signed, record)
         assert self.server_optimizer is not None
         units = sum(self.units[c] for c in record.included)
         q = min(a.sample_rate for a in plan.participants)

@@ -28,6 +28,7 @@ from ..config import RunConfig
 from ..errors import ConfigError, SecureFedLLMError
 from ..privacy import DPSGDEvent, IntegerNoiseEvent, make_accountant, noise_for_epsilon
 from ..privacy.distributed import DistributedDP, calibrate_distributed
+from ..privacy.rotation import padded_dimension
 
 __all__ = ["Assignment", "ClientPolicy", "PlanRefusedError", "RoundPlan", "client_policy", "common_sample_rate"]
 
@@ -135,6 +136,12 @@ class ClientPolicy(BaseModel):
     dropout_rate: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.0, description="distributed mode: dropouts this site assumes (d_max = ceil(dropout_rate n))"
     )
+    local_sample_rate: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="client-level DP: the q_i of the client's own (unclipped, noise-free) local steps"
+    )
+    local_steps: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="client-level DP: local steps per round before the whole update is clipped"
+    )
 
     def event(self) -> DPSGDEvent | IntegerNoiseEvent | None:
         """What one joined round costs (None without DP); distributed: the round sized for the full cohort."""
@@ -213,7 +220,9 @@ def client_policy(config: RunConfig, client: int, num_units: int, *, dimension: 
     policy holds the site's `DistributedDP` parameters: the common q, one DP step per round, the
     central Skellam noise calibrated for h = n - n_C - d_max honest shares at the full cohort, and
     delta = 0.1 / (clients N_i) (0.1 / sum N_i when the sites are of equal size; a smaller site
-    should set privacy.delta to 0.1 / sum N_i itself).
+    should set privacy.delta to 0.1 / sum N_i itself). With `privacy.unit = "client"` (client-level
+    DP) the unit is a client's whole update: q = 1 (every client every round), the dimension is the
+    rotation's power of two, delta = 0.1 / clients, and the local steps are noise-free.
 
     Raises:
         ConfigError: delta above 0.1 / N_i, or an epsilon out of reach.
@@ -277,11 +286,12 @@ def _distributed_policy(config: RunConfig, client: int, num_units: int, dimensio
     privacy, fed, sa = config.privacy, config.federation, config.secure_aggregation
     if dimension is None:
         raise ConfigError("privacy.mode='distributed' calibrates for the adapter's dimension; pass dimension=")
-    q = common_sample_rate(config)
+    client_level = privacy.unit == "client"
+    q = 1.0 if client_level else common_sample_rate(config)  # client-level: every client in every round
     joins = min(fed.rounds, privacy.max_participations or fed.rounds)
-    delta_cap = 0.1 / (fed.clients * num_units)
+    delta_cap = 0.1 / fed.clients if client_level else 0.1 / (fed.clients * num_units)
     delta = privacy.delta if privacy.delta is not None else delta_cap
-    if delta > 0.1 / num_units * (1 + 1e-12):
+    if delta > (delta_cap if client_level else 0.1 / num_units) * (1 + 1e-12):
         raise ConfigError(
             f"privacy.delta={delta:g} exceeds 0.1/N_i = {0.1 / num_units:.3g} for client {client}; lower it "
             "(distributed mode: 0.1 / sum N_i) or leave it unset"
@@ -296,7 +306,7 @@ def _distributed_policy(config: RunConfig, client: int, num_units: int, dimensio
         sample_rate=q,
         steps=joins,
         clip=privacy.max_grad_norm,
-        dimension=dimension,
+        dimension=padded_dimension(dimension) if client_level else dimension,
         parties=n,
         corrupt=corrupt,
         dropouts=dropouts,
@@ -318,4 +328,6 @@ def _distributed_policy(config: RunConfig, client: int, num_units: int, dimensio
         corrupt_fraction=sa.corrupt_fraction,
         roster_size=roster,
         dropout_rate=sa.dropout_rate,
+        local_sample_rate=min(1.0, privacy.expected_batch_size / num_units) if client_level else None,
+        local_steps=fed.local_steps if client_level else None,
     )

@@ -139,22 +139,36 @@ def write_report(
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for policy, ledger in zip(policies, ledgers, strict=True):
-            joined = [e["round"] for e in ledger.get("events", []) if e.get("mechanism", "dp-sgd") == "dp-sgd"]
+            joined = [e["round"] for e in ledger.get("events", []) if e.get("mechanism", "dp-sgd") != "gaussian"]
             eps = last.epsilon.get(policy.client, 0.0)
             lines.append(
                 f"| {policy.client} | {policy.num_units} | {policy.sample_rate:.4f} | {policy.noise_multiplier:.4f} | "
                 f"{policy.delta:.3g} | {policy.delta * policy.num_units:.3g} | {joined} | {eps:.3f} | "
                 f"{policy.epsilon_budget} |"
             )
+        if config.privacy.mode == "distributed":
+            lines += _distributed_section(config, rows, policies, ledgers)
         lines += [
             "",
-            f"Accountant `{config.privacy.accountant}`, neighbouring relation `{config.privacy.neighbouring}`; noise "
-            "calibrated per client for "
-            f"K = min(rounds, max_participations) = {policies[0].max_participations} joins at its own q_i; "
-            "a client is charged only for rounds it joins (sampling by the server gives no amplification).",
+            (
+                f"Accountant `{config.privacy.accountant}`, neighbouring relation `{config.privacy.neighbouring}`; "
+                "noise calibrated per client for "
+                f"K = min(rounds, max_participations) = {policies[0].max_participations} joins at its own q_i; "
+                "a client is charged only for rounds it joins (sampling by the server gives no amplification)."
+                if config.privacy.mode == "local"
+                else "Accountant: the Skellam mechanism's RDP under Poisson subsampling (the ledger's "
+                f"`{config.privacy.accountant}` reads Gaussian events only), neighbouring relation "
+                f"`{config.privacy.neighbouring}`; noise calibrated for K = {policies[0].max_participations} released "
+                "sums at the common q; a client is charged only for rounds it joins (no amplification is claimed from "
+                "the server's choice of clients)."
+            ),
             "",
-            "- Each client's epsilon is a property of its own DP-SGD noise: it holds even if secure aggregation fails, "
-            "and secure aggregation does not reduce it.",
+            (
+                "- Each client's epsilon is a property of its own DP-SGD noise: it holds even if secure aggregation "
+                "fails, and secure aggregation does not reduce it."
+                if config.privacy.mode == "local"
+                else "- Distributed mode: the epsilons above hold only while secure aggregation holds (see above)."
+            ),
             f"- The released adapter carries the largest epsilon of its contributors: "
             f"{sidecar['epsilon_max_over_contributors']:.3f} at delta {sidecar['delta_max_over_contributors']:.3g}.",
             "- Each client's number of privacy units N_i is treated as public: it sets q_i, delta and any "
@@ -163,11 +177,17 @@ def write_report(
             "- Tuning hyperparameters on private data spends privacy that this ledger does not count.",
             "- Poisson sampling uses torch's Mersenne Twister seeded, per release, from a fresh os.urandom seed kept "
             "in the client's state folder: not a cryptographic RNG.",
-            f"- DP-SGD noise generator: `{config.privacy.noise_generator}` "
-            + (
-                "(ChaCha20 keystream keyed per release from that seed: unpredictable without it, but floating point)."
-                if config.privacy.noise_generator == "csprng"
-                else "(torch's Mersenne Twister: not a cryptographic RNG)."
+            (
+                f"- DP-SGD noise generator: `{config.privacy.noise_generator}` "
+                + (
+                    "(ChaCha20 keystream keyed per release from that seed: unpredictable without it, but floating "
+                    "point)."
+                    if config.privacy.noise_generator == "csprng"
+                    else "(torch's Mersenne Twister: not a cryptographic RNG)."
+                )
+                if config.privacy.mode == "local"
+                else "- Noise: exact integer Skellam shares from a ChaCha20 keystream keyed per release from that seed "
+                "(`protocols.dp_noise.SkellamSampler`; no floating point after its table is built)."
             ),
         ]
         if config.privacy.noise_seed is not None:
@@ -248,3 +268,71 @@ def _federated_section(config: RunConfig, rows: Sequence[RoundRecord]) -> list[s
         "",
     ]
     return lines
+
+
+def _distributed_section(
+    config: RunConfig, rows: list[RoundRecord], policies: list[Any], ledgers: list[Any]
+) -> list[str]:
+    """Distributed DP: the noise in each released sum and which guarantee holds against whom."""
+    from ..privacy import IntegerNoiseEvent, mixed_rdp_epsilon, own_share_events
+
+    first = next((p.distributed for p in policies if p.distributed is not None), None)
+    if first is None:
+        return []
+    sa = config.secure_aggregation
+    lines = [
+        "",
+        '### Distributed DP (`privacy.mode = "distributed"`)',
+        "",
+        f"Each DP-SGD step was one full-SecAgg round ({sa.setting} setting). Every client sampled its units at the "
+        f"common q = {first.sample_rate:.4g}, clipped each to L2 norm {first.clip:g}, scaled by s = {first.scale:g} "
+        f"and rounded conditionally (sensitivity l2 = {first.l2:.1f} ring units), and added Skellam(mu / h) noise "
+        "drawn from a ChaCha20 keystream; the server learned only the exact integer sum and divided it by "
+        "s q sum(N_i).",
+        "",
+        f"- Calibration: h = n - n_C - d_max = {first.parties} - {first.parties - first.honest - _dropouts(first, sa)} "
+        f"- {_dropouts(first, sa)} = {first.honest} honest shares guaranteed in every released sum (each site refuses "
+        f"any threshold below n - d_max and aborts at UNMASK with fewer survivors); central Skellam mu "
+        f"{first.mu:.4g}, noise multiplier {first.noise_multiplier:.4f} (one share alone: "
+        f"{first.share_noise_multiplier:.4f}).",
+        "",
+        "| round | included | noise in the released sum (std / l2) | guaranteed (h shares) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.distributed is None:
+            continue
+        n = int(r.distributed["included"])
+        lines.append(
+            f"| {r.round} | {r.included} | {math.sqrt(2 * first.share_mu * n) / first.l2:.4f} "
+            f"| {first.noise_multiplier:.4f} |"
+        )
+    own = []
+    for policy, ledger in zip(policies, ledgers, strict=True):
+        events = [
+            IntegerNoiseEvent(**{k: v for k, v in e.items() if k in IntegerNoiseEvent.model_fields})
+            for e in ledger.get("events", [])
+            if e.get("mechanism") == "skellam"
+        ]
+        if events:
+            eps = mixed_rdp_epsilon(own_share_events(events), policy.delta, neighbouring=config.privacy.neighbouring)
+            own.append(f"client {policy.client}: {eps:.3f}")
+    lines += [
+        "",
+        "Which guarantee holds against whom:",
+        "",
+        "- **The server, with secure aggregation intact**: the epsilon in the table above (every released sum holds "
+        "at least h honest shares).",
+        f"- **The server with up to n_C = {first.parties - first.honest - _dropouts(first, sa)} colluding clients**: "
+        "the same epsilon; the colluders' shares were never counted.",
+        "- **Anyone, if secure aggregation fails** (a client's masked input is unmasked): only that client's own "
+        "share protects its records: " + ("; ".join(own) or "no release yet") + " (ledger `epsilon_own_share`).",
+        "- Noise is integer (exact Skellam from a ChaCha20 keystream, accounted by its own RDP, Poisson subsampling by "
+        "the general Zhu-Wang bound); wrap-around mod 2^b is post-processing and affects accuracy only "
+        f"(bound per sum: {first.wrap_probability(total_units=max(1, sum(p.num_units for p in policies))):.2g}).",
+    ]
+    return lines
+
+
+def _dropouts(params: Any, sa: Any) -> int:
+    return math.ceil(sa.dropout_rate * params.parties - 1e-9)

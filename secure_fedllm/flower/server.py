@@ -154,7 +154,7 @@ class GridTransport:
 
         from protocols import AbortError
 
-        from ..federation.aggregation import family_facts, round_family
+        from ..federation.aggregation import family_facts, protocol_dimension, round_family
         from .grid_round import secure_aggregate
 
         config, node_of = self.config, self.node_of
@@ -168,7 +168,7 @@ class GridTransport:
         family = round_family(  # the in-process engine's builder: one knob, one meaning on both engines
             config,
             len(joining),
-            self.job.manifest.dimension,
+            protocol_dimension(config, self.job.manifest.dimension),
             identity_keys=[keys[n] for n in members] if keys is not None else None,
             roster=self._roster(),
         )

@@ -250,3 +250,30 @@ def test_semi_honest_distributed_rounds_keep_the_survivor_floor_and_refuse_a_low
     )
     floats = [u.astype(np.float32) * 1e-3 for u in updates]
     assert aggregate_updates(local, floats, [1.0] * 10, round_number=1, context=b"c", drop_at={}).mean is not None
+
+
+def test_budget_plan_states_the_charged_and_the_own_share_epsilon(capsys):
+    from secure_fedllm.cli import main
+
+    argv = ["budget", "plan", "--mode", "distributed", "--epsilon", "8", "--rounds", "9", "--records", "256"]
+    assert main([*argv, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["honest_shares"] == 2 and 7.9 <= plan["epsilon"] <= 8.0
+    assert plan["delta"] == pytest.approx(0.1 / (4 * 256))  # 0.1 / sum N_i
+    assert plan["share_mu"] == pytest.approx(plan["mu"] / 2) and plan["epsilon_own_share"] > 12
+    # fewer assumed colluders or dropouts: more honest shares, so each share is smaller and alone weaker
+    assert main([*argv, "--corrupt", "0", "--dropouts", "0", "--json"]) == 0
+    trusted = json.loads(capsys.readouterr().out)
+    assert trusted["honest_shares"] == 4 and trusted["mu"] == pytest.approx(plan["mu"], rel=1e-6)
+    assert trusted["epsilon_own_share"] > plan["epsilon_own_share"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "while secure aggregation holds" in text and "if secure aggregation fails" in text
+
+
+def test_the_report_says_which_guarantee_holds_against_whom(one_step):
+    _, result, _root = one_step
+    report = result.report.read_text()
+    assert "Distributed DP" in report and "h = n - n_C - d_max = 4 - 1 - 1 = 2" in report
+    assert "Anyone, if secure aggregation fails" in report and "client 0:" in report
+    assert "Each client's epsilon is a property of its own DP-SGD noise" not in report  # the local-mode claim

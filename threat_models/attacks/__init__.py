@@ -4,6 +4,7 @@ from .backdoor import Backdoor, BackdoorConfig, BackdoorOutcome, BackdoorResult
 from .canary_exposure import CanaryExposure, CanaryExposureConfig, canary_probes
 from .downgrade import Downgrade, DowngradeConfig, DowngradeResult
 from .dp_audit import DPAuditConfig, OneRunAudit
+from .dp_audit_distributed import DistributedAudit, DistributedAuditConfig, DistributedAuditResult
 from .dropout_forging import DropoutForging, DropoutForgingConfig
 from .forged_share import ForgedShare, ForgedShareConfig, ForgedShareResult, unverified_unmask
 from .he_oracle import HEOracle, HEOracleConfig, HEOracleResult, LeakyHEClient
@@ -24,6 +25,9 @@ __all__ = [
     "CanaryExposure",
     "CanaryExposureConfig",
     "DPAuditConfig",
+    "DistributedAudit",
+    "DistributedAuditConfig",
+    "DistributedAuditResult",
     "Downgrade",
     "DowngradeConfig",
     "DowngradeResult",
