@@ -122,7 +122,14 @@ class DistributedDP(BaseModel):
     def event(self, steps: int = 1) -> IntegerNoiseEvent:
         """What `steps` released sums cost every client (central mu; own_mu: its share alone)."""
         return IntegerNoiseEvent(
-            mu=self.mu, l1=self.l1, l2=self.l2, sample_rate=self.sample_rate, steps=steps, own_mu=self.share_mu
+            mu=self.mu,
+            l1=self.l1,
+            l2=self.l2,
+            sample_rate=self.sample_rate,
+            steps=steps,
+            own_mu=self.share_mu,
+            parties=self.parties,
+            honest=self.honest,
         )
 
     def for_round(self, *, parties: int, honest: int, sample_rate: float | None = None) -> DistributedDP:

@@ -229,6 +229,12 @@ class IntegerNoiseEvent(BaseModel):
     own_mu: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = Field(
         default=None, description="Skellam parameter of this client's own share alone (<= mu)"
     )
+    parties: Annotated[int | None, Field(ge=1)] = Field(
+        default=None, description="the round's n the shares were sized for (a record of the assumption)"
+    )
+    honest: Annotated[int | None, Field(ge=1)] = Field(
+        default=None, description="h = n - n_C - d_max honest shares the site assumed in every released sum"
+    )
 
     @field_validator("own_mu")
     @classmethod

@@ -218,6 +218,7 @@ def test_every_client_charges_the_central_noise_and_records_its_own_share(one_st
         (event,) = json.loads(Path(ledger_file).read_text())["events"]
         assert event["mechanism"] == "skellam" and event["steps"] == 1
         assert event["own_mu"] == pytest.approx(event["mu"] / 2)  # h = 4 - 1 - 1
+        assert (event["parties"], event["honest"]) == (4, 2)  # the assumptions the share was sized for
         assert event["sample_rate"] == pytest.approx(8 / 64)  # the common q, not the client's own N_i
     assert all(0.97 * 8.0 <= eps <= 8.0 for eps in result.epsilons.values())
 
