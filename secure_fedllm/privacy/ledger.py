@@ -24,7 +24,9 @@ distributed-DP round (`SKELLAM`: one secure-aggregation round whose released sum
 noise, recorded as an `IntegerNoiseEvent`), or a federated evaluation (`GAUSSIAN`). A history of
 Gaussian events alone is read by the ledger's accountant (`pld`, `rdp` or `prv`); as soon as it holds
 a Skellam event the whole history is composed by RDP at integer orders
-(`integer_noise.mixed_rdp_epsilon`; that module's docstring says why), whatever the accountant.
+(`integer_noise.mixed_rdp_epsilon`; that module's docstring says why), whatever the accountant, or
+by basic composition of its Gaussian part (the accountant) and its Skellam part (RDP), whichever is
+smaller (`epsilon_of`).
 `epsilon_own_share` is the same composition with each Skellam event's noise cut to the client's own
 share: the epsilon that still holds if secure aggregation fails. Files with Skellam entries keep
 format version 2; a program that predates them refuses such an entry (unknown fields) rather than
@@ -207,11 +209,28 @@ class PrivacyLedger:
         return self.epsilon_of(own_share_events(self.events))
 
     def epsilon_of(self, events: Sequence[LedgerEvent]) -> float:
-        """Epsilon of `events` alone at this ledger's delta: its accountant, or RDP if a Skellam event is among them."""
+        """Epsilon of `events` alone at this ledger's delta: its accountant, or RDP if a Skellam event is among them.
+
+        A history mixing Gaussian and Skellam events is also bounded by basic composition of its two
+        parts (the Gaussian part by the ledger's tight accountant at f delta, the Skellam part by RDP
+        at (1 - f) delta, for f in 1/4, 1/2, 3/4); both bounds are sound, and the smaller is
+        reported. This keeps a site that ran local-mode jobs from paying the loose RDP reading of
+        its Gaussian history once it joins a distributed-mode job.
+        """
         gaussian = _gaussian_only(events)
-        if gaussian is None:
-            return mixed_rdp_epsilon(list(events), self.delta, neighbouring=self.neighbouring)
-        return self._accountant.epsilon(gaussian, self.delta)
+        if gaussian is not None:
+            return self._accountant.epsilon(gaussian, self.delta)
+        rdp = mixed_rdp_epsilon(list(events), self.delta, neighbouring=self.neighbouring)
+        gaussian_part = [e for e in events if isinstance(e, DPSGDEvent)]
+        if not gaussian_part:
+            return rdp
+        skellam_part = [e for e in events if isinstance(e, IntegerNoiseEvent)]
+        basic = min(
+            self._accountant.epsilon(gaussian_part, f * self.delta)
+            + mixed_rdp_epsilon(skellam_part, (1 - f) * self.delta, neighbouring=self.neighbouring)
+            for f in (0.25, 0.5, 0.75)
+        )
+        return min(rdp, basic)
 
     # -- charging --------------------------------------------------------------------------------
 
