@@ -117,6 +117,7 @@ class PrivacyLedger:
         self._accountant = make_accountant(accountant, neighbouring=neighbouring)
         self.neighbouring = self._accountant.neighbouring
         self.entries: list[LedgerEntry] = []
+        self._gaussian_cache: dict[tuple[tuple[DPSGDEvent, ...], float], float] = {}
 
     @classmethod
     def open(cls, path: str | Path, **kw: Any) -> PrivacyLedger:
@@ -226,11 +227,18 @@ class PrivacyLedger:
             return rdp
         skellam_part = [e for e in events if isinstance(e, IntegerNoiseEvent)]
         basic = min(
-            self._accountant.epsilon(gaussian_part, f * self.delta)
+            self._gaussian_epsilon(tuple(gaussian_part), f * self.delta)
             + mixed_rdp_epsilon(skellam_part, (1 - f) * self.delta, neighbouring=self.neighbouring)
             for f in (0.25, 0.5, 0.75)
         )
         return min(rdp, basic)
+
+    def _gaussian_epsilon(self, events: tuple[DPSGDEvent, ...], delta: float) -> float:
+        """The accountant's epsilon of a Gaussian history, memoised: a mixed history re-reads the same part often."""
+        key = (events, delta)
+        if key not in self._gaussian_cache:
+            self._gaussian_cache[key] = self._accountant.epsilon(list(events), delta)
+        return self._gaussian_cache[key]
 
     # -- charging --------------------------------------------------------------------------------
 
