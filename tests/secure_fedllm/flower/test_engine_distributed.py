@@ -37,7 +37,8 @@ def _config(model_dir, unit: str):
     )
 
 
-@pytest.mark.parametrize("unit", ["record", "client"])
+# the client-level case runs in the integration tier, whose second worker has room beside the TLS deployments
+@pytest.mark.parametrize("unit", ["record", pytest.param("client", marks=pytest.mark.integration)])
 def test_grid_run_in_distributed_mode_equals_the_in_process_run(tiny_model_dir, tmp_path, unit) -> None:
     config = _config(tiny_model_dir, unit)
     ref = run(config, out=tmp_path / "ref", progress=False)
