@@ -470,12 +470,7 @@ class FederatedClient:
                 grads = trainer.per_unit_gradients(batch, list(manifest.check(model).values()))
         finally:
             set_vector(model, manifest, global_vector)
-        noise_key = hmac.new(seed, b"secure-fedllm/skellam-noise-key/v1", hashlib.sha256).digest()
-        return round_dp.contribution(
-            grads.numpy(),
-            rounding=np.random.default_rng(_seed_int(seed, b"rounding")),
-            noise=KeystreamSource(noise_key),
-        )
+        return _contribution(round_dp, grads.numpy(), seed)
 
     def _client_level_update(
         self,
@@ -503,13 +498,7 @@ class FederatedClient:
             weight=1.0,
         )
         update = self._train(trainer, model, manifest, global_vector, local, seed)
-        rotated = rotate(update, rotation_seed(self.job, round_number))
-        noise_key = hmac.new(seed, b"secure-fedllm/skellam-noise-key/v1", hashlib.sha256).digest()
-        return round_dp.contribution(
-            rotated[None, :],
-            rounding=np.random.default_rng(_seed_int(seed, b"rounding")),
-            noise=KeystreamSource(noise_key),
-        )
+        return _contribution(round_dp, rotate(update, rotation_seed(self.job, round_number))[None, :], seed)
 
     def _check_plan(self, plan: RoundPlan) -> Assignment:
         """Refuse a malformed plan, one for another model, a weakened one, or one that could single out an update."""
@@ -536,6 +525,18 @@ class FederatedClient:
                 )
         self.policy.check(own[0])
         return own[0]
+
+
+def _contribution(round_dp: DistributedDP, rows: npt.NDArray[np.floating], seed: bytes) -> npt.NDArray[np.int64]:
+    """What a distributed-DP release sends: `rows` rounded from the release's seed, plus its Skellam share.
+
+    Rounding draws come from a public-quality generator seeded from the release's secret seed; the
+    share from a ChaCha20 keystream under a key derived from it, so a re-request redraws both identically.
+    """
+    noise_key = hmac.new(seed, b"secure-fedllm/skellam-noise-key/v1", hashlib.sha256).digest()
+    return round_dp.contribution(
+        rows, rounding=np.random.default_rng(_seed_int(seed, b"rounding")), noise=KeystreamSource(noise_key)
+    )
 
 
 def _seed_int(seed: bytes, purpose: bytes) -> int:
