@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from .budget import plan_budget, show_budget
     from .demo import SMOLLM2_QV_LORA_R16, DemoConfig, run_demo
     from .federation import PlanRefusedError, RunResult, run
+    from .lora_targets import resolve_target_modules
+    from .model_card import BaseModelMismatchError, load_adapter
+    from .tiny_model import TINY_ARCHITECTURES, save_tiny_model
 
 _LAZY = {
     "PlanRefusedError": "federation",
@@ -35,6 +38,11 @@ _LAZY = {
     "SMOLLM2_QV_LORA_R16": "demo",
     "DemoConfig": "demo",
     "run_demo": "demo",
+    "BaseModelMismatchError": "model_card",
+    "load_adapter": "model_card",
+    "resolve_target_modules": "lora_targets",
+    "TINY_ARCHITECTURES": "tiny_model",
+    "save_tiny_model": "tiny_model",
 }
 
 
@@ -50,6 +58,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "SMOLLM2_QV_LORA_R16",
+    "TINY_ARCHITECTURES",
+    "BaseModelMismatchError",
     "ConfigError",
     "DataConfig",
     "DemoConfig",
@@ -66,8 +76,11 @@ __all__ = [
     "SecureAggregationConfig",
     "SecureFedLLMError",
     "TrainingConfig",
+    "load_adapter",
     "plan_budget",
+    "resolve_target_modules",
     "run",
     "run_demo",
+    "save_tiny_model",
     "show_budget",
 ]

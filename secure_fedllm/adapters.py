@@ -27,9 +27,11 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig
 from .errors import SecureFedLLMError
+from .lora_targets import resolve_target_modules
 
 __all__ = [
     "SIDECAR",
@@ -95,26 +97,40 @@ class AdapterManifest:
 def attach_lora(model: PreTrainedModel, config: LoraConfig, *, a0_seed: int) -> PeftModel:
     """Wrap `model` with LoRA adapters whose A0 is a deterministic function of `a0_seed`.
 
-    In `ffa` the A tensors are frozen (requires_grad False); B is zero, so the adapted model
-    starts out equal to the base model.
+    `config.target_modules` is resolved against `model` first (`resolve_target_modules`), so peft
+    gets explicit names. In `ffa` the A tensors are frozen (requires_grad False); B is zero, so the
+    adapted model starts out equal to the base model. The adapter tensors are float32 whatever the
+    base model's dtype: DP-SGD clips, noises and aggregates them, and bfloat16's 8-bit mantissa
+    would swallow small noised steps.
+
+    Raises:
+        ConfigError: `config.target_modules` matches nothing in `model`.
+        AdapterMismatchError: peft refused the resolved targets.
     """
+    targets = resolve_target_modules(model, config.target_modules)
+    matched = [m for name, m in model.named_modules() if any(name == t or name.endswith("." + t) for t in targets)]
     peft_config = PeftLoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=list(config.target_modules),
+        target_modules=list(targets),
+        # transformers' Conv1D (GPT-2) stores its weight as (in, out); peft needs to be told (it
+        # would otherwise warn and flip the flag itself). lora_A stays (r, in_features) either way.
+        fan_in_fan_out=bool(matched) and all(isinstance(m, Conv1D) for m in matched),
         bias="none",
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
     except ValueError as exc:
-        raise AdapterMismatchError(f"lora.target_modules={list(config.target_modules)}: {exc}") from exc
+        raise AdapterMismatchError(f"lora.target_modules={list(targets)}: {exc}") from exc
     generator = torch.Generator().manual_seed(a0_seed)
     with torch.no_grad():
         for name, p in sorted(peft_model.named_parameters()):
+            if "lora_" in name and p.dtype != torch.float32:  # peft's autocast covers only fp16/bf16
+                p.data = p.data.float()
             if "lora_A." in name:
-                bound = 1.0 / math.sqrt(p.shape[1])
+                bound = 1.0 / math.sqrt(p.shape[1])  # Kaiming-uniform(a=sqrt(5)): fan_in = in_features
                 p.copy_(torch.rand(p.shape, generator=generator, dtype=torch.float64).mul(2 * bound).sub(bound))
                 p.requires_grad_(config.aggregation == "fedit")
             elif "lora_B." in name:

@@ -17,10 +17,12 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
 from pydantic import BaseModel
@@ -30,6 +32,11 @@ from .config import RunConfig, toml_value
 from .errors import ConfigError, SecureFedLLMError
 
 __all__ = [
+    "Accountant",
+    "DemoProtocol",
+    "Engine",
+    "Neighbouring",
+    "PrivacyMode",
     "app",
     "budget_commands",
     "build_app",
@@ -45,6 +52,54 @@ __all__ = [
 PROG = "secure-fedllm"
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
 EXIT_USER_ERROR = 2
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+class Engine(StrEnum):
+    """`run --engine`: where the clients run."""
+
+    inprocess = "inprocess"
+    flower = "flower"
+
+
+class Accountant(StrEnum):
+    """`budget plan --accountant` (the run's `privacy.accountant`)."""
+
+    pld = "pld"
+    rdp = "rdp"
+    prv = "prv"
+
+
+class Neighbouring(StrEnum):
+    """`budget plan --neighbouring` (the run's `privacy.neighbouring`)."""
+
+    replace_one = "replace"  # not `replace`: that would shadow str.replace on every member
+    add_remove = "add_remove"
+
+
+class PrivacyMode(StrEnum):
+    """`budget plan --mode` (the run's `privacy.mode`)."""
+
+    local = "local"
+    distributed = "distributed"
+
+
+class DemoProtocol(StrEnum):
+    """`demo --protocol`: the secure-aggregation protocols the demo runs."""
+
+    secagg = "secagg"
+    secagg_plus = "secagg+"
+
+
+class TinyArchitecture(StrEnum):
+    """`tiny-model --architecture`: the architectures of `secure_fedllm.tiny_model` (same as TINY_ARCHITECTURES)."""
+
+    llama = "llama"
+    qwen2 = "qwen2"
+    mistral = "mistral"
+    gemma = "gemma"
+    phi3 = "phi3"
+    gpt2 = "gpt2"
 
 
 def _version(value: bool) -> None:
@@ -90,40 +145,115 @@ def run(
         typer.Option(help="folder of the clients' private state folders (default <run>.sites, beside the run)"),
     ] = None,
     merge: Annotated[bool, typer.Option(help="also save the merged model (merge_and_unload)")] = False,
-    quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="no progress output, and no progress bars or info logs from transformers/peft/hub")
+    ] = False,
     engine: Annotated[
-        str, typer.Option(help="inprocess (one process), or flower (Flower's simulation engine, one node per client)")
-    ] = "inprocess",
+        Engine,
+        typer.Option(help="inprocess (one process), or flower (Flower's simulation engine, one node per client)"),
+    ] = Engine.inprocess,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="print each client's N_i, q_i, noise, steps, expected epsilon and records truncated/dropped by "
+            "data.max_length, then stop (no training, no run folder)",
+        ),
+    ] = False,
+    log_json: Annotated[
+        str | None,
+        typer.Option(
+            "--log-json",
+            metavar="PATH",
+            help="also write one JSON object per line (progress lines, rounds, warnings, the result; a dry run's "
+            "table) to PATH; '-' writes them to stdout and the human output to stderr",
+        ),
+    ] = None,
 ) -> None:
-    """Run a federation (default: SmolLM2-135M, 4 clients, 3 rounds, SecAgg+, DP-SGD at epsilon 8)."""
+    """Run a federation (default: SmolLM2-135M, 4 clients, 3 rounds, SecAgg+, DP-SGD at epsilon 8).
+
+    Progress goes to stdout: rich on a terminal, plain unwrapped lines when piped or redirected.
+    """
     from .federation import run as run_federation
 
-    if engine not in ("inprocess", "flower"):
-        raise ConfigError(f"--engine {engine}: unknown engine; choose inprocess or flower")
-    if engine == "flower" and (resume is not None or merge):
+    if engine is Engine.flower and (resume is not None or merge):
         raise ConfigError("--engine flower: runs fresh runs only; drop --resume and --merge")
+    if engine is Engine.flower and log_json is not None and not dry_run:
+        raise ConfigError("--log-json: the flower engine's server logs through Flower; drop --log-json or --engine")
 
     cfg: RunConfig | None = None
     if config is not None:  # with --resume, it must equal the run's config (run() checks)
         cfg = RunConfig.from_file(config).with_overrides(list(set_ or []))
     elif resume is not None:
-        cfg = RunConfig.from_file(resume / "config.toml").with_overrides(list(set_ or [])) if set_ else None
+        cfg = RunConfig.from_file(resume / "config.toml").with_overrides(list(set_ or [])) if set_ or dry_run else None
     else:
         cfg = RunConfig().with_overrides(list(set_ or []))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
-        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        if engine == "flower":
+    human = sys.stderr if log_json == "-" else sys.stdout
+    with ExitStack() as stack:
+        stack.enter_context(_run_warnings())
+        if quiet:
+            from .logs import quiet_libraries
+
+            stack.enter_context(quiet_libraries())
+        if dry_run:
+            _dry_run(cfg or RunConfig(), log_json, human)
+            return
+        if engine is Engine.flower:
             from .flower.simulation import run_simulation
 
             target = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S-flower", time.gmtime())
             result = run_simulation(cfg or RunConfig(), out=target)
         else:
-            result = run_federation(cfg, out=out, resume=resume, merge=merge, progress=not quiet, sites=sites)
+            result = run_federation(
+                cfg, out=out, resume=resume, merge=merge, progress=not quiet, sites=sites, log_json=log_json,
+                stream=human,
+            )  # fmt: skip
     ratio = result.final_perplexity_ratio
-    typer.echo(f"held-out perplexity ratio (final / round 0): {ratio:.3f}")
-    typer.echo(f"run folder: {result.out}")
+    typer.echo(f"held-out perplexity ratio (final / round 0): {ratio:.3f}", err=human is sys.stderr)
+    typer.echo(f"run folder: {result.out}", err=human is sys.stderr)
+
+
+def _dry_run(config: RunConfig, log_json: str | None, human: IO[str]) -> None:
+    from .federation.dry_run import dry_run, format_dry_run
+    from .logs import RunLog
+
+    plan = dry_run(config)
+    human.write(format_dry_run(plan) + "\n")
+    human.flush()
+    if log_json is not None:
+        with RunLog(progress=False, json_path=log_json) as log:
+            log.event("dry_run", **plan.to_dict())
+
+
+@contextmanager
+def _run_warnings() -> Iterator[None]:
+    """A run's warnings: library noise filtered, this package's own warnings one line each on stderr.
+
+    The package's warnings (`data.max_length` cutting records, a large delta) are advice to the
+    user, so they read `warning: <message>` like the error path's `error: <message>`; anything
+    else keeps Python's format, which names the code that raised it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
+        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        show = warnings.showwarning
+
+        def one_line_for_ours(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: Any = None,
+            line: str | None = None,
+        ) -> None:
+            if str(Path(filename).resolve()).startswith(PACKAGE_DIR):
+                typer.secho(f"warning: {one_line(str(message))}", err=True, fg=typer.colors.YELLOW)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line_for_ours
+        yield
 
 
 def init_config(
@@ -174,13 +304,13 @@ def budget_plan(
     steps: Annotated[int, typer.Option(help="DP-SGD steps per joined round")] = 3,
     rounds: Annotated[int, typer.Option(help="joins K = min(rounds, max participations)")] = 3,
     delta: Annotated[float | None, typer.Option(help="delta (default 0.1 / records)")] = None,
-    accountant: Annotated[str, typer.Option(help="pld (tight), rdp or prv")] = "pld",
-    neighbouring: Annotated[str, typer.Option(help="replace (one unit swapped; a run's default) or add_remove")] = (
-        "replace"
-    ),
-    mode: Annotated[str, typer.Option(help="local (each client's own noise) or distributed (shares in SecAgg)")] = (
-        "local"
-    ),
+    accountant: Annotated[Accountant, typer.Option(help="pld (tight), rdp or prv")] = Accountant.pld,
+    neighbouring: Annotated[
+        Neighbouring, typer.Option(help="replace (one unit swapped; a run's default) or add_remove")
+    ] = Neighbouring.replace_one,
+    mode: Annotated[
+        PrivacyMode, typer.Option(help="local (each client's own noise) or distributed (shares in SecAgg)")
+    ] = PrivacyMode.local,
     clients: Annotated[int, typer.Option(help="distributed: clients per round n")] = 4,
     corrupt: Annotated[int, typer.Option(help="distributed: colluding clients n_C")] = 1,
     dropouts: Annotated[int, typer.Option(help="distributed: dropouts d_max")] = 1,
@@ -191,11 +321,9 @@ def budget_plan(
     if records < 1:
         raise ConfigError(f"--records {records}: must be at least 1; give the number of privacy units")
     q = sample_rate if sample_rate is not None else min(1.0, batch / records)
-    if mode not in ("local", "distributed"):
-        raise ConfigError(f"--mode {mode!r}: choose local or distributed")
-    if mode == "distributed":
+    if mode is PrivacyMode.distributed:
         _plan_distributed(epsilon, noise, q, rounds, delta, records, clients, corrupt, dropouts, dimension,
-                          neighbouring, as_json)  # fmt: skip
+                          neighbouring.value, as_json)  # fmt: skip
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -206,15 +334,15 @@ def budget_plan(
             delta=delta if delta is not None else 0.1 / records,
             epsilon=epsilon,
             noise_multiplier=noise,
-            accountant=accountant,
-            neighbouring=neighbouring,
+            accountant=accountant.value,
+            neighbouring=neighbouring.value,
         )
     if as_json:
         typer.echo(json.dumps(plan, indent=1))
         return
     typer.echo(
         f"q={plan['sample_rate']:.4g}, {steps} steps x {rounds} joins, delta={plan['delta']:.3g}, "
-        f"{accountant} ({neighbouring}): noise multiplier {plan['noise_multiplier']:.4f} -> epsilon "
+        f"{accountant.value} ({neighbouring.value}): noise multiplier {plan['noise_multiplier']:.4f} -> epsilon "
         f"{plan['epsilon']:.3f}"
     )
     typer.echo("epsilon after each join: " + ", ".join(f"{e:.3f}" for e in plan["epsilon_after_round"]))
@@ -308,7 +436,7 @@ def budget_show(
 def demo(
     clients: int = 20,
     dimension: Annotated[int | None, typer.Option(help="update length (default: SmolLM2 q,v r=16)")] = None,
-    protocol: str = "secagg+",
+    protocol: Annotated[DemoProtocol, typer.Option(help="secure-aggregation protocol")] = DemoProtocol.secagg_plus,
     dropout: Annotated[float, typer.Option(help="fraction of clients that drop mid-round")] = 0.1,
     seed: int = 0,
 ) -> None:
@@ -319,12 +447,26 @@ def demo(
     cfg = DemoConfig(
         clients=clients,
         dimension=dimension or SMOLLM2_QV_LORA_R16,
-        protocol=protocol,
+        protocol=protocol.value,
         dropout=dropout,
         seed=seed,
     )
     run_demo(cfg, out=lines)
     typer.echo("\n".join(lines))
+
+
+def tiny_model(
+    folder: Annotated[Path, typer.Argument(help="where to write the model (a new or empty folder)")],
+    architecture: Annotated[TinyArchitecture, typer.Option(help="model family")] = TinyArchitecture.llama,
+    seed: int = 0,
+) -> None:
+    """Write a tiny random model (2 layers, hidden 64, byte-level tokenizer) for smoke tests: it learns nothing."""
+    from .tiny_model import save_tiny_model
+
+    if folder.exists() and any(folder.iterdir()):
+        raise ConfigError(f"{folder}: not empty; give a new folder")
+    save_tiny_model(folder, architecture.value, seed=seed)
+    typer.echo(f"tiny {architecture.value} model: {folder} (use --set model.name='\"{folder}\"')")
 
 
 def budget_commands() -> typer.Typer:
@@ -341,12 +483,13 @@ def budget_commands() -> typer.Typer:
 
 
 def build_app() -> typer.Typer:
-    """This package's commands (`run`, `init-config`, `budget`, `demo`) on a fresh app."""
+    """This package's commands (`run`, `init-config`, `budget`, `demo`, `tiny-model`) on a fresh app."""
     app = new_app()
     app.command("run")(run)
     app.command("init-config")(init_config)
     app.add_typer(budget_commands(), name="budget")
     app.command("demo")(demo)
+    app.command("tiny-model")(tiny_model)
     return app
 
 

@@ -50,8 +50,23 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The base causal LM."""
 
-    name: str = Field(EMBEDDED_MODEL, description="Hugging Face id, local path, or the embedded default")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype for training")
+    name: str = Field(
+        EMBEDDED_MODEL,
+        description="a local folder, the embedded default, or a Hugging Face id (read from the local cache only, "
+        "unless allow_download is true)",
+    )
+    allow_download: bool = Field(
+        False,
+        description="let a Hugging Face id that is not in the local cache be downloaded (off by default: a run never "
+        "touches the network unless asked to)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dtype" in data:
+            raise ValueError("model.dtype is now training.dtype (float32, bfloat16 or float16); move it there")
+        return data
 
 
 class LoraConfig(_Section):
@@ -60,7 +75,12 @@ class LoraConfig(_Section):
     r: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="adapter rank")
     alpha: Annotated[float, Field(gt=0)] = Field(32.0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="dropout on the adapter input")
-    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1, description="modules to adapt")
+    target_modules: str | tuple[str, ...] = Field(
+        "attention",
+        description="modules to adapt: 'attention' (the default: the query and value projections, resolved per "
+        "architecture, e.g. q_proj/v_proj for LLaMA, Qwen2, Mistral, Gemma; qkv_proj for Phi-3; c_attn for GPT-2), "
+        "'all-linear', or explicit module names",
+    )
     aggregation: Literal["ffa", "fedit"] = Field(
         "ffa",
         description="ffa: A frozen at its shared random init, only B trains and is summed (exact under "
@@ -71,8 +91,20 @@ class LoraConfig(_Section):
 class DataConfig(_Section):
     """Where client data comes from and how it is split."""
 
-    source: Literal["synthetic", "alpaca", "hf-folder"] = Field("synthetic", description="data source")
-    path: str | None = Field(None, description="file or folder for alpaca / hf-folder")
+    source: Literal["synthetic", "file", "alpaca", "hf-folder"] = Field(
+        "synthetic",
+        description="synthetic (the built-in generator), file (JSON, JSON lines, CSV or a Hugging Face save_to_disk "
+        "folder, see data.format), alpaca (a JSON or JSON-lines file) or hf-folder",
+    )
+    path: str | None = Field(None, description="the data file or folder (every source but synthetic)")
+    format: Literal["json", "jsonl", "csv", "hf"] | None = Field(
+        None, description="source='file': json, jsonl, csv or hf; by default from the suffix (a folder is hf)"
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="our field -> the file's column, for instruction, input and output (e.g. {instruction = "
+        '"question", output = "answer"}); unmapped fields use their own name',
+    )
     records_per_client: Annotated[int, Field(ge=1)] = Field(256, description="records per client (synthetic)")
     partition: Literal["iid", "dirichlet", "field"] = Field("iid", description="how records are split")
     dirichlet_alpha: Annotated[float, Field(gt=0)] = Field(0.5, description="concentration for dirichlet")
@@ -86,6 +118,13 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _paths(self) -> DataConfig:
+        for ours, column in self.fields.items():
+            if ours not in ("instruction", "input", "output"):
+                raise ValueError(f"fields: unknown field {ours!r}; map instruction, input or output to a column")
+            if not column:
+                raise ValueError(f"fields: {ours!r} maps to an empty column name")
+        if self.format is not None and self.source != "file":
+            raise ValueError(f"format is for source='file' (got source={self.source!r}); drop data.format")
         if self.source != "synthetic" and not self.path:
             raise ValueError(f"path is required when source={self.source!r}; set data.path")
         if self.partition == "field" and not self.partition_field:
@@ -226,6 +265,18 @@ class TrainingConfig(_Section):
         description="how Opacus computes per-example gradients (hooks measured fastest for LoRA; Opacus' ew mode "
         "cannot call Hugging Face models, which take keyword inputs)",
     )
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda|cuda:\d+)$")] = Field(
+        "auto", description="where to train: auto (a CUDA GPU, else Apple mps, else cpu), cpu, cuda, cuda:N or mps"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="precision of the frozen base model (stored and run under autocast in this dtype); the trained "
+        "LoRA weights, the adapter path, per-example clipping and DP noise always stay float32",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the frozen base's activations in the backward pass (less memory, more time)"
+    )
+    threads: Annotated[int, Field(ge=1)] | None = Field(None, description="CPU threads for torch (default: torch's)")
 
 
 class EvaluationConfig(_Section):
@@ -429,7 +480,13 @@ def toml_value(value: Any) -> str:
         return json.dumps(value)  # a JSON string is a valid TOML basic string
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table, e.g. data.fields
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise ConfigError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key) else json.dumps(key)
 
 
 def to_toml(data: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ def build_app() -> typer.Typer:
     app.command("init-config")(core.init_config)
     app.add_typer(core.budget_commands(), name="budget")
     app.command("demo")(core.demo)
+    app.command("tiny-model")(core.tiny_model)
     app.command("evaluate")(threats.evaluate)
     return app
 

@@ -62,10 +62,19 @@ class ChatTemplate:
 
     def example(self, instruction: str, input_text: str, output: str) -> Example | None:
         """Prompt + response + end-of-turn, truncated to `max_length`; None if no response token fits."""
+        return self.encode(instruction, input_text, output)[0]
+
+    def encode(self, instruction: str, input_text: str, output: str) -> tuple[Example | None, int]:
+        """`example(...)` and the record's untruncated length (prompt + response + end-of-turn tokens).
+
+        The length is what `data.max_length` would have to be for the record to fit whole: the
+        truncation statistics (`TokenizedDataset.stats`) and their advice are computed from it.
+        """
         prompt = self.prompt_ids(instruction, input_text)
         response: list[int] = self.tokenizer(output + self.end_of_turn, add_special_tokens=False)["input_ids"]
+        full = len(prompt) + len(response)
         ids = (prompt + response)[: self.max_length]
         if len(ids) <= len(prompt):
-            return None
+            return None, full
         labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
-        return Example(tuple(ids), tuple(labels))
+        return Example(tuple(ids), tuple(labels)), full

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError
 from .sources import TextRecord, load_hf_folder, read_json_rows
 
-__all__ = ["SITE_FIELDS", "SiteDataSpec", "load_site_records", "split_heldout"]
+__all__ = ["SITE_FIELDS", "SiteDataSpec", "load_site_records", "read_site_rows", "split_heldout"]
 
 SITE_FIELDS = ("instruction", "input", "output", "person")
 _DEFAULT_FIELDS = {name: name for name in SITE_FIELDS}
@@ -219,8 +219,12 @@ def _parse_fields(raw: Any) -> dict[str, str]:
     return fields
 
 
-def _read_rows(spec: SiteDataSpec) -> list[tuple[str, dict[str, Any]]]:
-    key = "data-path"
+def read_site_rows(spec: SiteDataSpec, *, key: str = "data-path") -> list[tuple[str, dict[str, Any]]]:
+    """The file's rows as read (no field mapping), each with where it is; errors name `key`."""
+    return _read_rows(spec, key)
+
+
+def _read_rows(spec: SiteDataSpec, key: str = "data-path") -> list[tuple[str, dict[str, Any]]]:
     if spec.format in ("json", "jsonl"):
         return read_json_rows(spec.path, key=key, lines=spec.format == "jsonl")
     if spec.format == "hf":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from ..config import RunConfig
 from ..errors import ConfigError
@@ -30,6 +31,7 @@ __all__ = [
     "load_hf_folder",
     "partition",
     "read_json_rows",
+    "read_source_rows",
 ]
 
 
@@ -192,8 +194,7 @@ def load_federation_data(config: RunConfig) -> FederationData:
         clients = [[_synthetic(r, i, by_person) for i, r in enumerate(recs)] for recs in federation.clients]
         heldout = [_synthetic(r, i, False) for i, r in enumerate(server.clients[0])]
         return FederationData(clients, heldout, federation.manifest())
-    assert data.path is not None  # checked by DataConfig
-    rows = load_alpaca(data.path) if data.source == "alpaca" else load_hf_folder(data.path)
+    rows = read_source_rows(config)
     if len(rows) <= heldout_n:
         raise ConfigError(f"{len(rows)} records leave none for clients after evaluation.heldout_records={heldout_n}")
     shuffled = np.random.default_rng(fed.seed).permutation(len(rows)).tolist()
@@ -204,6 +205,48 @@ def load_federation_data(config: RunConfig) -> FederationData:
     clients = [[_row(client_rows[i], i, user_field) for i in part] for part in parts]
     heldout = [_row(row, i, None, prefix="heldout-") for i, row in enumerate(server_rows)]
     return FederationData(clients, heldout)
+
+
+def read_source_rows(config: RunConfig) -> list[dict[str, Any]]:
+    """The rows of a file source, with `data.fields` applied: each has instruction, output (and input) keys.
+
+    Other columns stay (a partition field or person field may be any column).
+
+    Raises:
+        ConfigError: the file is unreadable or malformed, or a row lacks a mapped column (named with
+            its line or row, and the setting that maps it).
+    """
+    data = config.data
+    assert data.path is not None  # checked by DataConfig
+    labelled: list[tuple[str, dict[str, Any]]]
+    if data.source == "file":
+        from .site_data import SiteDataSpec, read_site_rows
+
+        try:
+            spec = SiteDataSpec(path=Path(data.path), format=data.format)
+        except ValidationError as exc:
+            message = exc.errors()[0]["msg"].removeprefix("Value error, ").replace("data-format", "data.format")
+            raise ConfigError(f"data.path={data.path!r}: {message}") from None
+        labelled = read_site_rows(spec, key="data.path")
+    elif data.source == "alpaca":
+        labelled = read_json_rows(data.path)
+    else:
+        labelled = [(f"row {i}", row) for i, row in enumerate(load_hf_folder(data.path))]
+    rows = []
+    for label, row in labelled:
+        mapped = dict(row)
+        for ours in ("instruction", "input", "output"):
+            column = data.fields.get(ours, ours)
+            if column in row:
+                mapped[ours] = row[column]
+            elif ours != "input":
+                how = f"data.fields maps {ours} to {column!r}" if ours in data.fields else f"no {ours!r} column"
+                raise ConfigError(
+                    f"data.path={data.path!r}: {label} has {how}; map {ours} to an existing column with "
+                    f"--set 'data.fields={{{ours} = \"<column>\"}}' (columns: {', '.join(map(str, row)) or 'none'})"
+                )
+        rows.append(mapped)
+    return rows
 
 
 def _split(rows: list[dict[str, Any]], config: RunConfig, user_field: str | None) -> list[list[int]]:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +35,9 @@ from .folder import RunFolder, open_run_folder
 from .plan import Assignment, ClientPolicy, RoundPlan
 from .record import RoundRecord
 from .server_optimizer import ServerAdam
+
+if TYPE_CHECKING:
+    from ..training import LocalTrainer
 
 __all__ = [
     "ClientLedger",
@@ -273,11 +276,13 @@ class Job:
 
         from ..adapters import AdapterManifest, adapter_fingerprints, attach_lora
         from ..data import ChatTemplate, TokenizedDataset, load_federation_data
-        from ..models import load_base_model, model_fingerprint
+        from ..models import load_fingerprinted, resolve_device
 
+        if config.training.threads is not None:
+            torch.set_num_threads(config.training.threads)
         torch.manual_seed(public_seed(config.federation.seed, "torch"))
-        base, tokenizer = load_base_model(config.model)
-        base_sha = model_fingerprint(base)
+        device = resolve_device(config.training.device)
+        base, tokenizer, base_sha = load_fingerprinted(config.model, dtype=config.training.dtype, device=device)
         model = attach_lora(base, config.lora, a0_seed=public_seed(config.federation.seed, "a0"))
         manifest = AdapterManifest.of(model, config.lora.aggregation)
         fingerprints = {"base_sha256": base_sha, "manifest_sha256": manifest.digest(), **adapter_fingerprints(model)}
@@ -294,6 +299,17 @@ class Job:
         job = cls(config, model, tokenizer, manifest, fingerprints, template, loaded, heldout)
         job.start, job.site_heldout = job.initial_vector(), site_heldout
         return job
+
+    def trainer(self) -> LocalTrainer:
+        """The one DP-SGD trainer of this process's model (Opacus hooks attach once, here)."""
+        from ..training import LocalTrainer
+
+        training = self.config.training
+        return LocalTrainer(
+            self.model,
+            grad_sample_mode=training.grad_sample_mode,
+            gradient_checkpointing=training.gradient_checkpointing,
+        )
 
     def initial_vector(self) -> Vector:
         """The adapter's starting aggregated vector (B = 0, A = A0)."""
@@ -534,6 +550,7 @@ class Federation:
     def finish(self, rows: list[RoundRecord], global_vector: Vector, *, merge: bool = False) -> RunResult:
         """The adapter (from the last global vector, with its sidecar) and the report."""
         from ..adapters import save_adapter, set_vector
+        from ..model_card import model_card, write_base_files
         from .report import write_report
 
         job, paths = self.job, self.folder.paths
@@ -549,6 +566,12 @@ class Federation:
         )
         sidecar["engine"] = self.transport.engine
         save_adapter(job.model, paths.adapter, sidecar=sidecar)
+        write_base_files(paths.adapter, job.model, job.tokenizer)
+        base_path = json.loads((paths.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        clients = [{**c.summary, "epsilon": c.epsilon, "delta": c.policy.delta} for c in ledgers]
+        targets = sorted(job.model.peft_config["default"].target_modules)
+        card = model_card(job.config, sidecar, clients, base_path=base_path, targets=targets)
+        (paths.adapter / "README.md").write_text(card)
         if merge:
             job.model.merge_and_unload().save_pretrained(paths.root / "merged")
             job.tokenizer.save_pretrained(paths.root / "merged")

@@ -10,6 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..config import RunConfig
 from ..privacy import neighbouring_statement
@@ -17,38 +20,103 @@ from .checkpoint import RunPaths
 from .plan import ClientPolicy
 from .record import RoundRecord
 
-__all__ = ["write_report"]
+__all__ = ["costs_figure", "epsilon_figure", "epsilon_groups", "quality_figure", "write_report"]
+
+
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _round_axis(ax: Axes) -> None:
+    """Rounds are whole numbers: ticks only at integers (matplotlib would put one at 0.5 for two rounds)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig: Figure, paths: RunPaths, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(paths.root / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def _plot_quality(paths: RunPaths, rows: Sequence[RoundRecord]) -> str:
+    return _save(quality_figure(rows), paths, "quality.png")
+
+
+def _plot_epsilon(paths: RunPaths, rows: Sequence[RoundRecord], budget: float) -> str:
+    return _save(epsilon_figure(rows, budget), paths, "epsilon.png")
+
+
+def _plot_costs(paths: RunPaths, rows: Sequence[RoundRecord]) -> str:
+    return _save(costs_figure(rows), paths, "costs.png")
+
+
+def quality_figure(rows: Sequence[RoundRecord]) -> Figure:
+    """Held-out loss and perplexity per round (quality.png)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     rounds = [r.round for r in rows]
     ax1.plot(rounds, [r.eval_loss for r in rows], marker="o")
     ax1.set(xlabel="round", ylabel="held-out loss", title="Held-out loss")
     ax2.plot(rounds, [r.perplexity for r in rows], marker="o", color="tab:orange")
     ax2.set(xlabel="round", ylabel="perplexity", title="Held-out perplexity")
-    fig.tight_layout()
-    fig.savefig(paths.root / "quality.png", dpi=110)
-    plt.close(fig)
-    return "quality.png"
+    for ax in (ax1, ax2):
+        _round_axis(ax)
+    return fig
 
 
-def _plot_epsilon(paths: RunPaths, rows: Sequence[RoundRecord], budget: float) -> str:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    clients = sorted(rows[-1].epsilon)
+def epsilon_groups(rows: Sequence[RoundRecord]) -> list[tuple[list[int], list[float]]]:
+    """Clients whose epsilon curves are identical, grouped: (clients, curve), in client order.
+
+    Clients of equal size with the same policy spend exactly the same epsilon every round; drawn
+    one by one their lines hide each other and the legend names clients the plot does not show.
+    Curves equal to 1e-9 (relative) are one group, drawn once and labelled with every client in it.
+    """
+    clients = sorted({c for r in rows for c in r.epsilon})
+    groups: list[tuple[list[int], list[float]]] = []
     for c in clients:
-        ax.plot([r.round for r in rows], [r.epsilon.get(c, 0.0) for r in rows], marker=".", label=f"client {c}")
+        curve = [float(r.epsilon.get(c, 0.0)) for r in rows]
+        for members, shared in groups:
+            if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(curve, shared, strict=True)):
+                members.append(c)
+                break
+        else:
+            groups.append(([c], curve))
+    return groups
+
+
+def _clients_label(clients: Sequence[int]) -> str:
+    if len(clients) == 1:
+        return f"client {clients[0]}"
+    if list(clients) == list(range(clients[0], clients[-1] + 1)) and len(clients) > 2:
+        return f"clients {clients[0]}-{clients[-1]} (identical)"
+    return "clients " + ", ".join(map(str, clients)) + " (identical)"
+
+
+def epsilon_figure(rows: Sequence[RoundRecord], budget: float) -> Figure:
+    """Epsilon spent per client and round (epsilon.png): one line per group of identical curves."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    rounds = [r.round for r in rows]
+    colours = plt.get_cmap("tab10" if len(rows[-1].epsilon) <= 10 else "tab20")
+    for i, (clients, curve) in enumerate(epsilon_groups(rows)):
+        ax.plot(
+            rounds,
+            curve,
+            color=colours(i % colours.N),
+            linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+            marker=_MARKERS[i % len(_MARKERS)],
+            markersize=4,
+            label=_clients_label(clients),
+        )
     if math.isfinite(budget):
-        ax.axhline(budget, color="grey", linestyle="--", label="budget")
+        ax.axhline(budget, color="grey", linestyle="--", linewidth=0.8, label="budget")
     ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per client")
+    _round_axis(ax)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths.root / "epsilon.png", dpi=110)
-    plt.close(fig)
-    return "epsilon.png"
+    return fig
 
 
-def _plot_costs(paths: RunPaths, rows: Sequence[RoundRecord]) -> str:
+def costs_figure(rows: Sequence[RoundRecord]) -> Figure:
+    """Seconds by phase and protocol bytes per round (costs.png)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     phases = ["training", "protocol_client", "protocol_server", "evaluation"]
     rounds = [r.round for r in rows]
@@ -63,10 +131,14 @@ def _plot_costs(paths: RunPaths, rows: Sequence[RoundRecord]) -> str:
     ax2.bar([x + 0.2 for x in rounds], [r.bytes.download / 1e6 for r in rows], 0.4, label="down")
     ax2.set(xlabel="round", ylabel="MB (all clients)", title="Protocol bytes")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths.root / "costs.png", dpi=110)
-    plt.close(fig)
-    return "costs.png"
+    for ax in (ax1, ax2):
+        _round_axis(ax)
+    return fig
+
+
+def _target_modules(target: str | Sequence[str]) -> str:
+    """`lora.target_modules` as written: a preset name ("attention", "all-linear") as is, names comma-joined."""
+    return target if isinstance(target, str) else ", ".join(target)
 
 
 def write_report(
@@ -90,7 +162,7 @@ def write_report(
         "# secure-fedllm run report",
         "",
         f"Model `{config.model.name}` (base SHA-256 `{sidecar['base_sha256'][:16]}...`), "
-        f"LoRA {config.lora.aggregation} r={config.lora.r} on {', '.join(config.lora.target_modules)}; "
+        f"LoRA {config.lora.aggregation} r={config.lora.r} on {_target_modules(config.lora.target_modules)}; "
         f"{config.federation.clients} clients, "
         f"{config.federation.rounds} rounds, secure aggregation `{config.secure_aggregation.protocol}`, "
         f"privacy `{config.privacy.mechanism}` ({config.privacy.unit}-level).",

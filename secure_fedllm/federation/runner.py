@@ -17,16 +17,18 @@ applies the decoded mean, evaluates on its own held-out records and checkpoints.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import RunConfig
+from ..data.tokenized import DataTruncationWarning, TokenizedDataset, check_has_records, max_length_warning
 from ..errors import ConfigError
+from ..logs import RunLog, quiet_libraries
 from .aggregation import aggregate_updates, draw_dropouts
 from .checkpoint import RunPaths
 from .client import ClientUpdate, FederatedClient
@@ -49,6 +51,7 @@ __all__ = [
     "RunResult",
     "adapter_sidecar",
     "binding_tap",
+    "check_data_fits",
     "job_id",
     "make_client",
     "open_site",
@@ -66,6 +69,8 @@ def run(
     stop_after: int | None = None,
     tap: Callable[[int, int, bytes], None] | None = None,
     sites: str | Path | None = None,
+    log_json: str | Path | None = None,
+    stream: IO[str] | None = None,
 ) -> RunResult:
     """Run (continue, or finish) a federation in process and return its result.
 
@@ -75,50 +80,77 @@ def run(
             (which continues from its last checkpoint; a finished one is left as it is).
         resume: a run folder to continue from its last checkpoint (a finished run: nothing to do).
         merge: also save the merged model (`merge_and_unload`) under `merged/`.
-        progress: show a progress bar and a summary per round.
+        progress: show a summary line per round (and, on a terminal, a progress bar); False also silences
+            the progress bars and info logging of transformers, huggingface_hub and datasets for the run.
         stop_after: stop after this round, as if the process ended there (resume continues).
         tap: audit hook called with (round, client, bytes) for every message a client sends the server.
         sites: the folder of the clients' private state folders (default `<run>.sites`, beside the run
             folder; give the same one to `resume`). Never inside the run folder, which is public.
+        log_json: also write one JSON object per event (progress lines, rounds, warnings, the result) to
+            this file, or to stdout with "-" (`logs.RunLog`).
+        stream: where progress lines go (default stdout): rich on a terminal, plain unwrapped lines otherwise.
+
+    Warns:
+        DataTruncationWarning: `data.max_length` truncates or drops more than 10% of the records (of
+            all clients, or of one); the message advises a value.
 
     Raises:
-        ConfigError: a bad configuration, a folder holding something else, or a resume that does not match.
+        ConfigError: a bad configuration, a folder holding something else, a resume that does not match,
+            or a client (or the held-out set) left with no record that fits `data.max_length`.
         RunInterruptedError: Ctrl-C (the message says how to resume).
         PrivacyBudgetExhaustedError: a client asked to train past its budget.
     """
-    console = Console(quiet=not progress)
-    transport = InProcessTransport(sites=Path(sites) if sites is not None else None, tap=tap)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=console, disable=not progress, transient=True,
-    ) as bars:  # fmt: skip
-        task = bars.add_task("rounds", total=None)
+    with RunLog(progress=progress, stream=stream, json_path=log_json) as log, ExitStack() as stack:
+        if not progress:
+            stack.enter_context(quiet_libraries())
+        transport = InProcessTransport(sites=Path(sites) if sites is not None else None, tap=tap, warn=log.warning)
+        bars, update = log.rounds_bar()
+        with bars:
 
-        def advance(record: RoundRecord) -> None:
-            bars.update(task, total=transport.rounds + 1, completed=record.round + 1)
+            def advance(record: RoundRecord) -> None:
+                update(record.round + 1, transport.rounds + 1)
+                log.round(record)
 
-        federation = Federation(transport, log=lambda line: console.print(line, highlight=False), on_round=advance)
-        return federation.run(config, out=out, resume=resume, merge=merge, stop_after=stop_after)
+            federation = Federation(transport, log=log.line, on_round=advance)
+            result = federation.run(config, out=out, resume=resume, merge=merge, stop_after=stop_after)
+        log.event(
+            "result",
+            out=str(result.out),
+            rounds=len(result.metrics),
+            epsilon={str(c): e for c, e in result.epsilons.items()},
+            final_perplexity_ratio=result.final_perplexity_ratio if result.metrics else None,
+            report=str(result.report),
+        )
+        return result
 
 
 class InProcessTransport:
     """Every client in this process: one peft model trained in turn, clients separated by data, policy and state.
 
-    Dropouts are simulated (`federation.dropout`); `tap` sees every message a client sends.
+    Dropouts are simulated (`federation.dropout`); `tap` sees every message a client sends; `warn`
+    receives the warnings of the start (default: `warnings.warn`).
     """
 
     engine = "in-process"
 
-    def __init__(self, *, sites: Path | None = None, tap: Callable[[int, int, bytes], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        sites: Path | None = None,
+        tap: Callable[[int, int, bytes], None] | None = None,
+        warn: Callable[[str, type[Warning]], None] | None = None,
+    ) -> None:
         self.sites, self.tap = sites, tap
+        self.warn = warn if warn is not None else _warn
         self.clients: list[FederatedClient] = []
         self.rounds = 0
 
     def start(self, job: Job, paths: RunPaths) -> dict[int, int]:
-        """Tokenize each client's partition and build the client (policy calibrated, ledger opened)."""
-        from ..data import TokenizedDataset
-        from ..training import LocalTrainer
+        """Tokenize each client's partition and build the client (policy calibrated, ledger opened).
 
+        Warns (`DataTruncationWarning`) when data.max_length truncates or drops more than 10% of the
+        records, and refuses (`ConfigError`) a client or held-out set left with no record that fits.
+        """
         sites = self.sites if self.sites is not None else paths.sites
         if sites.resolve().is_relative_to(paths.root.resolve()):
             raise ConfigError(f"sites={sites} is inside the run folder {paths.root}, which the server may publish")
@@ -126,6 +158,7 @@ class InProcessTransport:
         self.job, self.rounds = job, config.federation.rounds
         datasets = [TokenizedDataset.build(records, job.template) for records in job.data.clients]
         heldout = [TokenizedDataset.build(records, job.template) for records in job.site_heldout or ()]
+        check_data_fits(config, datasets, job.heldout, warn=self.warn)
         self.clients = [
             make_client(
                 config,
@@ -138,7 +171,7 @@ class InProcessTransport:
             )
             for i, ds in enumerate(datasets)
         ]
-        self.trainer = LocalTrainer(job.model, grad_sample_mode=config.training.grad_sample_mode)
+        self.trainer = job.trainer()
         self.weights = client_weights(config, {c.client: c.data.num_units for c in self.clients})
         return {c.client: c.data.num_units for c in self.clients}
 
@@ -220,6 +253,33 @@ class InProcessTransport:
         )
         record.bytes = RoundBytes(upload=outcome.upload_bytes, download=outcome.download_bytes)
         return outcome.ring_sum if outcome.ring_sum is not None else outcome.mean  # distributed DP: the integer sum
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    warnings.warn(message, category, stacklevel=4)
+
+
+def check_data_fits(
+    config: RunConfig,
+    datasets: list[TokenizedDataset],
+    heldout: TokenizedDataset | None,
+    *,
+    warn: Callable[[str, type[Warning]], None] = _warn,
+) -> None:
+    """Warn when data.max_length cuts or drops over 10% of the clients' records; refuse when nothing fits.
+
+    Raises:
+        ConfigError: a client has no record left (or none at all), or the server's held-out set, which
+            it evaluates every round, has none (naming data.max_length and the value to set).
+    """
+    stats = [d.stats for d in datasets if d.stats is not None]
+    for client, data in enumerate(datasets):
+        if data.stats is not None:
+            check_has_records(data.stats, f"client {client}")
+    if heldout is not None and heldout.stats is not None and config.evaluation.mode == "server":
+        check_has_records(heldout.stats, "the server's held-out set (evaluation.heldout_records)")
+    if stats and (message := max_length_warning(stats)) is not None:
+        warn(message, DataTruncationWarning)
 
 
 def _fedit_error(manifest: Any, start: np.ndarray, deltas: list[np.ndarray], outcome: Any) -> float:

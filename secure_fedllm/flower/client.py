@@ -118,13 +118,12 @@ def _shared(config: RunConfig, digest: str, *, shared_data: bool) -> _Shared:
     if key in _SHARED:
         return _SHARED[key]
     from ..federation.federation import Job
-    from ..training import LocalTrainer
 
     _SHARED.clear()
     _DATA.clear()
     _HELDOUT.clear()
     job = Job.build(config, data=shared_data)  # the same setup (seeds, A0, fingerprints) as the server's
-    shared = _Shared(job, LocalTrainer(job.model, grad_sample_mode=config.training.grad_sample_mode))
+    shared = _Shared(job, job.trainer())
     _SHARED[key] = shared
     return shared
 

@@ -31,9 +31,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from opacus.grad_sample import wrap_model
+from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from peft import PeftModel
@@ -41,6 +42,15 @@ from peft import PeftModel
 from ..data.chat import IGNORE_INDEX
 from ..data.tokenized import Batch, TokenizedDataset
 from ..privacy.noise import csprng_gaussian, derive_key
+from .precision import (
+    FP16_LOSS_SCALE,
+    autocast_for,
+    base_dtype,
+    enable_gradient_checkpointing,
+    in_backward,
+    keep_adapters_fp32,
+    model_device,
+)
 
 __all__ = ["CSPRNGDPOptimizer", "LocalTrainer", "StepSettings", "dp_step_noise_key", "per_example_loss"]
 
@@ -116,13 +126,19 @@ def per_example_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     Logits are computed only at positions that predict some row's response token (the vocabulary
     projection dominates the cost of a small model, and prompts carry no loss).
     """
-    labels = batch.labels
+    device = model_device(model)
+    labels = batch.labels.to(device)
     has_label = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
     if not bool(has_label.any()):
         raise ValueError("batch has no response token to learn from")
     first = int(has_label.nonzero()[0])
-    positions = torch.arange(first, labels.shape[1] - 1)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=positions)
+    positions = torch.arange(first, labels.shape[1] - 1, device=device)
+    with autocast_for(model):
+        out = model(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            logits_to_keep=positions,
+        )
     targets = labels[:, first + 1 :]
     token_loss = torch.nn.functional.cross_entropy(
         out.logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
@@ -131,15 +147,47 @@ def per_example_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return token_loss.sum(dim=1) / counts
 
 
-class LocalTrainer:
-    """One peft model with Opacus hooks attached once; runs DP-SGD client-rounds on it."""
+class _GradSampleModule(GradSampleModule):
+    """Opacus' hooks, made safe under gradient checkpointing.
 
-    def __init__(self, model: PeftModel, *, grad_sample_mode: str = "hooks") -> None:
+    Checkpointing runs each block's forward again inside the backward pass. Opacus would store the
+    activations a second time and count a second forward, and then never publish the per-example
+    gradients (its forward counter stays at one). The recomputed activations are the same tensors'
+    values, so that second capture is simply skipped.
+    """
+
+    def capture_activations_hook(self, module: torch.nn.Module, forward_input: Any, _forward_output: Any) -> None:
+        if in_backward():
+            return
+        super().capture_activations_hook(module, forward_input, _forward_output)
+
+
+class LocalTrainer:
+    """One peft model with Opacus hooks attached once; runs DP-SGD client-rounds on it.
+
+    The model may sit on any device and its frozen base in any precision (`training.precision`
+    explains what stays float32); `gradient_checkpointing` recomputes the base's blocks in the
+    backward pass.
+    """
+
+    def __init__(
+        self, model: PeftModel, *, grad_sample_mode: str = "hooks", gradient_checkpointing: bool = False
+    ) -> None:
+        if grad_sample_mode not in ("hooks", "functorch"):
+            raise ValueError(f"grad_sample_mode={grad_sample_mode!r}: choose hooks or functorch")
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        self.module = wrap_model(model, grad_sample_mode, batch_first=True, loss_reduction="sum")
+        if any(p.dtype != torch.float32 for p in self.params):
+            raise ValueError("trained (LoRA) parameters must be float32; load the adapters in float32")
+        self.loss_scale = FP16_LOSS_SCALE if base_dtype(model) == torch.float16 else 1.0
+        keep_adapters_fp32(model)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.module = _GradSampleModule(
+            model, batch_first=True, loss_reduction="sum", force_functorch=grad_sample_mode == "functorch"
+        )
 
     def optimizer(
         self,
@@ -179,19 +227,41 @@ class LocalTrainer:
         self.module.train()
         if batch is None or batch.num_units == 0:
             for p in self.params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=torch.float32, device=p.device)
         else:
-            losses = per_example_loss(self.module, batch)
-            rows_per_unit = torch.bincount(batch.unit_index, minlength=batch.num_units).to(losses.dtype)
-            (losses / rows_per_unit[batch.unit_index]).sum().backward()
-            if batch.num_units != len(batch.unit_index):
-                for p in self.params:
-                    per_row = p.grad_sample
-                    per_unit = torch.zeros((batch.num_units, *p.shape), dtype=per_row.dtype)
-                    p.grad_sample = per_unit.index_add_(0, batch.unit_index, per_row)
+            for p, per_unit in zip(self.params, self._unit_grad_samples(batch), strict=True):
+                p.grad_sample = per_unit
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        self._clear_activations()
         self.module.eval()
+
+    def _unit_grad_samples(self, batch: Batch) -> list[torch.Tensor]:
+        """Each trained parameter's per-unit gradients (float32, loss scale removed), in `self.params` order.
+
+        A unit whose gradient is not finite (a float16 overflow) contributes zero: what it would
+        have been is data, so no step, batch or count may depend on it, and zero is within the bound.
+        """
+        losses = per_example_loss(self.module, batch)
+        unit_index = batch.unit_index.to(losses.device)
+        rows_per_unit = torch.bincount(unit_index, minlength=batch.num_units).to(losses.dtype)
+        ((losses / rows_per_unit[unit_index]).sum() * self.loss_scale).backward()
+        out = []
+        for p in self.params:
+            per_row = p.grad_sample.float()
+            if batch.num_units != len(unit_index):
+                per_row = torch.zeros(
+                    (batch.num_units, *p.shape), dtype=torch.float32, device=per_row.device
+                ).index_add_(0, unit_index, per_row)
+            out.append(per_row / self.loss_scale if self.loss_scale != 1.0 else per_row)
+        finite = torch.stack([g.reshape(batch.num_units, -1).isfinite().all(dim=1) for g in out]).all(dim=0)
+        # Always applied, never branched on: whether some unit overflowed is itself data.
+        return [torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g)) for g in out]
+
+    def _clear_activations(self) -> None:
+        for layer in self.module.modules():
+            if getattr(layer, "activations", None):
+                layer.activations.clear()
 
     def per_unit_gradients(self, batch: Batch | None, order: Sequence[torch.nn.Parameter]) -> torch.Tensor:
         """Each unit's gradient (unclipped, float32), flattened in the order of `order`: shape (units, d).
@@ -209,18 +279,9 @@ class LocalTrainer:
             return torch.zeros((0, d), dtype=torch.float32)
         try:
             self.module.train()
-            losses = per_example_loss(self.module, batch)
-            rows_per_unit = torch.bincount(batch.unit_index, minlength=batch.num_units).to(losses.dtype)
-            (losses / rows_per_unit[batch.unit_index]).sum().backward()
-            parts = []
-            for p in order:
-                per_row = p.grad_sample
-                if batch.num_units != len(batch.unit_index):
-                    per_row = torch.zeros((batch.num_units, *p.shape), dtype=per_row.dtype).index_add_(
-                        0, batch.unit_index, per_row
-                    )
-                parts.append(per_row.reshape(batch.num_units, -1).float())
-            return torch.cat(parts, dim=1)
+            by_param = dict(zip(map(id, self.params), self._unit_grad_samples(batch), strict=True))
+            parts = [by_param[id(p)].reshape(batch.num_units, -1) for p in order]
+            return torch.cat(parts, dim=1).cpu()
         finally:
             self.reset()
 

@@ -11,6 +11,7 @@ from ..data.chat import IGNORE_INDEX, ChatTemplate
 from ..data.sources import TextRecord
 from ..data.tokenized import TokenizedDataset
 from .dp_sgd import per_example_loss
+from .precision import autocast_for, model_device
 
 __all__ = ["EvalResult", "evaluate", "generate_samples"]
 
@@ -33,7 +34,7 @@ def evaluate(model: torch.nn.Module, data: TokenizedDataset, *, batch_size: int)
     for start in range(0, len(rows), batch_size):
         batch = data.batch_of_rows(rows[start : start + batch_size])
         counts = (batch.labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-        losses = per_example_loss(model, batch)
+        losses = per_example_loss(model, batch).cpu()
         total += float((losses * counts).sum())
         tokens += int(counts.sum())
     loss = total / max(tokens, 1)
@@ -49,15 +50,16 @@ def generate_samples(
     out = []
     tokenizer = template.tokenizer
     for record in records:
-        prompt = torch.tensor([template.prompt_ids(record.instruction, record.input)])
-        generated = model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        prompt = torch.tensor([template.prompt_ids(record.instruction, record.input)], device=model_device(model))
+        with autocast_for(model):
+            generated = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         text = tokenizer.decode(generated[0, prompt.shape[1] :], skip_special_tokens=True)
         out.append({"prompt": record.instruction, "reference": record.output, "generated": text.strip()})
     return out

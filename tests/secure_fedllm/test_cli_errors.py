@@ -59,7 +59,7 @@ def test_version_and_help_exit_zero(capsys):
         ([], "secure-fedllm: missing command; see `secure-fedllm --help`"),
         (["budget"], "secure-fedllm budget: missing command; see `secure-fedllm budget --help`"),
         (["budget", "show"], "secure-fedllm budget show: give a run folder or --state-dir"),
-        (["run", "--engine", "warp"], "--engine warp: unknown engine; choose inprocess or flower"),
+        (["run", "--engine", "warp"], "invalid value for '--engine': 'warp' is not one of 'inprocess', 'flower'"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(argv, expected, capsys):
@@ -246,7 +246,12 @@ def test_the_console_script_assembles_both_packages_without_either_touching_the_
     done = subprocess.run(
         [sys.executable, "-c", "import json; " + code], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    assert json.loads(done.stdout) == ["demo", "init-config", "run"]  # importing threat_models added nothing
+    assert json.loads(done.stdout) == [
+        "demo",
+        "init-config",
+        "run",
+        "tiny-model",
+    ]  # importing threat_models added nothing
 
 
 def test_python_m_secure_fedllm_cli_still_runs_its_own_commands(capsys):
