@@ -270,7 +270,7 @@ def unit_losses(model: Any, data: TokenizedDataset, *, batch_size: int) -> npt.N
             chunk = rows[start : start + batch_size]
             batch = data.batch_of_rows(chunk)
             counts = (batch.labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-            losses = per_example_loss(model, batch).double()
+            losses = per_example_loss(model, batch).double().cpu()
             loss_sum[chunk] = (losses * counts).numpy()
             tokens[chunk] = counts.numpy()
     out = np.empty(len(data.units))

@@ -101,7 +101,7 @@ def run(
         PrivacyBudgetExhaustedError: a client asked to train past its budget.
     """
     with RunLog(progress=progress, stream=stream, json_path=log_json) as log, ExitStack() as stack:
-        if not progress:
+        if not progress or not log.terminal:  # library progress bars only garble a log file
             stack.enter_context(quiet_libraries())
         transport = InProcessTransport(sites=Path(sites) if sites is not None else None, tap=tap, warn=log.warning)
         bars, update = log.rounds_bar()
