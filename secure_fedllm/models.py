@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .config import EMBEDDED_MODEL, ModelConfig
 from .errors import ConfigError
+from .memory import release_memory
 
 __all__ = [
     "DTYPES",
@@ -115,7 +116,8 @@ def embedded_base_folder() -> Path:
         model.is_quantized = False
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        del model
+        del model, tokenizer
+        release_memory()  # the dequantised copy's pages, which glibc would keep for the rest of the run
         try:
             tmp.rename(folder)
         except OSError:  # another process finished first: its folder is as good as ours
@@ -232,5 +234,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():  # hashed in place, without a bytes copy of the tensor (the embedding's is 113 MB)
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()

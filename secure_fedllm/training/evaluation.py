@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..data.chat import IGNORE_INDEX, ChatTemplate
 from ..data.sources import TextRecord
 from ..data.tokenized import TokenizedDataset
+from ..memory import release_memory
 from .dp_sgd import per_example_loss
 from .precision import autocast_for, model_device
 
@@ -26,17 +28,30 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TokenizedDataset, *, batch_size: int) -> EvalResult:
-    """Held-out loss and perplexity (every response token counts once)."""
+def evaluate(
+    model: torch.nn.Module,
+    data: TokenizedDataset,
+    *,
+    batch_size: int,
+    tokens_per_pass: int | Literal["auto"] | None = "auto",
+) -> EvalResult:
+    """Held-out loss and perplexity (every response token counts once).
+
+    Each batch of `batch_size` rows goes through the model in passes of at most `tokens_per_pass`
+    tokens ("auto": `CPU_TOKENS_PER_PASS` on the CPU, whole batches elsewhere): the full-vocabulary
+    logits of 32 rows would take 0.4 GB at SmolLM2's vocabulary, twice over with the log-softmax.
+    The per-row losses, hence the result, are the same as with whole batches.
+    """
     model.eval()
     total, tokens = 0.0, 0
     rows = list(range(len(data.examples)))
     for start in range(0, len(rows), batch_size):
         batch = data.batch_of_rows(rows[start : start + batch_size])
         counts = (batch.labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-        losses = per_example_loss(model, batch).cpu()
+        losses = per_example_loss(model, batch, tokens_per_pass=tokens_per_pass).cpu()
         total += float((losses * counts).sum())
         tokens += int(counts.sum())
+    release_memory()
     loss = total / max(tokens, 1)
     return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=tokens)
 
