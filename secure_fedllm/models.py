@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +97,9 @@ def embedded_base_folder() -> Path:
     either nothing or a complete folder.
     """
     gguf = embedded_model_folder() / EMBEDDED_GGUF
-    digest = hashlib.sha256()
-    with gguf.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    folder = cache_root() / "embedded" / f"smollm2-135m-instruct-q4_1-{digest.hexdigest()[:16]}"
+    stat = gguf.stat()
+    digest = _file_sha256(str(gguf), stat.st_size, stat.st_mtime_ns)
+    folder = cache_root() / "embedded" / f"smollm2-135m-instruct-q4_1-{digest[:16]}"
     if (folder / "config.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +125,19 @@ def embedded_base_folder() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+@cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256, computed once per process and version of the file.
+
+    One load asks for it twice (tokenizer and weights), and a Flower ClientApp process may load several times.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def model_source(config: ModelConfig) -> tuple[str | Path, dict[str, Any]]:
