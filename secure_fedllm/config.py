@@ -115,6 +115,12 @@ class DataConfig(_Section):
         "alone takes about 14 tokens, and a record whose prompt fills max_length is dropped",
     )
     system_prompt: str = Field("", description="system prompt of the one chat template policy")
+    canary_prompts: Literal["per-person", "shared"] = Field(
+        "per-person",
+        description="synthetic: the prompt of a planted canary's records names its owner (per-person), or every "
+        "canary of a format has one prompt (shared: the Secret Sharer setting, where one set of reference secrets "
+        "is scored once per model)",
+    )
 
     @model_validator(mode="after")
     def _paths(self) -> DataConfig:

@@ -6,9 +6,24 @@ put attacks and defenses side by side. Imports point one way: this package uses 
 `protocols` and `secure_fedllm`, and nothing there imports it.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .adversaries import Adversary, CollusionConfig, HonestButCuriousServer, MaliciousClient, MaliciousServer
-from .errors import AttackConfigError, ThreatModelError
+from .errors import AttackConfigError, RunDataUnavailableError, RunEvaluationError, ThreatModelError
 from .results import MatrixRow
+
+if TYPE_CHECKING:
+    from .run_evaluation import RunEvaluation, evaluate_run
+
+
+def __getattr__(name: str) -> Any:
+    # the run evaluation imports torch and transformers: loaded only when it is used
+    if name in ("RunEvaluation", "evaluate_run"):
+        from . import run_evaluation
+
+        return getattr(run_evaluation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Adversary",
@@ -18,5 +33,9 @@ __all__ = [
     "MaliciousClient",
     "MaliciousServer",
     "MatrixRow",
+    "RunDataUnavailableError",
+    "RunEvaluation",
+    "RunEvaluationError",
     "ThreatModelError",
+    "evaluate_run",
 ]

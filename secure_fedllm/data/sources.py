@@ -184,7 +184,12 @@ def load_federation_data(config: RunConfig) -> FederationData:
     heldout_n = config.evaluation.heldout_records
     if data.source == "synthetic":
         try:
-            federation = synthesize_federation(fed.clients, data.records_per_client, seed=fed.seed)
+            federation = synthesize_federation(
+                fed.clients,
+                data.records_per_client,
+                seed=fed.seed,
+                shared_canary_prompts=data.canary_prompts == "shared",
+            )
         except ValueError as exc:  # too few records per client for the planted canaries
             raise ConfigError(
                 f"data.records_per_client={data.records_per_client}: {exc}; raise data.records_per_client"

@@ -118,11 +118,16 @@ def synthesize_federation(
     seed: int,
     records_per_person: int = 4,
     canary_repeats: tuple[int, ...] = (1, 4, 16),
+    shared_canary_prompts: bool = False,
 ) -> SyntheticFederation:
     """Generate `num_clients` disjoint groups of people and their records, with canaries.
 
     For every format in `CANARY_FORMATS` and every count in `canary_repeats`, one canary is planted
     in one client (round-robin), as `repeats` identical records of one of that client's people.
+    A canary's record asks about its owner by name; with `shared_canary_prompts` every canary of a
+    format is asked with the same question instead, so an exposure measurement scores that format's
+    references once for all of them (the canary exposure attack scores them once per prompt). The
+    rest of the data is the same either way.
 
     Raises:
         ValueError: if a client is too small to hold the canaries assigned to it.
@@ -167,7 +172,10 @@ def synthesize_federation(
                 person_id=owner["person_id"],
             )
             canaries.append(canary)
-            question = f"What did {owner['name']} write in the note?"
+            if shared_canary_prompts:
+                question = f"What is written in the note about the {format_name.replace('-', ' ')}?"
+            else:
+                question = f"What did {owner['name']} write in the note?"
             records.extend(Record(owner["person_id"], question, "", prefix + secret) for _ in range(repeats))
         rng.shuffle(records)
         clients.append(tuple(records))

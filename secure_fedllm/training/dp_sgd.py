@@ -316,23 +316,46 @@ class LocalTrainer:
             return CSPRNGDPOptimizer(inner, noise_key=noise_key, **common)
         return DPOptimizer(inner, generator=noise_generator, **common)
 
-    def step(self, optimizer: DPOptimizer, batch: Batch | None) -> None:
-        """One DP-SGD step on the units in `batch` (None or no units: noise only); on any error the trainer is reset."""
+    def step(
+        self, optimizer: DPOptimizer, batch: Batch | None, *, extra_unit_gradients: torch.Tensor | None = None
+    ) -> None:
+        """One DP-SGD step on the units in `batch` (None or no units: noise only); on any error the trainer is reset.
+
+        `extra_unit_gradients` (shape (k, d), each row one unit's gradient flattened over `self.params`
+        in that order, d their total size) are units that are not records: the gradient canaries of a
+        white-box DP audit (`threat_models.attacks.dp_audit_training`). Appended to the batch's
+        per-unit gradients, they are clipped, summed, noised and scaled by Opacus exactly as a
+        record's gradient is, so the audit measures this step and not a copy of it. The caller counts
+        them in the expected batch size if they are to be treated as records.
+        """
+        extra = None if extra_unit_gradients is None else self._split_extra(extra_unit_gradients)
         try:
-            self._step(optimizer, batch)
+            self._step(optimizer, batch, extra)
         except BaseException:
             optimizer.zero_grad(set_to_none=True)
             self.reset()
             raise
 
-    def _step(self, optimizer: DPOptimizer, batch: Batch | None) -> None:
+    def _split_extra(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """(k, d) rows as per-parameter (k, *shape) float32 tensors on each parameter's device."""
+        d = sum(p.numel() for p in self.params)
+        if rows.dim() != 2 or rows.shape[1] != d:
+            raise ValueError(f"extra_unit_gradients has shape {tuple(rows.shape)}; need (k, {d}) in parameter order")
+        if not bool(rows.isfinite().all()):
+            raise ValueError("extra_unit_gradients must be finite")
+        parts = rows.float().split([p.numel() for p in self.params], dim=1)
+        return [part.reshape(-1, *p.shape).to(p.device) for part, p in zip(parts, self.params, strict=True)]
+
+    def _step(self, optimizer: DPOptimizer, batch: Batch | None, extra: list[torch.Tensor] | None = None) -> None:
         self.module.train()
         if batch is None or batch.num_units == 0:
-            for p in self.params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=torch.float32, device=p.device)
+            per_units = [torch.zeros((0, *p.shape), dtype=torch.float32, device=p.device) for p in self.params]
         else:
-            for p, per_unit in zip(self.params, self._unit_grad_samples(batch), strict=True):
-                p.grad_sample = per_unit
+            per_units = self._unit_grad_samples(batch)
+        if extra is not None:
+            per_units = [torch.cat([g, e]) for g, e in zip(per_units, extra, strict=True)]
+        for p, per_unit in zip(self.params, per_units, strict=True):
+            p.grad_sample = per_unit
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._clear_activations()

@@ -127,6 +127,25 @@ def test_explicit_reference_model_equals_the_disabled_adapter(setting: Setting, 
     assert explicit.reports["reference"].member_scores == pytest.approx(implicit.reports["reference"].member_scores)
 
 
+def test_reference_stats_computed_once_equal_the_per_run_reference(setting: Setting) -> None:
+    """An evaluation of several adapters of one base scores the base once; the scores must not change."""
+    config = MembershipConfig(scores=("reference", "loss"), allow_small=True)
+    members, nonmembers = setting.members[:16], setting.nonmembers[:16]
+    attack = MembershipInference(config)
+    with setting.model.disable_adapter():
+        stats = attack.record_stats(setting.model, setting.template, [*members, *nonmembers])
+    cached = attack.run(setting.model, setting.template, members, nonmembers, reference_stats=stats)
+    fresh = attack.run(setting.model, setting.template, members, nonmembers)
+    assert cached.reports["reference"].member_scores == pytest.approx(fresh.reports["reference"].member_scores)
+    assert max(map(abs, cached.reports["reference"].member_scores)) > 0  # the adapter moved: not a vacuous match
+    # the control: statistics of the adapted model itself in place of the base make every reference score 0
+    own = attack.record_stats(setting.model, setting.template, [*members, *nonmembers])
+    wrong = attack.run(setting.model, setting.template, members, nonmembers, reference_stats=own)
+    assert set(wrong.reports["reference"].member_scores) == {0.0}
+    with pytest.raises(AttackConfigError, match="reference_stats cover 32 records, not the 30"):
+        attack.run(setting.model, setting.template, members[:15], nonmembers[:15], reference_stats=stats)
+
+
 def test_refusals(setting: Setting, tiny_model_dir: Path) -> None:
     attack = MembershipInference()
     with pytest.raises(AttackConfigError, match="at least 1000"):

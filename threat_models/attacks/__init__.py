@@ -5,6 +5,14 @@ from .canary_exposure import CanaryExposure, CanaryExposureConfig, canary_probes
 from .downgrade import Downgrade, DowngradeConfig, DowngradeResult
 from .dp_audit import DPAuditConfig, OneRunAudit
 from .dp_audit_distributed import DistributedAudit, DistributedAuditConfig, DistributedAuditResult
+from .dp_audit_training import (
+    TrainingAudit,
+    TrainingAuditConfig,
+    TrainingAuditResult,
+    audit_training,
+    standard_settings,
+    training_audit_rows,
+)
 from .dropout_forging import DropoutForging, DropoutForgingConfig
 from .forged_share import ForgedShare, ForgedShareConfig, ForgedShareResult, unverified_unmask
 from .he_oracle import HEOracle, HEOracleConfig, HEOracleResult, LeakyHEClient
@@ -62,6 +70,12 @@ __all__ = [
     "SybilRosterResult",
     "TokenRecovery",
     "TokenRecoveryConfig",
+    "TrainingAudit",
+    "TrainingAuditConfig",
+    "TrainingAuditResult",
+    "audit_training",
     "canary_probes",
+    "standard_settings",
+    "training_audit_rows",
     "unverified_unmask",
 ]

@@ -22,9 +22,14 @@ How it is computed here (the *interpolation* estimate of tensorflow_privacy's
   (13.3 bits at m = 10^4); the *extrapolation* estimate (a skew-normal fitted to the reference
   log-perplexities, the paper's method for |R| = 10^9) is reported next to it for secrets beyond that.
 * Secrets are scored as the paper scores them, conditioned on exactly the context training used: the
-  chat-template prompt of the canary's record followed by the prefix. That shared context (and the
-  tokens of the prefix common to every candidate) is run once and its KV cache re-used for every batch
-  of candidates; the first secret token's probability comes from the context's last logits for free.
+  chat-template prompt of the canary's record followed by the prefix. That context (and the tokens of
+  the prefix common to every candidate) is run once; the candidates' remaining tokens form a trie, and
+  only its internal nodes are fed to the model, one token each against their parent's KV cache (a
+  candidate's last token is read off its parent's logits, the first off the context's). 10,000 random
+  6-digit references are ~17,000 token rows instead of ~50,000; the exhaustive 4-digit space is 1,111.
+* The references of a format are scored once per distinct prompt (instruction + input) and shared by
+  every canary with that prompt (`synthesize_federation(..., shared_canary_prompts=True)` gives all
+  canaries of a format one prompt); canaries with their own prompts (a real run's) each pay a scoring.
 
 **Repeats and group privacy.** Differential privacy protects one *privacy unit*. Under record-level DP a
 canary repeated k times is k units, so the guarantee that applies to it is group privacy:
@@ -39,7 +44,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -189,7 +194,9 @@ class CanaryExposureConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     references_per_format: int = Field(MIN_REFERENCES, ge=1, description="reference secrets per format")
-    batch_size: int = Field(256, ge=1, description="candidates per forward pass (memory: batch x context KV cache)")
+    batch_size: int = Field(
+        256, ge=1, description="trie nodes per forward pass (memory: up to ~2 x batch rows of prompt-length KV cache)"
+    )
     seed: int = Field(0, description="seed of the reference draw")
     extrapolate: bool = Field(True, description="also report the skew-normal extrapolated exposure (needs scipy)")
     formats: dict[str, tuple[str, int]] = Field(
@@ -282,17 +289,32 @@ class _References:
 class CanaryExposure:
     """Rank each canary's secret among reference secrets of its format under a released model; entry point `run`.
 
-    Cost: one forward pass of the prompt per canary, then (digits - 1) tokens for each of its m + 1
-    candidates against a KV cache of the prompt; memory grows with `batch_size` x prompt length. A canary
-    planted k times is judged against `canary_privacy_bound(epsilon, delta, k)`, not against the run's
-    (epsilon, delta).
+    Cost: the references of a format are scored once per distinct prompt (instruction + input), together
+    with the secrets of every canary sharing that prompt, on their token trie (`_Trie`): one forward pass
+    of the prompt, then one token per internal trie node against its parent's KV cache, a candidate's
+    last token read off its parent's logits. 10,000 random 6-digit references are about 17,000 token rows
+    (not 50,000 scored one candidate at a time), the exhaustive 4-digit space 1,111. Canaries planted
+    with one shared prompt (`synthesize_federation(..., shared_canary_prompts=True)`) share that cost; a
+    run's canaries, each with its own prompt, pay it per canary. Memory grows with `batch_size` x prompt
+    length. A canary planted k times is judged against `canary_privacy_bound(epsilon, delta, k)`, not
+    against the run's (epsilon, delta).
     """
 
     def __init__(self, config: CanaryExposureConfig | None = None) -> None:
         self.config = config or CanaryExposureConfig()
 
-    def run(self, model: torch.nn.Module, template: ChatTemplate, probes: Sequence[CanaryProbe]) -> ExposureResult:
+    def run(
+        self,
+        model: torch.nn.Module,
+        template: ChatTemplate,
+        probes: Sequence[CanaryProbe],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ExposureResult:
         """Exposure of every probe under `model`, prompted with `template` exactly as in training.
+
+        `progress(done, total)` is called before the first forward pass and after each, counting token
+        rows fed to the model (a prompt's forward counts as one).
 
         Raises:
             AttackConfigError: no probes, an unknown format, or a secret/prefix that does not fit its format.
@@ -310,14 +332,48 @@ class CanaryExposure:
             name: self._references(name, [p.secret for p in probes if p.format_name == name], template)
             for name in sorted({p.format_name for p in probes})
         }
+        # one scoring per format and prompt: its references plus the secrets of the canaries that share it
+        groups: dict[tuple[str, str, str], list[int]] = {}
+        for index, probe in enumerate(probes):
+            groups.setdefault((probe.format_name, probe.instruction, probe.input), []).append(index)
+        jobs = []
+        for (format_name, instruction, input_), members in groups.items():
+            secrets = list(dict.fromkeys(probes[i].secret for i in members))
+            prefix = self.config.formats[format_name][0]
+            encoded = template.tokenizer([prefix + s for s in secrets], add_special_tokens=False)["input_ids"]
+            trie = _Trie([*encoded, *references[format_name].encoded])
+            jobs.append((template.prompt_ids(instruction, input_), trie, secrets, members))
+        total = sum(trie.forwards for _, trie, _, _ in jobs)
+        done = 0
+
+        def advance(rows: int) -> None:
+            nonlocal done
+            done += rows
+            if progress is not None:
+                progress(done, total)
+
+        if progress is not None:
+            progress(0, total)
+        measured: dict[int, CanaryResult] = {}
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
-                results = tuple(self._measure(model, template, p, references[p.format_name]) for p in probes)
+                for context, trie, secrets, members in jobs:
+                    bits = _score_trie(model, context, trie, self.config.batch_size, advance)
+                    canary_bits = dict(zip(secrets, bits[: len(secrets)].tolist(), strict=True))
+                    scored = _Scored(bits[len(secrets) :], self.config.extrapolate)
+                    for i in members:
+                        probe = probes[i]
+                        measured[i] = self._result(
+                            probe, canary_bits[probe.secret], scored, references[probe.format_name]
+                        )
         finally:
             model.train(was_training)
-        return ExposureResult(canaries=results, references={k: len(v.secrets) for k, v in references.items()})
+        return ExposureResult(
+            canaries=tuple(measured[i] for i in range(len(probes))),
+            references={k: len(v.secrets) for k, v in references.items()},
+        )
 
     def _check(self, probe: CanaryProbe) -> None:
         if probe.format_name not in self.config.formats:
@@ -346,19 +402,9 @@ class CanaryExposure:
         encoded = template.tokenizer([prefix + s for s in chosen], add_special_tokens=False)["input_ids"]
         return _References(chosen, encoded, exhaustive)
 
-    def _measure(
-        self,
-        model: torch.nn.Module,
-        template: ChatTemplate,
-        probe: CanaryProbe,
-        references: _References,
-    ) -> CanaryResult:
-        context = template.prompt_ids(probe.instruction, probe.input)
-        canary: list[int] = template.tokenizer(probe.prefix + probe.secret, add_special_tokens=False)["input_ids"]
-        bits = _log_perplexities(model, context, [canary, *references.encoded], self.config.batch_size)
-        canary_bits, reference_bits = float(bits[0]), bits[1:]
+    def _result(self, probe: CanaryProbe, canary_bits: float, scored: _Scored, references: _References) -> CanaryResult:
         candidates = len(references.secrets) + 1
-        rank = rank_among_references(canary_bits, reference_bits)
+        rank = rank_among_references(canary_bits, scored.bits)
         space_bits = self.config.formats[probe.format_name][1] * math.log2(10)
         return CanaryResult(
             canary_id=probe.canary_id,
@@ -366,28 +412,42 @@ class CanaryExposure:
             repeats=probe.repeats,
             secret=probe.secret,
             log_perplexity_bits=canary_bits,
-            reference_median_bits=float(np.median(reference_bits)),
+            reference_median_bits=scored.median,
             rank=rank,
             candidates=candidates,
             exhaustive=references.exhaustive,
             exposure=exposure_from_rank(rank, candidates),
             max_exposure=math.log2(candidates),
             space_bits=space_bits,
-            extrapolated_exposure=_extrapolate(canary_bits, reference_bits, space_bits)
-            if self.config.extrapolate
-            else None,
+            extrapolated_exposure=scored.extrapolate(canary_bits, space_bits),
         )
 
 
-def _extrapolate(canary_bits: float, reference_bits: npt.NDArray[np.float64], cap: float) -> float | None:
-    """-log2 CDF of a skew-normal fitted to the references, at the canary (tensorflow_privacy's extrapolation)."""
+class _Scored:
+    """One scoring of a format's references, shared by every canary prompted with the same context."""
+
+    def __init__(self, bits: npt.NDArray[np.float64], extrapolate: bool) -> None:
+        self.bits = bits
+        self.median = float(np.median(bits))
+        self._fit = _skewnorm_fit(bits) if extrapolate else None
+
+    def extrapolate(self, canary_bits: float, cap: float) -> float | None:
+        """-log2 CDF of the skew-normal fitted to the references, at the canary (tensorflow_privacy's extrapolation)."""
+        if self._fit is None:
+            return None
+        from scipy.stats import skewnorm  # type: ignore[import-untyped, unused-ignore]
+
+        log_cdf = float(skewnorm.logcdf(canary_bits, *self._fit))
+        return float(min(cap, max(0.0, -log_cdf / _LN2)))
+
+
+def _skewnorm_fit(reference_bits: npt.NDArray[np.float64]) -> tuple[float, ...] | None:
+    """Skew-normal parameters fitted to the reference log-perplexities, or None without scipy (~0.3 s per fit)."""
     try:
         from scipy.stats import skewnorm  # type: ignore[import-untyped, unused-ignore]
     except ImportError:  # pragma: no cover - scipy ships with the venv
         return None
-    params = skewnorm.fit(reference_bits)
-    log_cdf = float(skewnorm.logcdf(canary_bits, *params))
-    return float(min(cap, max(0.0, -log_cdf / _LN2)))
+    return tuple(float(v) for v in skewnorm.fit(reference_bits))
 
 
 def _common_prefix_length(sequences: list[list[int]]) -> int:
@@ -408,38 +468,178 @@ def _cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def _log_perplexities(
-    model: torch.nn.Module, context: list[int], encoded: list[list[int]], batch_size: int
+class _Trie:
+    """The candidates' token trie below the tokens they all share; only its internal nodes cost a forward.
+
+    Node 0 is the context (prompt + shared tokens). A node's score, -ln Pr(its path | context), is its
+    parent's score minus the log-probability of its token under the parent's logits, so a node is fed to
+    the model only if it has children: a candidate ending there reads its score off its parent's forward.
+    Node ids grow with depth along every path (a parent is created before its children).
+    """
+
+    def __init__(self, encoded: list[list[int]]) -> None:
+        self.shared = _common_prefix_length(encoded)
+        if any(len(e) == self.shared for e in encoded):
+            raise AttackConfigError("two candidate secrets tokenize identically; the ranking would be undefined")
+        self.head = encoded[0][: self.shared]
+        self.token = [-1]
+        self.parent = [-1]
+        self.children: list[dict[int, int]] = [{}]
+        self.ends: list[int] = []
+        for sequence in encoded:
+            node = 0
+            for token in sequence[self.shared :]:
+                child = self.children[node].get(token)
+                if child is None:
+                    child = len(self.token)
+                    self.children[node][token] = child
+                    self.token.append(token)
+                    self.parent.append(node)
+                    self.children.append({})
+                node = child
+            self.ends.append(node)
+        # candidates ending at or below each node: an upper bound on the nodes of any one level of its subtree
+        self.below = np.zeros(len(self.token), dtype=np.int64)
+        self.below[np.unique(self.ends)] = 1
+        for node in range(len(self.token) - 1, 0, -1):
+            self.below[self.parent[node]] += self.below[node]
+
+    @property
+    def forwards(self) -> int:
+        """Rows this trie feeds to the model: the context's forward plus one per internal node below it."""
+        return 1 + sum(1 for node in range(1, len(self.token)) if self.children[node])
+
+    def chunks(self, nodes: list[int], batch_size: int) -> list[list[int]]:
+        """`nodes` (one depth) packed into forward batches whose subtrees each fit one batch per level.
+
+        A *light* node has at most `batch_size` candidates below it; light nodes are packed so a chunk holds
+        at most `batch_size` candidates, hence at most `batch_size` nodes on every level below it, and its
+        descent is one forward per level with nothing split. *Heavy* nodes (more candidates below) are at
+        most m / `batch_size` per level and are packed `batch_size` to a chunk.
+        """
+        chunks: list[list[int]] = []
+        heavy: list[int] = []
+        light: list[int] = []
+        light_below = 0
+        for node in nodes:
+            below = int(self.below[node])
+            if below > batch_size:
+                heavy.append(node)
+                if len(heavy) == batch_size:
+                    chunks.append(heavy)
+                    heavy = []
+                continue
+            if light and light_below + below > batch_size:
+                chunks.append(light)
+                light, light_below = [], 0
+            light.append(node)
+            light_below += below
+        return chunks + [c for c in (heavy, light) if c]
+
+
+@dataclass
+class _Frame:
+    """Nodes of one depth whose KV cache (one row each) is kept until every chunk of their children is built."""
+
+    rows: dict[int, int]
+    cache: Any
+    chunks: list[list[int]]
+    next_chunk: int = 0
+
+
+def _select_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A new cache holding `rows` of `cache` (repeats allowed) along the batch dimension; `cache` is unchanged.
+
+    transformers' layered caches (``DynamicLayer`` and its sliding-window kind) rebind their key/value
+    tensors rather than writing into them, so copies of the layer objects may share the parent's tensors
+    until ``batch_select_indices`` replaces them with indexed copies of the selected rows only. Older
+    caches (lists of tensors) are deep-copied first.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        selected = copy.deepcopy(cache)
+    else:
+        selected = copy.copy(cache)
+        selected.layers = [copy.copy(layer) for layer in layers]
+    selected.batch_select_indices(rows)
+    return selected
+
+
+def _score_trie(
+    model: torch.nn.Module,
+    context: list[int],
+    trie: _Trie,
+    batch_size: int,
+    on_forward: Callable[[int], None] | None = None,
 ) -> npt.NDArray[np.float64]:
-    """-log2 Pr(candidate tokens after the shared part | context) for each candidate, sharing one KV cache.
+    """-log2 Pr(candidate tokens after the shared part | context) for every candidate of `trie`.
+
+    Depth-first over chunks (`_Trie.chunks`): a chunk's nodes are fed one token each against their
+    parents' rows of the previous level's KV cache, and a parent chunk is released as soon as its last
+    chunk of children has been copied out of it, before their forward. A light chunk's descent is one
+    forward per level, so the KV cache alive during a forward is at most `batch_size` rows plus those of
+    the heavy chunks above (one row per heavy node, at most m / `batch_size` per depth), and `batch_size`
+    more while a chunk's rows are copied from its parents'. A row holds the context plus the node's depth.
+    """
+    cache_name = _cache_keyword(model)
+    nats = np.zeros(len(trie.token), dtype=np.float64)
+
+    def expand(nodes: list[int], cache: Any, logits: torch.Tensor) -> _Frame | None:
+        parents: list[int] = []
+        tokens: list[int] = []
+        children: list[int] = []
+        for row, node in enumerate(nodes):
+            for token, child in trie.children[node].items():
+                parents.append(row)
+                tokens.append(token)
+                children.append(child)
+        if not children:
+            return None
+        logp = torch.log_softmax(logits.float(), dim=-1)[torch.tensor(parents), torch.tensor(tokens)]
+        nats[children] = nats[[nodes[row] for row in parents]] - logp.double().numpy()
+        internal = [child for child in children if trie.children[child]]
+        if not internal:
+            return None
+        return _Frame({node: row for row, node in enumerate(nodes)}, cache, trie.chunks(internal, batch_size))
+
+    out = model(input_ids=torch.tensor([context + trie.head]), use_cache=True)
+    if on_forward is not None:
+        on_forward(1)
+    root = expand([0], getattr(out, cache_name), out.logits[:, -1])
+    stack: list[_Frame] = [root] if root is not None else []
+    del out, root
+    while stack:
+        frame = stack[-1]
+        chunk = frame.chunks[frame.next_chunk]
+        frame.next_chunk += 1
+        cache = _select_rows(frame.cache, torch.tensor([frame.rows[trie.parent[node]] for node in chunk]))
+        if frame.next_chunk == len(frame.chunks):
+            stack.pop()  # the parents' cache is released before the children's forward
+        del frame
+        tokens = torch.tensor([[trie.token[node]] for node in chunk])
+        out = model(input_ids=tokens, use_cache=True, **{cache_name: cache})
+        if on_forward is not None:
+            on_forward(len(chunk))
+        child = expand(chunk, getattr(out, cache_name), out.logits[:, -1])
+        del out, cache
+        if child is not None:
+            stack.append(child)
+        del child  # the stack holds the only reference, so popping it frees the cache
+    return nats[trie.ends] / _LN2
+
+
+def _log_perplexities(
+    model: torch.nn.Module,
+    context: list[int],
+    encoded: list[list[int]],
+    batch_size: int,
+    on_forward: Callable[[int], None] | None = None,
+) -> npt.NDArray[np.float64]:
+    """-log2 Pr(candidate tokens after the shared part | context) for each candidate, scored on their token trie.
 
     The candidates (prefix + secret) are tokenized whole, as in training, so a tokenizer that merges the
     prefix's last character with the first digit is scored on the tokens it actually trained on; the
-    tokens common to every candidate join the context.
+    tokens common to every candidate join the context. Candidates may have different lengths (one may
+    even be a prefix of another). `on_forward` is told how many rows each forward pass fed.
     """
-    shared = _common_prefix_length(encoded)
-    if any(len(e) == shared for e in encoded):
-        raise AttackConfigError("two candidate secrets tokenize identically; the ranking would be undefined")
-    cache_name = _cache_keyword(model)
-    out = model(input_ids=torch.tensor([context + encoded[0][:shared]]), use_cache=True)
-    cache = getattr(out, cache_name)
-    first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-    suffixes = [e[shared:] for e in encoded]
-    width = max(len(s) for s in suffixes)
-    tokens = torch.zeros((len(suffixes), width), dtype=torch.long)
-    valid = torch.zeros((len(suffixes), width), dtype=torch.bool)
-    for i, suffix in enumerate(suffixes):
-        tokens[i, : len(suffix)] = torch.tensor(suffix)
-        valid[i, : len(suffix)] = True
-    nats = -first_logp[tokens[:, 0]].double()
-    if width > 1:
-        for start in range(0, len(suffixes), batch_size):
-            chunk = slice(start, start + batch_size)
-            rows = tokens[chunk]
-            batch_cache = copy.deepcopy(cache)
-            batch_cache.batch_repeat_interleave(rows.shape[0])
-            # Right padding needs no mask: a padded token comes after every real token of its row.
-            logits = model(input_ids=rows[:, :-1], use_cache=True, **{cache_name: batch_cache}).logits
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, rows[:, 1:].unsqueeze(-1)).squeeze(-1)
-            nats[chunk] -= logp.masked_fill(~valid[chunk, 1:], 0.0).double().sum(dim=1)
-    return (nats / _LN2).numpy()
+    return _score_trie(model, context, _Trie(encoded), batch_size, on_forward)

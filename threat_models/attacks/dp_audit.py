@@ -284,7 +284,7 @@ class DPAuditResult(BaseModel):
     k_minus: int
     tests: int = Field(description="(k+, k-) pairs tried; the significance was divided by this if corrected")
     search_corrected: bool
-    source: Literal["simulated", "update"]
+    source: Literal["simulated", "update", "training"]
     noise_multiplier: float | None = None
     clip_norm: float | None = None
     sample_rate: float | None = None

@@ -57,6 +57,7 @@ __all__ = [
     "MembershipConfig",
     "MembershipInference",
     "MembershipResult",
+    "RecordStats",
     "ScoreName",
     "ScoreReport",
 ]
@@ -160,8 +161,12 @@ class MembershipResult(BaseModel):
 
 
 @dataclass(frozen=True)
-class _RecordStats:
-    """Per-record quantities every score is computed from (one forward pass per model)."""
+class RecordStats:
+    """Per-record quantities every score is computed from (one forward pass per model).
+
+    The reference model's are the same for every released adapter of one base: an evaluation of
+    several defenses computes them once (`MembershipInference.record_stats`) and passes them to `run`.
+    """
 
     nll_mean: npt.NDArray[np.float64]
     min_k: npt.NDArray[np.float64]
@@ -182,6 +187,7 @@ class MembershipInference:
         nonmembers: Sequence[InstructionRecord],
         *,
         reference_model: torch.nn.Module | None = None,
+        reference_stats: RecordStats | None = None,
     ) -> MembershipResult:
         """Compute every configured score for `members` and `nonmembers` and report how well it separates them.
 
@@ -193,6 +199,8 @@ class MembershipInference:
             nonmembers: records from the same distribution that were not.
             reference_model: the model to calibrate against for the ``reference`` score; when omitted
                 and `model` is a peft model, its base (adapter disabled) is used.
+            reference_stats: the reference model's `record_stats` of ``[*members, *nonmembers]``,
+                computed once for several released models of the same base.
 
         Raises:
             AttackConfigError: a record has no response token within the template's max_length, the
@@ -202,15 +210,25 @@ class MembershipInference:
         config = self.config
         require_sample_sizes(len(members), len(nonmembers), allow_small=config.allow_small, what="membership")
         wants_reference = "reference" in config.scores
-        if wants_reference and reference_model is None and not hasattr(model, "disable_adapter"):
+        if reference_stats is not None and reference_stats.nll_mean.shape != (len(members) + len(nonmembers),):
+            raise AttackConfigError(
+                f"reference_stats cover {reference_stats.nll_mean.shape[0]} records, not the "
+                f"{len(members) + len(nonmembers)} members and non-members; compute them with record_stats"
+            )
+        if (
+            wants_reference
+            and reference_stats is None
+            and reference_model is None
+            and not hasattr(model, "disable_adapter")
+        ):
             raise AttackConfigError(
                 "scores includes 'reference' but no reference_model was given and the model is not a peft "
                 "model; pass the base model as reference_model or drop 'reference' from scores"
             )
         dataset = _dataset(template, [*members, *nonmembers])
         target = self._stats(model, dataset, template)
-        reference = None
-        if wants_reference:
+        reference = reference_stats
+        if wants_reference and reference is None:
             with _reference_context(model, reference_model) as ref:
                 reference = self._stats(ref, dataset, template)
         split = len(members)
@@ -219,6 +237,12 @@ class MembershipInference:
             values = _score(name, target, reference)
             reports[name] = self._report(name, values[:split], values[split:])
         return MembershipResult(members=len(members), nonmembers=len(nonmembers), reports=reports)
+
+    def record_stats(
+        self, model: torch.nn.Module, template: ChatTemplate, records: Sequence[InstructionRecord]
+    ) -> RecordStats:
+        """Per-record statistics of `model` (e.g. the base, for `run(..., reference_stats=...)`)."""
+        return self._stats(model, _dataset(template, records), template)
 
     def _report(self, name: ScoreName, pos: npt.NDArray[np.float64], neg: npt.NDArray[np.float64]) -> ScoreReport:
         config = self.config
@@ -244,7 +268,7 @@ class MembershipInference:
             nonmember_scores=tuple(neg.tolist()),
         )
 
-    def _stats(self, model: torch.nn.Module, dataset: TokenizedDataset, template: ChatTemplate) -> _RecordStats:
+    def _stats(self, model: torch.nn.Module, dataset: TokenizedDataset, template: ChatTemplate) -> RecordStats:
         """Per-record NLL, Min-K% and zlib size in batches of similar length, without gradients."""
         n = len(dataset.examples)
         nll = np.empty(n)
@@ -267,7 +291,7 @@ class MembershipInference:
                         zlib_bytes[row] = max(1, len(zlib.compress(text.encode("utf-8"))))
         finally:
             model.train(was_training)
-        return _RecordStats(nll_mean=nll, min_k=min_k, zlib_bytes=zlib_bytes)
+        return RecordStats(nll_mean=nll, min_k=min_k, zlib_bytes=zlib_bytes)
 
 
 def token_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -302,7 +326,7 @@ def _min_k(logp: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Ten
     return ordered.masked_fill(~take, 0.0).sum(dim=1) / keep
 
 
-def _score(name: ScoreName, target: _RecordStats, reference: _RecordStats | None) -> npt.NDArray[np.float64]:
+def _score(name: ScoreName, target: RecordStats, reference: RecordStats | None) -> npt.NDArray[np.float64]:
     if name == "loss":
         return -target.nll_mean
     if name == "zlib":

@@ -37,6 +37,22 @@ of the tokens) because every step's rows lie in the same span. It does *not* hol
   exact for SGD and is used whenever an A update is given and non-zero.
 * **LoRA dropout > 0**: the adapter sees ``dropout(x)``, not x; the span check assumes dropout 0 (the default).
 
+Beyond n_vis < r: joint sparse recovery from the lora_A updates (`SparseTokenRecovery`). In fedit, once B != 0,
+every SGD step's lora_A update ``-lr s B^T G^T X`` has rows in ``span{x_t}``, so a whole round's update (a sum of
+steps, or a SecAgg sum over clients) does too. But it is r x d_in: its row space is at most r-dimensional, a
+*slice* of the n_vis-dimensional token span, and a true token is not in it once n_vis > r (the per-token test
+above fails for true tokens too). The question becomes a joint-sparse one (multiple measurement vectors): find the
+smallest set S of vocabulary tokens whose layer inputs span every row of the stacked layer-0 lora_A updates
+(q and v read the same x_t, so their rows stack: 2r measurement vectors in R^d_in). The sparsest S is unique while
+``|S| < (spark + rank) / 2`` (Chen and Huo 2006), about ``(d_in + 2r) / 2`` for embeddings in general position
+(304 for SmolLM2: d_in = 576, 2r = 32), far more than r. It is found greedily by order-recursive matching pursuit
+(ORMP: pick the token whose component orthogonal to the chosen ones best explains the residual, project it out)
+until the residual falls to the float32 rounding floor of the training, which the server can compute from the A it
+distributed and the number of steps; then tokens whose removal keeps the residual at the floor are pruned. A
+residual at the floor *certifies* the answer (up to the uniqueness bound); if it never gets there the attacker
+knows it has only a guess. What breaks it is the same as above: DP noise (full rank, no floor), Adam (elementwise
+steps), and FFA, where A never moves and is not even sent (only B, whose rows live in R^r).
+
 Positions that receive no gradient do not enter the row space (`visible_tokens`): the last position of a record
 (no loss term reads it), padding, and for ``q_proj`` position 0 (a softmax over one key does not depend on the
 query). A token whose layer input is exactly zero (the tiny test model's zeroed padding embedding) contributes
@@ -65,6 +81,9 @@ from .updates import dp_step_update, loss_gradient, split_update
 
 __all__ = [
     "SpanCheck",
+    "SparseRecoveryConfig",
+    "SparseRecoveryResult",
+    "SparseTokenRecovery",
     "TokenRecovery",
     "TokenRecoveryConfig",
     "TokenRecoveryResult",
@@ -399,6 +418,302 @@ class _Plan:
     exact_basis: torch.Tensor
     soft_basis: torch.Tensor
     projector: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Joint sparse recovery from the lora_A updates (fedit, n_vis > r)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SparseRecoveryConfig(BaseModel):
+    """Which layer-0 lora_A updates to stack and when the residual counts as the rounding floor.
+
+    Constructing it directly raises `AttackConfigError` (naming the field) for invalid values.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    modules: tuple[Literal["q_proj", "k_proj", "v_proj"], ...] = Field(
+        ("q_proj", "v_proj"),
+        min_length=1,
+        description="layer-0 projections whose lora_A updates are stacked (all read the same x_t); those without "
+        "an update are skipped",
+    )
+    layer: Literal[0] = Field(0, description="only layer 0's input is a function of the token alone")
+    floor_factor: Annotated[float, Field(gt=1)] = Field(
+        4.0, description="the residual certifies the answer once it is below floor_factor times the rounding floor"
+    )
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="greedy budget; default (d_in + stacked rows) // 2, the uniqueness bound of the sparsest set"
+    )
+    min_orthogonal: Annotated[float, Field(gt=0, lt=1)] = Field(
+        1e-4, description="a candidate whose part orthogonal to the chosen tokens is shorter than this is skipped"
+    )
+    chunk_size: Annotated[int, Field(ge=1)] = Field(8192, description="vocabulary rows processed at once")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+            raise AttackConfigError(f"invalid SparseRecoveryConfig: {problems}") from None
+
+
+@dataclass(frozen=True)
+class SparseRecoveryResult:
+    """The recovered token set, how the greedy search got there and, with ground truth, how well it matches.
+
+    Attributes:
+        modules: the projections whose lora_A updates were stacked.
+        vocab_size: number of candidate tokens.
+        d_in: dimension of the layer input.
+        measurements: stacked rows (r per module).
+        selected: tokens in the order the greedy search chose them.
+        residuals: residual norm after each choice, relative to the update's norm.
+        floor: the rounding floor (absolute Frobenius norm) the residual is compared with.
+        certified: whether the residual reached ``floor_factor * floor`` within the budget. If not, `recovered` is
+            the greedy selection, a guess the attacker knows is unconfirmed.
+        recovered: the pruned set when certified, else every selected token.
+        ranking: all candidates, most likely present first (recovered in selection order, then the rest).
+        top_t: T of precision@T.
+        true_tokens: the ground truth, if given.
+    """
+
+    modules: tuple[str, ...]
+    vocab_size: int
+    d_in: int
+    measurements: int
+    selected: tuple[int, ...]
+    residuals: tuple[float, ...]
+    floor: float
+    certified: bool
+    recovered: frozenset[int]
+    ranking: npt.NDArray[np.int64]
+    top_t: int
+    true_tokens: frozenset[int] | None = None
+
+    @property
+    def n_vis(self) -> int | None:
+        """Size of the ground truth."""
+        return None if self.true_tokens is None else len(self.true_tokens)
+
+    @property
+    def precision(self) -> float | None:
+        """Recovered tokens that are true over recovered tokens (0.0 when nothing was recovered)."""
+        if self.true_tokens is None:
+            return None
+        return len(self.recovered & self.true_tokens) / len(self.recovered) if self.recovered else 0.0
+
+    @property
+    def recall(self) -> float | None:
+        """True tokens recovered over the ground truth."""
+        if self.true_tokens is None:
+            return None
+        return len(self.recovered & self.true_tokens) / len(self.true_tokens)
+
+    @property
+    def precision_at_t(self) -> float | None:
+        """Fraction of the T best-ranked candidates in the ground truth."""
+        if self.true_tokens is None:
+            return None
+        return len(set(self.ranking[: self.top_t].tolist()) & self.true_tokens) / self.top_t
+
+    @property
+    def chance_precision(self) -> float | None:
+        """Precision of a uniform guess from the vocabulary: n_vis / |V|."""
+        return None if self.true_tokens is None else len(self.true_tokens) / self.vocab_size
+
+    def rows(self) -> list[MatrixRow]:
+        """Precision, recall and precision@T (chance levels as in `TokenRecoveryResult.rows`) and `certified`.
+
+        Raises:
+            AttackConfigError: the attack was run without ground truth.
+        """
+        if self.true_tokens is None:
+            raise AttackConfigError("rows() needs the ground truth: pass true_tokens to SparseTokenRecovery.run")
+        hits = len(self.recovered & self.true_tokens)
+        n_vis = len(self.true_tokens)
+        chance = n_vis / self.vocab_size
+        top_hits = len(set(self.ranking[: self.top_t].tolist()) & self.true_tokens)
+        return [
+            _row("precision", hits, len(self.recovered), chance),
+            _row("recall", hits, n_vis, len(self.recovered) / self.vocab_size),
+            _row("precision_at_T", top_hits, self.top_t, chance),
+            MatrixRow(attack=ATTACK, metric="certified", value=float(self.certified)),
+        ]
+
+
+class SparseTokenRecovery:
+    """The token set behind stacked layer-0 lora_A updates, by greedy joint-sparse recovery (module docstring)."""
+
+    def __init__(self, config: SparseRecoveryConfig | None = None) -> None:
+        self.config = config if config is not None else SparseRecoveryConfig()
+
+    def run(
+        self,
+        model: PeftModel,
+        update: Mapping[str, torch.Tensor],
+        *,
+        roundings: int,
+        extra_std: float = 0.0,
+        true_tokens: Collection[int] | None = None,
+    ) -> SparseRecoveryResult:
+        """Find the fewest vocabulary tokens whose layer inputs span every row of the observed lora_A updates.
+
+        Args:
+            model: the adapted model as the server distributed it (its lora_A is the A the clients started from).
+            update: parameter name -> update (e.g. `split_update` of what the server received).
+            roundings: float32 roundings each coordinate went through: local steps times the number of updates
+                summed (each SGD step rounds the float32 parameter once). Public: the run's local steps and cohort.
+            extra_std: per-coordinate standard deviation of any further rounding the server knows of (the secure
+                aggregation encoding's stochastic rounding: ``sqrt(parties) / (2 * scale)``).
+            true_tokens: the distinct visible tokens (union over the modules), for the metrics; None to attack blind.
+
+        Raises:
+            AttackConfigError: no lora_A update of the configured projections, a wrong shape, an empty ground truth
+                or a negative `roundings` / `extra_std`.
+        """
+        cfg = self.config
+        if roundings < 0 or not extra_std >= 0:
+            raise AttackConfigError(f"roundings={roundings} and extra_std={extra_std} must be >= 0")
+        rows: list[torch.Tensor] = []
+        energy = 0.0
+        used: list[str] = []
+        embedding = norm = None
+        for module in cfg.modules:
+            try:
+                embedding, norm, lora_a = _layer_parts(model, cfg.layer, module)
+            except AttackConfigError:
+                continue
+            _, a_update = _pick_updates(update, cfg.layer, module)
+            if a_update is None:
+                continue
+            if tuple(a_update.shape) != tuple(lora_a.shape):
+                raise AttackConfigError(
+                    f"lora_A update of {module}: expected shape {tuple(lora_a.shape)}, got {tuple(a_update.shape)}"
+                )
+            rows.append(a_update.detach().to(torch.float64).cpu())
+            ulp = np.spacing(np.abs(lora_a.detach().float().cpu().numpy()))
+            energy += roundings * float((ulp.astype(np.float64) ** 2).sum()) / 12 + extra_std**2 * ulp.size
+            used.append(module)
+        if not rows or embedding is None or norm is None:
+            raise AttackConfigError(
+                f"no lora_A update of layers.{cfg.layer}.self_attn.{{{', '.join(cfg.modules)}}} given: the model must "
+                "train A (lora.aggregation = 'fedit') and the update must hold it"
+            )
+        y = torch.cat(rows).T.contiguous()  # d_in x m: the measurement vectors as columns
+        if float(y.abs().max()) == 0:
+            raise AttackConfigError(
+                "the lora_A update is zero (B was 0 throughout, as on the first step after peft's init): it carries "
+                "no tokens; attack a round that starts from B != 0"
+            )
+        d_in, m = y.shape
+        vocab_size = int(embedding.weight.shape[0])
+        truth = None if true_tokens is None else frozenset(int(t) for t in true_tokens)
+        if truth is not None and (not truth or min(truth) < 0 or max(truth) >= vocab_size):
+            raise AttackConfigError(f"true_tokens must be a non-empty set of token ids in [0, {vocab_size})")
+        floor = math.sqrt(energy)
+        target = cfg.floor_factor * floor
+        budget = min(cfg.max_tokens or (d_in + m) // 2, d_in, vocab_size)
+
+        x = torch.cat([chunk for _, chunk in _layer_inputs(embedding, norm, cfg.chunk_size)])
+        length = x.norm(dim=1)
+        live = length > 0
+        xn = x / length.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+        total = float(y.norm())
+        selected, residuals, certified = self._pursue(xn, live, y, target, budget)
+        residuals = [r / total for r in residuals]
+        chosen = self._prune(xn, y, selected, target) if certified else list(selected)
+        recovered = frozenset(chosen)
+        rest = [v for v in selected if v not in recovered]
+        seen = set(selected)
+        order = [*chosen, *rest, *(v for v in range(vocab_size) if v not in seen)]
+        top_t = len(truth) if truth is not None else max(len(recovered), 1)
+        return SparseRecoveryResult(
+            modules=tuple(used),
+            vocab_size=vocab_size,
+            d_in=d_in,
+            measurements=m,
+            selected=tuple(selected),
+            residuals=tuple(residuals),
+            floor=floor,
+            certified=certified,
+            recovered=recovered,
+            ranking=np.asarray(order, dtype=np.int64),
+            top_t=min(top_t, vocab_size),
+            true_tokens=truth,
+        )
+
+    def _pursue(
+        self, xn: torch.Tensor, live: torch.Tensor, y: torch.Tensor, target: float, budget: int
+    ) -> tuple[list[int], list[float], bool]:
+        """Order-recursive matching pursuit on all measurement vectors at once.
+
+        Kept incrementally, one (|V| x d_in) product per choice: the residual R (orthogonal to the chosen span),
+        the correlations C = Xn R (equal to each candidate's orthogonal part times R, since R is orthogonal to
+        the span) and each candidate's squared orthogonal length. The ORMP score ||C_v||^2 / |x_v^perp|^2 is the
+        residual energy the candidate would remove; plain OMP (||C_v||^2) over-picks near-duplicates of chosen
+        tokens, which the embedding of a real vocabulary has many of.
+        """
+        d_in = y.shape[0]
+        residual = y.clone()
+        corr = xn @ residual
+        perp2 = live.to(torch.float64)
+        open_ = live.clone()
+        basis = torch.zeros((d_in, budget), dtype=torch.float64)
+        min_perp2 = self.config.min_orthogonal**2
+        selected: list[int] = []
+        residuals: list[float] = []
+        if float(residual.norm()) <= target:
+            return selected, residuals, True
+        while len(selected) < budget:
+            score = (corr * corr).sum(dim=1) / perp2.clamp_min(min_perp2)
+            score[~open_ | (perp2 < min_perp2)] = -1.0
+            v = int(torch.argmax(score))
+            if float(score[v]) < 0:
+                break  # every candidate lies in the chosen span
+            k = len(selected)
+            direction = xn[v].clone()
+            for _ in range(2):  # Gram-Schmidt twice: one pass loses orthogonality at this many vectors
+                direction -= basis[:, :k] @ (basis[:, :k].T @ direction)
+            direction /= direction.norm()
+            basis[:, k] = direction
+            weights = direction @ residual
+            residual -= torch.outer(direction, weights)
+            along = xn @ direction
+            corr -= torch.outer(along, weights)
+            perp2 -= along * along
+            open_[v] = False
+            selected.append(v)
+            residuals.append(float(residual.norm()))
+            if residuals[-1] <= target:
+                return selected, residuals, True
+        return selected, residuals, False
+
+    @staticmethod
+    def _prune(xn: torch.Tensor, y: torch.Tensor, selected: list[int], target: float) -> list[int]:
+        """Drop, one at a time, the chosen token whose removal raises the residual least, while it stays <= target.
+
+        Why it finds the true set: once the residual is at the floor, every row of the update is a combination of
+        the chosen tokens; true tokens carry non-zero coefficients (removing one leaves part of a row
+        unexplained), wrong early choices carry coefficients at the noise level.
+        """
+        kept = list(selected)
+        limit = target * target
+        while kept:
+            a = xn[kept].T  # d_in x s
+            q, r = torch.linalg.qr(a)
+            coef = torch.linalg.solve_triangular(r, q.T @ y, upper=True)  # s x m
+            current = float((y - a @ coef).pow(2).sum())
+            r_inv = torch.linalg.solve_triangular(r, torch.eye(r.shape[0], dtype=r.dtype), upper=True)
+            gram_inv_diag = (r_inv * r_inv).sum(dim=1)  # diag((A^T A)^-1)
+            cost = (coef * coef).sum(dim=1) / gram_inv_diag  # residual energy added by dropping each token
+            j = int(torch.argmin(cost))
+            if current + float(cost[j]) > limit:
+                break
+            del kept[j]
+        order = {v: i for i, v in enumerate(selected)}
+        return sorted(kept, key=order.__getitem__)
 
 
 # --------------------------------------------------------------------------------------------------------------

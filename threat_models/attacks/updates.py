@@ -1,4 +1,4 @@
-"""What a server observes of a client: one step's gradient or update, and flat vectors split back by name.
+"""What a server observes of a client: one step's gradient, a round's multi-step update, and flat vectors.
 
 The attacks read these views; building them with the project's own training code (`per_example_loss`,
 `LocalTrainer`) means the attack sees exactly what a client would send.
@@ -7,20 +7,22 @@ The attacks read these views; building them with the project's own training code
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from peft import PeftModel
 
 from secure_fedllm.adapters import AdapterManifest
-from secure_fedllm.data import Batch
+from secure_fedllm.data import Batch, TokenizedDataset
 from secure_fedllm.training import LocalTrainer, StepSettings, per_example_loss
 
 from ..errors import AttackConfigError
 
-__all__ = ["dp_step_update", "loss_gradient", "split_update"]
+__all__ = ["LocalUpdate", "dp_step_update", "flatten_update", "local_update", "loss_gradient", "split_update"]
 
 
 def loss_gradient(model: PeftModel, batch: Batch) -> dict[str, torch.Tensor]:
@@ -94,6 +96,97 @@ def dp_step_update(
                 p.copy_(before[names[id(p)]])
         if own:
             active.module.to_standard_module()
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """One client's round as the server would receive it, and which units each step used (the ground truth).
+
+    Attributes:
+        update: ``after - before`` for every trainable parameter, by name, computed in float64 from the float32
+            parameters (so the difference itself adds no rounding: what is left is the training's own).
+        batches: per step, the indices of the units Poisson sampling put in it (empty: a noise-only step).
+    """
+
+    update: dict[str, torch.Tensor]
+    batches: tuple[tuple[int, ...], ...]
+
+
+def local_update(
+    model: PeftModel,
+    data: TokenizedDataset,
+    settings: StepSettings,
+    *,
+    sample_seed: int,
+    noise_seed: int = 0,
+    trainer: LocalTrainer | None = None,
+    keep: bool = False,
+) -> LocalUpdate:
+    """A client's round: `settings.steps` Poisson-sampled (DP-)SGD steps with the project's own `LocalTrainer`.
+
+    Why not `LocalTrainer.train`: the attack's ground truth is the set of records that entered some step, which
+    `train` does not return. The sampler is the one `train` uses (Opacus' `UniformWithReplacementSampler`, rate
+    `settings.sample_rate`), so the steps are those of a real client-round; the same `sample_seed` gives the same
+    batches whatever the noise, which lets a DP row and its noise-free row be scored on the same records.
+
+    Args:
+        model: the adapted model as the server distributed it.
+        data: the client's records.
+        settings: the round's DP-SGD settings (noise_multiplier 0 for a client without DP; clipping still applies,
+            as in a run with `privacy.mechanism = "none"`).
+        sample_seed: seed of the Poisson sampling.
+        noise_seed: seed of the DP noise (torch's generator: this is an experiment, not a deployment).
+        trainer: an existing trainer of `model` to reuse; by default one is made and its hooks removed afterwards.
+        keep: leave the model trained (a warm-up round) instead of restoring what the server distributed.
+
+    Returns:
+        The update and the sampled units of each step.
+    """
+    own = trainer is None
+    active = LocalTrainer(model) if trainer is None else trainer
+    names = {id(p): name for name, p in model.named_parameters()}
+    before = {names[id(p)]: p.detach().clone() for p in active.params}
+    sampler = UniformWithReplacementSampler(
+        num_samples=data.num_units,
+        sample_rate=settings.sample_rate,
+        generator=torch.Generator().manual_seed(sample_seed),
+        steps=settings.steps,
+    )
+    batches: list[tuple[int, ...]] = []
+    try:
+        opt = active.optimizer(settings, noise_generator=torch.Generator().manual_seed(noise_seed))
+        for units in sampler:
+            chosen = tuple(int(u) for u in units)
+            batches.append(chosen)
+            active.step(opt, data.batch_of_units(list(chosen)) if chosen else None)
+        update = {
+            names[id(p)]: p.detach().to(torch.float64) - before[names[id(p)]].to(torch.float64) for p in active.params
+        }
+        return LocalUpdate(update, tuple(batches))
+    finally:
+        active.reset()
+        if not keep:
+            with torch.no_grad():
+                for p in active.params:
+                    p.copy_(before[names[id(p)]])
+        if own:
+            active.module.to_standard_module()
+
+
+def flatten_update(manifest: AdapterManifest, update: dict[str, torch.Tensor]) -> npt.NDArray[np.float64]:
+    """Named tensors as the flat float64 vector in manifest order that a client encodes (`split_update` inverts it).
+
+    Raises:
+        AttackConfigError: a manifest entry is missing or has another shape.
+    """
+    parts = []
+    for name, shape in manifest.entries:
+        tensor = update.get(name)
+        if tensor is None or tuple(tensor.shape) != tuple(shape):
+            got = None if tensor is None else tuple(tensor.shape)
+            raise AttackConfigError(f"update of {name}: expected shape {tuple(shape)}, got {got}")
+        parts.append(tensor.detach().to(torch.float64).cpu().numpy().ravel())
+    return np.concatenate(parts)
 
 
 def split_update(manifest: AdapterManifest, vector: npt.ArrayLike) -> dict[str, torch.Tensor]:
