@@ -5,7 +5,7 @@ positive control, trained until it memorises), with record-level DP-SGD at epsil
 with user-level DP at epsilon 8, all with the same data, steps and learning rate; attacked by
 membership inference (loss, zlib, Min-K%, base-model reference) and canary exposure, with held-out
 perplexity in every row and the ROC bound implied by each run's privacy profile. The DP audit trains
-for real with 1,000 Dirac gradient canaries (`dp_audit_training`), with a clip-only and an
+for real with 2,000 Dirac gradient canaries (`dp_audit_training`), with a clip-only and an
 under-noised control. Token recovery reads realistic client updates (`token_recovery_rows`).
 Protocol rows: a malicious server against our sessions and against weakened controls (model
 inconsistency, dropout forging, key substitution, Sybil, replay, forged share, the HE decryption
@@ -206,10 +206,11 @@ _NOTES = [
     "the dp-eps8-user row plants all repeats in one person's records, where epsilon bounds the canary itself.",
     "Token recovery reads what the server receives: one client's multi-step update without secure aggregation, "
     "only the sum of 4 clients with SecAgg+, and a DP-SGD update at epsilon 8.",
-    "The DP audit is the one-run lower bound (Steinke, Nasr, Jagielski 2023) from real DP-SGD training with 1,000 "
-    "Dirac gradient canaries on lora_B coordinates, Poisson-sampled and clipped like records; the auditor sees only "
-    "the released per-round sums. It must stay below the accountant's epsilon at the same delta; the clip-only and "
-    "the sigma/4 rows are the controls that must exceed it.",
+    "The DP audit is the one-run lower bound (Steinke, Nasr, Jagielski 2023) from real DP-SGD training of the tiny "
+    "model (2 clients, 2 rounds of one step at q = 1) with 2,000 Dirac gradient canaries on distinct lora_B "
+    "coordinates, clipped, noised and counted like records; the auditor sees only the released per-round sums, at "
+    "delta 1e-6 (x 2,000 canaries = 0.002). It must stay below the accountant's epsilon at the same delta; the "
+    "clip-only row must reach 3 and the sigma/4 row (epsilon 1 declared) must exceed 1.",
     "A malicious client's boosted backdoor stays inside its own encoder's public clip range and implants through "
     "SecAgg+: the server sees only the sum and can neither bound nor remove it. A server-visible defense needs "
     "zero-knowledge proofs of each masked input's norm (RoFL, EIFFeL).",

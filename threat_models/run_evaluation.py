@@ -95,8 +95,14 @@ class ClientPrivacy(BaseModel):
     delta: float
     unit: str
     neighbouring: str
-    tpr_bounds: dict[str, float] = Field(description="FPR (as '1%', '0.1%') -> the largest TPR (epsilon, delta) allows")
-    auc_bound: float = Field(description="the largest AUC any attack can have under (epsilon, delta)")
+    tpr_bounds: dict[str, float] = Field(
+        description="FPR (as '1%', '0.1%') -> the largest TPR the client's guarantee allows: from its whole privacy "
+        "profile (PLD) under local DP-SGD, else from the one (epsilon, delta) pair"
+    )
+    auc_bound: float = Field(description="the largest AUC any membership attack can have under that guarantee")
+    bound_curve: tuple[tuple[float, ...], tuple[float, ...]] | None = Field(
+        None, description="(FPR, TPR bound) from the privacy profile, for the ROC plot; None without a DP-SGD history"
+    )
     meaning: str
 
 
@@ -608,6 +614,22 @@ def _tpr_bounds(epsilon: float, delta: float) -> dict[str, float]:
     return {_fpr_label(f): dp_tpr_bound(f, epsilon=epsilon, delta=min(delta, 1.0)) for f in FPRS}
 
 
+def _tight_bounds(
+    events: Sequence[Any], delta: float
+) -> tuple[dict[str, float], float, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """TPR bounds at FPRS and the AUC bound from the client's whole privacy profile (PLD), not one (eps, delta).
+
+    One (epsilon, delta) pair allows TPR e^eps x FPR + delta: at epsilon 8 that is 1 at 1% FPR, which
+    says nothing; the profile of the same DP-SGD history bounds it far lower (`tradeoff.roc_bound`).
+    """
+    from .tradeoff import default_fpr_grid, roc_bound
+
+    grid = np.union1d(default_fpr_grid(), np.linspace(0.0, 1.0, 2001))
+    tpr = roc_bound(events, grid, delta=delta)
+    bounds = {_fpr_label(f): float(np.interp(f, grid, tpr)) for f in FPRS}
+    return bounds, float(np.clip(np.trapezoid(tpr, grid), 0.5, 1.0)), (tuple(grid.tolist()), tuple(tpr.tolist()))
+
+
 def _unit_words(unit: str) -> str:
     return {"record": "one training record", "user": "one person (all of their records)",
             "client": "one client's whole data"}.get(unit, f"one {unit}")  # fmt: skip
@@ -626,13 +648,25 @@ def _client_privacy(run: _Run, datasets: list[TokenizedDataset], update: Callabl
     for c, dataset in enumerate(datasets):
         update(c, len(datasets))
         private = privacy.mechanism != "none"
+        events: list[Any] = []
         if private:
             policy = client_policy(config, c, dataset.num_units, dimension=dimension)
             epsilon, delta = float(last.get(c, 0.0)), float(policy.delta)
+            if privacy.mode == "local" and privacy.unit != "client" and policy.noise_multiplier > 0:
+                from secure_fedllm.privacy import DPSGDEvent
+
+                joins = sum(1 for row in run.rows if c in row.included)
+                step = DPSGDEvent(
+                    noise_multiplier=policy.noise_multiplier, sample_rate=policy.sample_rate, steps=policy.steps
+                )
+                events = [step] * joins
         else:
             epsilon, delta = math.inf, 0.0
-        bounds = _tpr_bounds(epsilon, delta)
-        auc_bound = dp_auc_bound(epsilon, delta)
+        curve = None
+        if events:  # the tight curve of this client's DP-SGD history
+            bounds, auc_bound, curve = _tight_bounds(events, delta)
+        else:  # no history to draw it from (distributed or client-level DP): the one-pair line
+            bounds, auc_bound = _tpr_bounds(epsilon, delta), dp_auc_bound(epsilon, delta)
         out.append(
             ClientPrivacy(
                 client=c,
@@ -644,6 +678,7 @@ def _client_privacy(run: _Run, datasets: list[TokenizedDataset], update: Callabl
                 neighbouring=privacy.neighbouring,
                 tpr_bounds=bounds,
                 auc_bound=auc_bound,
+                bound_curve=curve,
                 meaning=_privacy_meaning(epsilon, delta, privacy.unit, bounds, auc_bound, dataset.num_units),
             )
         )
@@ -1090,8 +1125,13 @@ def _plot_roc(evaluation: RunEvaluation, path: Path) -> bool:
     private = [c for c in evaluation.clients if not math.isinf(c.epsilon)]
     if private:
         worst = max(private, key=lambda c: c.epsilon)
-        bound = [dp_tpr_bound(float(f), epsilon=worst.epsilon, delta=min(worst.delta, 1.0)) for f in grid]
-        axes.plot(grid, bound, "r--", label=f"bound at epsilon {worst.epsilon:.3g}")
+        if worst.bound_curve is not None:
+            bound = list(np.interp(grid, worst.bound_curve[0], worst.bound_curve[1]))
+            label = f"bound at epsilon {worst.epsilon:.3g} (privacy profile)"
+        else:
+            bound = [dp_tpr_bound(float(f), epsilon=worst.epsilon, delta=min(worst.delta, 1.0)) for f in grid]
+            label = f"bound at epsilon {worst.epsilon:.3g}"
+        axes.plot(grid, bound, "r--", label=label)
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xlabel("false-positive rate (held-out records flagged)")

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,8 +127,14 @@ def test_what_the_epsilon_allows_per_client_and_per_canary(evaluated, synthetic_
     for client in evaluation.clients:
         assert client.epsilon == pytest.approx(last.epsilon[client.client])
         assert client.delta == pytest.approx(0.1 / client.units)  # the default policy: delta = 0.1 / N_i
-        assert client.tpr_bounds["1%"] == pytest.approx(dp_tpr_bound(0.01, epsilon=client.epsilon, delta=client.delta))
-        assert client.auc_bound == pytest.approx(dp_auc_bound(client.epsilon, client.delta))
+        # the bound comes from the client's whole privacy profile: never above the one-pair line, and far below it
+        one_pair = dp_tpr_bound(0.01, epsilon=client.epsilon, delta=client.delta)
+        assert client.bound_curve is not None
+        assert 0.01 <= client.tpr_bounds["1%"] <= one_pair + 1e-9
+        assert client.tpr_bounds["1%"] < 0.5 * one_pair
+        assert 0.5 <= client.auc_bound < dp_auc_bound(client.epsilon, client.delta)
+        fpr, tpr = client.bound_curve
+        assert client.tpr_bounds["1%"] == pytest.approx(float(np.interp(0.01, fpr, tpr)))
     by_id = {c.canary_id: c for c in evaluation.canaries}
     manifest = json.loads((synthetic_run / "data_manifest.json").read_text())["canaries"]
     assert set(by_id) == {c["canary_id"] for c in manifest}
