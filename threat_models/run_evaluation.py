@@ -697,7 +697,7 @@ def _privacy_meaning(epsilon: float, delta: float, unit: str, bounds: Mapping[st
         f"{auc_bound:.3f}"
     )
     if at1 >= 0.999:
-        words += "; at this epsilon the guarantee rules out no practical attack (e^epsilon x 1% >= 1)"
+        words += "; at this epsilon the guarantee rules out no practical attack"
     elif at1 <= 0.05:
         words += "; a strong guarantee: a 1%-FPR attack can barely beat chance"
     if delta * units > 0:
