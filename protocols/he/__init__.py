@@ -5,7 +5,13 @@ BFV is the default: updates are quantized by the masking protocols' fixed-point 
 several 16-bit values share each slot, so sums are exact integers at about 7.0 bytes per
 parameter. CKKS with NVFlare's parameters (N = 8192, [60, 40, 40], scale 2^40) encrypts the same
 quantized integers, one per slot, and its release is rounded to the same exact integer sum (about
-52 bytes per parameter); both schemes give the server bit-identical results.
+52 bytes per parameter); both schemes give the server bit-identical results. In symmetric mode (the
+mode for sites whose policy has n_C = 0), `HEParams.bfv_seeded` uploads each fresh ciphertext as c0
+and the 64-byte seed of its uniform half c1 = a (SEAL's seeded serialization): about 3.5 bytes per
+parameter, below a 4-byte masked update. Every seed must be new (SEAL draws it from the OS CSPRNG per
+encryption; a repeat leaks m - m' to whoever holds both ciphertexts), so the client refuses to send, and
+the server and key holder refuse to accept, a repeated seed. Only fresh uploads are seeded: a sum is
+a full ciphertext (the key holder's own, never sent), and public-key ciphertexts cannot be seeded.
 
 Threat model (read before choosing HE over masking):
 

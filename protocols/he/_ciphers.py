@@ -11,6 +11,8 @@ grow with the number of clients.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,11 +22,12 @@ import numpy.typing as npt
 from ..encoding import DecodedSum
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..randomness import OsRandom, SecretSource
-from ._params import HEParams
+from ._params import SEED_BYTES, HEParams
 from ._wire import layout
 
 __all__ = [
     "ChunkSum",
+    "SeededEncryptor",
     "check_chunks",
     "check_public_key",
     "decode_words",
@@ -109,24 +112,42 @@ def check_public_key(params: HEParams, data: bytes, *, peer_id: int | None = Non
 def check_chunks(params: HEParams, chunks: Sequence[bytes], *, field: str, peer_id: int | None = None) -> None:
     """Parse-only check of an upload: the number of chunks, each one's length and every coefficient.
 
+    Seeded uploads: no two chunks may carry the same seed (a repeated seed leaks the difference of
+    their plaintexts to whoever holds both; an honest client never sends one).
+
     Raises:
-        RemoteProtocolError: the number of chunks is wrong.
+        RemoteProtocolError: the number of chunks is wrong, or a seed repeats.
         DecodeError: a chunk is empty, short, long, or holds a coefficient not below its modulus.
     """
     if len(chunks) != params.chunks:
         raise RemoteProtocolError(f"{len(chunks)} chunks; expected {params.chunks}", field=field, peer_id=peer_id)
     shape = layout(params)
+    seeds: set[bytes] = set()
     for i, chunk in enumerate(chunks):
-        shape.unpack(chunk, 2, shape.data_moduli, field=f"{field}[{i}]", peer_id=peer_id)
+        _, seed = shape.unpack_chunk(chunk, field=f"{field}[{i}]", peer_id=peer_id)
+        _check_seed(seeds, seed, field=f"{field}[{i}]", peer_id=peer_id)
+
+
+def _check_seed(seen: set[bytes], seed: bytes, *, field: str, peer_id: int | None) -> None:
+    if not seed:
+        return
+    if seed in seen:
+        raise RemoteProtocolError(
+            "a seeded chunk repeats another chunk's seed: the sender's random source is broken (a repeated seed "
+            "leaks the difference of the two plaintexts); the upload is refused",
+            field=field,
+            peer_id=peer_id,
+        )
+    seen.add(seed)
 
 
 def load_chunk(params: HEParams, ctx: Any, data: bytes, index: int, *, field: str, peer_id: int | None = None) -> Any:
-    """One checked ciphertext chunk as a TenSEAL vector of the local context."""
+    """One checked ciphertext chunk as a TenSEAL vector of the local context (a seeded one expanded by SEAL)."""
     shape = layout(params)
-    flat = shape.unpack(data, 2, shape.data_moduli, field=f"{field}[{index}]", peer_id=peer_id)
+    flat, seed = shape.unpack_chunk(data, field=f"{field}[{index}]", peer_id=peer_id)
     size = params.slots if params.scheme == "bfv" else min(params.slots, params.words - index * params.slots)
     try:
-        return shape.vector(ctx, flat, size)
+        return shape.vector(ctx, flat, size, seed)
     except Exception as exc:  # our own canonical bytes from checked coefficients
         raise RemoteProtocolError("ciphertext chunk does not load", field=f"{field}[{index}]", peer_id=peer_id) from exc
 
@@ -177,6 +198,8 @@ def encrypt_update(
     shape = layout(params)
     out = []
     words = quantize(params, x, weight=weight, rounding_seed=rounding_seed, rng=rng)
+    if params.seeded:
+        return _encrypt_seeded(params, SeededEncryptor(params, ctx.seal_context().data, ctx.data.secret_key()), words)
     if params.scheme == "bfv":
         for c in range(params.chunks):
             out.append(shape.export_chunk(ts.bfv_vector(ctx, _pack(params, words, c))))
@@ -187,12 +210,65 @@ def encrypt_update(
     return out
 
 
+def _scratch_dir() -> str | None:
+    """Where the seeded client's own ciphertext file goes: memory-backed /dev/shm when it exists."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class SeededEncryptor:
+    """Fresh secret-key BFV encryptions saved with the seed of their uniform half (`HEParams.seeded`).
+
+    SEAL's `Encryptor::encrypt_symmetric(plain)` returns a `Serializable<Ciphertext>` whose c1 = a is
+    still the seed it was sampled from; `save` writes c0 and that seed only, and SEAL's loader expands
+    a again. The seed is SEAL's: each encryption creates a new bootstrap PRNG from the OS CSPRNG
+    (`std::random_device`), draws the 64-byte public seed from it, then the noise. The injected
+    `SecretSource` cannot reach inside SEAL's sampler (nor could it for the noise of any encryption here);
+    instead every seed is checked to be new (`encrypt_update`, `ChunkSum`), because a repeated seed leaks
+    m - m' = round(t/q * (c0 - c0')) to whoever holds both ciphertexts.
+
+    TenSEAL's binding saves a `Serializable` only to a file path, zstd-compressed: the file is this
+    client's own ciphertext (public once uploaded), in a private temporary directory, read back at once.
+    """
+
+    def __init__(self, params: HEParams, seal_context: Any, secret_key: Any) -> None:
+        import tenseal.sealapi as sealapi  # type: ignore[import-untyped]
+
+        self.shape = layout(params)
+        self._encryptor = sealapi.Encryptor(seal_context, secret_key)
+        self._encoder = sealapi.BatchEncoder(seal_context)
+        self._plain = sealapi.Plaintext()
+
+    def encrypt(self, slots: list[int], path: str) -> tuple[bytes, bytes]:
+        """One chunk's slot values -> (its wire bytes: c0 then the seed, the seed)."""
+        self._encoder.encode(slots, self._plain)
+        self._encryptor.encrypt_symmetric(self._plain).save(path)
+        with open(path, "rb") as file:
+            saved = file.read()
+        return self.shape.export_seeded(saved)
+
+
+def _encrypt_seeded(params: HEParams, encryptor: SeededEncryptor, words: npt.NDArray[np.int64]) -> list[bytes]:
+    out, seeds = [], set()
+    with tempfile.TemporaryDirectory(prefix="he-seeded-", dir=_scratch_dir()) as scratch:
+        path = os.path.join(scratch, "ciphertext")
+        for c in range(params.chunks):
+            chunk, seed = encryptor.encrypt(_pack(params, words, c), path)
+            if seed in seeds:
+                raise LocalProtocolError(
+                    "SEAL drew the same ciphertext seed twice: its random source is broken; nothing is sent"
+                )
+            seeds.add(seed)
+            out.append(chunk)
+    return out
+
+
 class ChunkSum:
     """A running homomorphic sum of checked uploads (the key holder's own sum; one upload parsed at a time)."""
 
     def __init__(self, params: HEParams, ctx: Any) -> None:
         self.params, self.ctx = params, ctx
         self._acc: list[Any] = [None] * params.chunks
+        self._seeds: set[bytes] = set()
         self.count = 0
 
     def add(self, chunks: Sequence[bytes], *, sender: int) -> None:
@@ -202,6 +278,11 @@ class ChunkSum:
                 f"{len(chunks)} chunks; expected {self.params.chunks}", field="chunks", peer_id=sender
             )
         parsed = [load_chunk(self.params, self.ctx, c, i, field="chunks", peer_id=sender) for i, c in enumerate(chunks)]
+        if self.params.seeded:  # no seed may repeat within or across the uploads summed (see `SeededEncryptor`)
+            shape, seen = layout(self.params), set(self._seeds)
+            for i, chunk in enumerate(chunks):
+                _check_seed(seen, chunk[shape.chunk_bytes - SEED_BYTES :], field=f"chunks[{i}]", peer_id=sender)
+            self._seeds = seen
         for i, vector in enumerate(parsed):
             if self._acc[i] is None:
                 self._acc[i] = vector

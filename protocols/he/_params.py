@@ -37,6 +37,11 @@ a CKKS configuration where that rounding could be wrong:
 
 The released integers are then a function of the inputs alone, as with BFV (see the package
 docstring for why that leaks no key material).
+
+Seeded uploads (`seeded`, symmetric BFV only) change the wire size, not the parameters: the same
+moduli, inside the same 128-bit table, and the same noise budget (a seeded ciphertext is an ordinary
+fresh symmetric encryption whose c1 is sent as its seed); `max_chunk_bytes` is then one polynomial
+plus `SEED_BYTES`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ ternary secret, classical attacks), by polynomial modulus degree N."""
 
 VALUE_BITS = 16
 """Bits of one quantized value (signed, symmetric): L = 2^15 - 1 levels each side."""
+
+SEED_BYTES = 64
+"""Bytes of the seed that replaces the uniform polynomial of a seeded upload (SEAL's `prng_seed_byte_count`)."""
 
 _NOISE_MARGIN = {"symmetric": 6, "public-key": 9}
 
@@ -115,6 +123,10 @@ class HEParams(BaseModel):
     plain_modulus: int = Field(2199023190017, description="t (bfv): a batching prime, 2^41 - 65535")
     fields_per_slot: Annotated[int, Field(ge=1, le=4)] = Field(2, description="k (bfv): values per slot")
     scale_bits: Annotated[int, Field(ge=20, le=60)] = Field(40, description="CKKS scale 2^bits")
+    seeded: bool = Field(
+        False,
+        description="symmetric BFV only: a fresh upload carries a 64-byte seed in place of its uniform polynomial",
+    )
     identity_keys: tuple[Annotated[bytes, Field(min_length=32, max_length=32)], ...] | None = Field(
         None, description="Ed25519 public key of each party: authenticates keys (malicious-server setting)"
     )
@@ -136,6 +148,7 @@ class HEParams(BaseModel):
             raise InsecureParameterError(f"identity_keys has {len(self.identity_keys)} keys; need {self.num_parties}")
         if any(not 2 <= bits <= 60 for bits in self.coeff_mod_bit_sizes):
             raise InsecureParameterError("every coefficient modulus prime must have 2..60 bits (SEAL's limit)")
+        self._check_seeded()
         if self.scheme == "bfv":
             if not _is_prime(self.plain_modulus) or self.plain_modulus % (2 * self.poly_modulus_degree) != 1:
                 raise InsecureParameterError(
@@ -170,10 +183,25 @@ class HEParams(BaseModel):
                     f"{self.ckks_tolerance:.2e} (2^-8, far below 1/2); raise scale_bits or lower max_parties"
                 )
 
+    def _check_seeded(self) -> None:
+        if self.seeded and (self.scheme != "bfv" or self.mode != "symmetric"):
+            raise InsecureParameterError(
+                f"seeded=True needs scheme='bfv' and mode='symmetric' (got {self.scheme!r}, {self.mode!r}): only a "
+                "fresh secret-key BFV encryption has a uniform half that a seed can replace; set seeded=False"
+            )
+
     @classmethod
     def bfv_packed(cls, num_parties: int, *, dimension: int, clip_range: float, **kw: Any) -> HEParams:
         """The default: BFV N=4096, q = 56 + 53 bits, t = 2^41 - 65535, two 20-bit fields per slot."""
         return cls(scheme="bfv", num_parties=num_parties, dimension=dimension, clip_range=clip_range, **kw)
+
+    @classmethod
+    def bfv_seeded(cls, num_parties: int, *, dimension: int, clip_range: float, **kw: Any) -> HEParams:
+        """`bfv_packed` with seeded uploads (symmetric mode, n_C = 0 sites): about 3.5 bytes per parameter."""
+        return cls(
+            scheme="bfv", mode="symmetric", seeded=True, num_parties=num_parties, dimension=dimension,
+            clip_range=clip_range, **kw,
+        )  # fmt: skip
 
     @classmethod
     def ckks_nvflare(cls, num_parties: int, *, dimension: int, clip_range: float, **kw: Any) -> HEParams:
@@ -222,12 +250,13 @@ class HEParams(BaseModel):
 
     @property
     def max_chunk_bytes(self) -> int:
-        """Exact bytes of one ciphertext chunk on the wire (`_wire.py`), checked before parsing.
+        """Exact bytes of one uploaded ciphertext chunk on the wire (`_wire.py`), checked before parsing.
 
         Two polynomials of N coefficients per data prime, each coefficient in ceil(bits / 8) bytes (SEAL's
-        primes have exactly the requested bits).
+        primes have exactly the requested bits); seeded uploads carry one polynomial and a 64-byte seed.
         """
-        return 2 * self.poly_modulus_degree * sum((bits + 7) // 8 for bits in self.coeff_mod_bit_sizes[:-1])
+        poly = self.poly_modulus_degree * sum((bits + 7) // 8 for bits in self.coeff_mod_bit_sizes[:-1])
+        return poly + SEED_BYTES if self.seeded else 2 * poly
 
     @property
     def noise_budget_bits(self) -> float:

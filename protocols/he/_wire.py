@@ -19,10 +19,20 @@ bytes built here from checked numbers.
 
 The layout is also smaller than TenSEAL's zstd-compressed ciphertexts: 7 bytes per 56-bit
 coefficient gives 7.0 bytes per parameter for packed BFV (TenSEAL's format: about 7.6).
+
+Seeded uploads (`HEParams.seeded`): a fresh symmetric ciphertext is c0 in the layout above followed by
+the 64-byte seed from which SEAL expands c1 (Blake2xb, SEAL's default generator), 3.5 bytes per
+parameter. The receiver checks c0 like any polynomial; the seed is opaque bytes. The key holder writes
+SEAL's seeded format itself (c0, then a UniformRandomGeneratorInfo of type blake2xb and the seed) and
+SEAL's loader expands c1, so peer bytes still reach SEAL only as checked coefficients and a seed. The
+client gets c0 and the seed from SEAL's own save of its ciphertext (`export_seeded`), the only output
+`tenseal.sealapi` offers for a seeded ciphertext: a zstd-compressed file, decompressed with the zstd
+of TenSEAL's own SEAL build and checked to be byte for byte the format this module rebuilds.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -30,13 +40,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import DecodeError
-from ._params import HEParams
+from ..errors import DecodeError, LocalProtocolError
+from ._params import SEED_BYTES, HEParams
 
 __all__ = ["Layout", "layout"]
 
 _SEAL_MAGIC = 0xA15E
 _MAX_LAYOUTS = 16
+_BLAKE2XB = 1
+"""SEAL's `prng_type::blake2xb`: the generator of its default factory, which expands the seed of a fresh
+secret-key ciphertext into the uniform polynomial (the only type this layout writes)."""
+_COMPR_NONE, _COMPR_ZSTD = 0, 2
 
 
 def _ts() -> Any:
@@ -55,6 +69,37 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+@functools.cache
+def _zstd_decompress() -> Any:
+    """ZSTD_decompress of the zstd that TenSEAL's own SEAL build links (it wrote the bytes; nothing else reads them).
+
+    `tenseal.sealapi` saves a seeded ciphertext only to a file path and only zstd-compressed, so the client
+    reads its own file back through this one function; no peer byte is ever decompressed.
+    """
+    import ctypes
+    import importlib
+
+    try:
+        lib = ctypes.CDLL(importlib.import_module("_sealapi_cpp").__file__)
+        fn, is_error = lib.ZSTD_decompress, lib.ZSTD_isError
+    except (ImportError, OSError, AttributeError) as exc:
+        raise LocalProtocolError(
+            "seeded uploads need the zstd that TenSEAL's SEAL build exports (ZSTD_decompress in _sealapi_cpp), "
+            "which this TenSEAL lacks; set HEParams.seeded=False"
+        ) from exc
+    fn.restype, fn.argtypes = ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    is_error.restype, is_error.argtypes = ctypes.c_uint, [ctypes.c_size_t]
+
+    def decompress(data: bytes, capacity: int) -> bytes:
+        out = ctypes.create_string_buffer(capacity)
+        got = fn(out, capacity, data, len(data))
+        if is_error(got):
+            raise LocalProtocolError("SEAL's seeded ciphertext does not decompress (zstd error)")
+        return out.raw[:got]
+
+    return decompress
 
 
 def _pb_bytes(number: int, payload: bytes) -> bytes:
@@ -123,7 +168,9 @@ class Layout:
 
     @property
     def chunk_bytes(self) -> int:
-        """Bytes of one ciphertext chunk (2 polynomials over the data primes)."""
+        """Bytes of one uploaded chunk: 2 polynomials over the data primes, or (seeded) 1 and a 64-byte seed."""
+        if self.params.seeded:
+            return self.size(1, self.data_moduli) + SEED_BYTES
         return self.size(2, self.data_moduli)
 
     @property
@@ -179,6 +226,27 @@ class Layout:
                 pos += n * width
         return out.reshape(-1)
 
+    def unpack_chunk(self, data: bytes, *, field: str, peer_id: int | None) -> tuple[npt.NDArray[np.uint64], bytes]:
+        """An uploaded chunk: its polynomials and, when seeded, the seed of its uniform half (else b"").
+
+        A seeded chunk is c0 (checked as any polynomial) followed by SEAL's 64-byte seed, which any bytes
+        are: SEAL expands it with Blake2xb, so there is nothing more to check.
+
+        Raises:
+            DecodeError: the length is wrong, or a coefficient is not below its modulus.
+        """
+        if not self.params.seeded:
+            return self.unpack(data, 2, self.data_moduli, field=field, peer_id=peer_id), b""
+        poly = self.size(1, self.data_moduli)
+        if len(data) != poly + SEED_BYTES:
+            raise DecodeError(
+                f"{field} has {len(data)} bytes; a seeded chunk takes exactly {poly + SEED_BYTES} (one polynomial "
+                f"of degree {self.degree} over {len(self.data_moduli)} moduli, then a {SEED_BYTES}-byte seed)",
+                field=field,
+                peer_id=peer_id,
+            )
+        return self.unpack(data[:poly], 1, self.data_moduli, field=field, peer_id=peer_id), data[poly:]
+
     # -- SEAL and TenSEAL objects, written here from checked coefficients -----------------------
 
     def _header(self, body: bytes) -> bytes:
@@ -195,22 +263,41 @@ class Layout:
         *,
         ntt: bool,
         scale: float,
+        seed: bytes = b"",
     ) -> bytes:
+        return self._header(self._members(parms_id, moduli, flat, ntt=ntt, scale=scale, seed=seed))
+
+    def _members(
+        self,
+        parms_id: tuple[int, ...],
+        moduli: tuple[int, ...],
+        flat: npt.NDArray[np.uint64],
+        *,
+        ntt: bool,
+        scale: float,
+        seed: bytes = b"",
+    ) -> bytes:
+        """SEAL's Ciphertext::save_members: with a seed, c0 alone and a UniformRandomGeneratorInfo (SEAL expands c1)."""
         body = (
             struct.pack("<4Q", *parms_id)
             + bytes([1 if ntt else 0])
             + struct.pack("<QQQdQ", 2, self.degree, len(moduli), scale, 1)
             + self._dynarray(flat)
         )
-        return self._header(body)
+        if seed:
+            body += self._header(bytes([_BLAKE2XB]) + seed)
+        return body
 
-    def vector(self, ctx: Any, flat: npt.NDArray[np.uint64], size: int) -> Any:
-        """A TenSEAL vector of one checked ciphertext (BFVVectorProto / CKKSVectorProto written here)."""
+    def vector(self, ctx: Any, flat: npt.NDArray[np.uint64], size: int, seed: bytes = b"") -> Any:
+        """A TenSEAL vector of one checked ciphertext (BFVVectorProto / CKKSVectorProto written here).
+
+        With a seed (a seeded upload), SEAL's loader expands the uniform half c1 from it.
+        """
         ts = _ts()
         ckks = self.params.scheme == "ckks"
         scale = 2.0**self.params.scale_bits if ckks else 1.0
         proto = _pb_bytes(1, _varint(size)) + _pb_bytes(
-            2, self._ciphertext(self.first_parms_id, self.data_moduli, flat, ntt=ckks, scale=scale)
+            2, self._ciphertext(self.first_parms_id, self.data_moduli, flat, ntt=ckks, scale=scale, seed=seed)
         )
         if self.params.scheme == "bfv":
             return ts.bfv_vector_from(ctx, proto)
@@ -277,6 +364,37 @@ class Layout:
             return self.pack(self.coefficients(plain, n * big), 1, self.key_moduli)
         cipher = ctx.data.public_key().data()
         return self.pack(self.coefficients(cipher, 2 * n * big), 2, self.key_moduli)
+
+    def export_seeded(self, saved: bytes) -> tuple[bytes, bytes]:
+        """A fresh seeded ciphertext as SEAL saved it (our own file) to the wire layout; also returns its seed.
+
+        The members are rebuilt from the parsed c0 and seed and must equal SEAL's own bytes, so the key
+        holder's reconstruction (`vector` with the seed) is exactly what SEAL wrote.
+
+        Raises:
+            LocalProtocolError: SEAL's output is not a fresh seeded ciphertext of these parameters.
+        """
+        poly = self.degree * len(self.data_moduli)
+        members_size = 73 + 24 + 8 * poly + 16 + 1 + SEED_BYTES
+        if len(saved) < 16 or struct.unpack_from("<H", saved)[0] != _SEAL_MAGIC:
+            raise LocalProtocolError("SEAL's seeded ciphertext has no SEAL header")
+        compr = saved[5]
+        if compr == _COMPR_ZSTD:
+            members = _zstd_decompress()(saved[16:], members_size + 1)
+        elif compr == _COMPR_NONE:
+            members = saved[16:]
+        else:
+            raise LocalProtocolError(f"SEAL saved a seeded ciphertext with compression mode {compr}")
+        if len(members) != members_size:
+            raise LocalProtocolError(
+                f"SEAL's seeded ciphertext has {len(members)} bytes of members; {members_size} expected"
+            )
+        flat = np.frombuffer(members, dtype="<u8", count=poly, offset=73 + 24).astype(np.uint64)
+        seed = members[-SEED_BYTES:]
+        rebuilt = self._members(self.first_parms_id, self.data_moduli, flat, ntt=False, scale=1.0, seed=seed)
+        if rebuilt != members:
+            raise LocalProtocolError("SEAL's seeded ciphertext is not in the layout this module rebuilds")
+        return self.pack(flat, 1, self.data_moduli) + seed, seed
 
     def export_chunk(self, vector: Any) -> bytes:
         """One local ciphertext vector in the wire layout."""
