@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/he.py --json benchmarks/results/he.json
     python benchmarks/he.py --json /tmp/he.json --dims 100000 --n 4       (quick)
+    python benchmarks/he.py --dims 1000000 --impls bfv-seeded ckks-nvflare --modes symmetric   (subset)
 
 Setup: n = 10 clients (n_max = 16), d in {1e5, 1e6}, updates N(0, 0.01^2) clipped to the public
 range 0.05, weight 1, one process per (implementation, mode, d) so that peak RSS is that
@@ -10,6 +11,8 @@ configuration's own. Implementations:
 
 * `bfv-packed`: our default, BFV N=4096, q = 56+53 bits, t = 2^41 - 65535, two 16-bit values per
   slot in 20-bit fields (`protocols.he`).
+* `bfv-seeded`: the same parameters in symmetric mode with seeded uploads (`HEParams.bfv_seeded`):
+  each fresh ciphertext travels as c0 and the 64-byte seed of its uniform half (about 3.5 B/param).
 * `ckks-nvflare`: CKKS N=8192, [60, 40, 40], scale 2^40, one value per slot: NVFlare's `HEBuilder`
   defaults, encrypting the flattened update as NVFlare's `model_encryptor` does.
 * `secagg+`: our pairwise masking (k derived for n = 10 at 10% dropout), the whole client protocol.
@@ -66,8 +69,11 @@ def _he(impl: str, mode: str, d: int, n: int) -> dict[str, Any]:
         round_ckks,
     )
 
-    make = HEParams.bfv_packed if impl == "bfv-packed" else HEParams.ckks_nvflare
-    params = make(n, dimension=d, clip_range=CLIP, max_parties=16, mode=mode)
+    if impl == "bfv-seeded":
+        params = HEParams.bfv_seeded(n, dimension=d, clip_range=CLIP, max_parties=16)
+    else:
+        make = HEParams.bfv_packed if impl == "bfv-packed" else HEParams.ckks_nvflare
+        params = make(n, dimension=d, clip_range=CLIP, max_parties=16, mode=mode)
     ctx = make_context(params)
     client_ctx = ctx
     if mode == "public-key":
@@ -88,7 +94,7 @@ def _he(impl: str, mode: str, d: int, n: int) -> dict[str, Any]:
         del chunks
     summed = total.vectors()
     t = time.perf_counter()
-    if impl == "bfv-packed":
+    if impl.startswith("bfv"):
         words = decrypt_words(params, summed)
         decoded = decode_words(params, words)
         decrypt_s = time.perf_counter() - t
@@ -143,6 +149,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dims", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--n", type=int, default=10)
+    parser.add_argument("--impls", nargs="+", default=None, help="subset of implementations (default: all)")
+    parser.add_argument("--modes", nargs="+", default=None, help="subset of modes (default: all)")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
@@ -152,11 +160,14 @@ def main() -> None:
     for d in args.dims:
         for impl, mode in (
             ("bfv-packed", "symmetric"),
+            ("bfv-seeded", "symmetric"),
             ("ckks-nvflare", "symmetric"),
             ("bfv-packed", "public-key"),
             ("ckks-nvflare", "public-key"),
             ("secagg+", "-"),
         ):
+            if (args.impls and impl not in args.impls) or (args.modes and mode != "-" and mode not in args.modes):
+                continue
             spec = f"{impl}:{mode}:{d}:{args.n}"
             out = subprocess.run(
                 [sys.executable, __file__, "--single", spec], capture_output=True, text=True, check=True
@@ -168,16 +179,26 @@ def main() -> None:
                 f"server {row['server_s']:.3f} s  decrypt {row['decrypt_s']:.3f} s  "
                 f"{row['upload_bytes_per_param']:.2f} B/param  rss {row['peak_rss_mb']:.0f} MB  exact {row['exact']}"
             )
-    summary = {}
+
+    def find(impl: str, mode: str, d: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["impl"] == impl and r["mode"] == mode and r["d"] == d), None)
+
+    summary: dict[str, dict[str, float]] = {}
     for d in args.dims:
         for mode in ("symmetric", "public-key"):
-            bfv = next(r for r in rows if r["impl"] == "bfv-packed" and r["mode"] == mode and r["d"] == d)
-            ckks = next(r for r in rows if r["impl"] == "ckks-nvflare" and r["mode"] == mode and r["d"] == d)
-            summary[f"{d}/{mode}"] = {
-                "client_speedup_vs_ckks": ckks["client_us_per_param"] / bfv["client_us_per_param"],
-                "bytes_ratio_ckks_over_bfv": ckks["upload_bytes_per_param"] / bfv["upload_bytes_per_param"],
-                "bfv_bytes_per_param": bfv["upload_bytes_per_param"],
-            }
+            ckks = find("ckks-nvflare", mode, d)
+            if ckks is None:
+                continue
+            entry = summary.setdefault(f"{d}/{mode}", {})
+            for impl, tag in (("bfv-packed", ""), ("bfv-seeded", "seeded_")):
+                bfv = find(impl, mode, d)
+                if bfv is None:
+                    continue
+                entry[f"{tag}client_speedup_vs_ckks"] = ckks["client_us_per_param"] / bfv["client_us_per_param"]
+                entry[f"{tag}bytes_ratio_ckks_over_bfv"] = (
+                    ckks["upload_bytes_per_param"] / bfv["upload_bytes_per_param"]
+                )
+                entry[f"{tag}bfv_bytes_per_param"] = bfv["upload_bytes_per_param"]
     result = {
         "benchmark": "he",
         "n": args.n,
