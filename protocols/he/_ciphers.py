@@ -186,6 +186,18 @@ def _pack(params: HEParams, words: npt.NDArray[np.int64], chunk: int) -> list[in
     return list(packed.tolist())
 
 
+def _pack_all(params: HEParams, words: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """`_pack` of every chunk at once: row c holds chunk c's slot values."""
+    n, k, w = params.slots, params.fields_per_slot, params.field_bits
+    block = np.zeros(params.chunks * n * k, dtype=np.int64)
+    block[: len(words)] = words
+    fields = block.reshape(params.chunks, k, n)
+    packed = fields[:, 0].copy()
+    for f in range(1, k):
+        packed |= fields[:, f] << (f * w)
+    return packed
+
+
 def encrypt_update(
     params: HEParams, ctx: Any, x: npt.NDArray[np.floating], *, weight: float, rounding_seed: bytes | None = None,
     rng: SecretSource | None = None,
@@ -251,8 +263,9 @@ def _encrypt_seeded(params: HEParams, encryptor: SeededEncryptor, words: npt.NDA
     out, seeds = [], set()
     with tempfile.TemporaryDirectory(prefix="he-seeded-", dir=_scratch_dir()) as scratch:
         path = os.path.join(scratch, "ciphertext")
+        packed = _pack_all(params, words)
         for c in range(params.chunks):
-            chunk, seed = encryptor.encrypt(_pack(params, words, c), path)
+            chunk, seed = encryptor.encrypt(packed[c].tolist(), path)
             if seed in seeds:
                 raise LocalProtocolError(
                     "SEAL drew the same ciphertext seed twice: its random source is broken; nothing is sent"

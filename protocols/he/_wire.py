@@ -365,35 +365,43 @@ class Layout:
         cipher = ctx.data.public_key().data()
         return self.pack(self.coefficients(cipher, 2 * n * big), 2, self.key_moduli)
 
+    @functools.cached_property
+    def _seeded_frame(self) -> tuple[bytes, bytes]:
+        """What surrounds c0 and the seed in SEAL's members of a fresh seeded ciphertext (as `_members` writes it)."""
+        poly = self.degree * len(self.data_moduli)
+        members = self._members(
+            self.first_parms_id, self.data_moduli, np.zeros(poly, dtype=np.uint64), ntt=False, scale=1.0,
+            seed=bytes(SEED_BYTES),
+        )  # fmt: skip
+        head = len(members) - 8 * poly - 17 - SEED_BYTES
+        return members[:head], members[head + 8 * poly : -SEED_BYTES]
+
     def export_seeded(self, saved: bytes) -> tuple[bytes, bytes]:
         """A fresh seeded ciphertext as SEAL saved it (our own file) to the wire layout; also returns its seed.
 
-        The members are rebuilt from the parsed c0 and seed and must equal SEAL's own bytes, so the key
-        holder's reconstruction (`vector` with the seed) is exactly what SEAL wrote.
+        Everything around c0 and the seed must equal what `_members` writes, so the key holder's
+        reconstruction (`vector` with the seed) is byte for byte what SEAL wrote.
 
         Raises:
             LocalProtocolError: SEAL's output is not a fresh seeded ciphertext of these parameters.
         """
         poly = self.degree * len(self.data_moduli)
-        members_size = 73 + 24 + 8 * poly + 16 + 1 + SEED_BYTES
+        head, middle = self._seeded_frame
+        size = len(head) + 8 * poly + len(middle) + SEED_BYTES
         if len(saved) < 16 or struct.unpack_from("<H", saved)[0] != _SEAL_MAGIC:
             raise LocalProtocolError("SEAL's seeded ciphertext has no SEAL header")
         compr = saved[5]
         if compr == _COMPR_ZSTD:
-            members = _zstd_decompress()(saved[16:], members_size + 1)
+            members = _zstd_decompress()(saved[16:], size + 1)
         elif compr == _COMPR_NONE:
             members = saved[16:]
         else:
             raise LocalProtocolError(f"SEAL saved a seeded ciphertext with compression mode {compr}")
-        if len(members) != members_size:
-            raise LocalProtocolError(
-                f"SEAL's seeded ciphertext has {len(members)} bytes of members; {members_size} expected"
-            )
-        flat = np.frombuffer(members, dtype="<u8", count=poly, offset=73 + 24).astype(np.uint64)
-        seed = members[-SEED_BYTES:]
-        rebuilt = self._members(self.first_parms_id, self.data_moduli, flat, ntt=False, scale=1.0, seed=seed)
-        if rebuilt != members:
+        tail = len(head) + 8 * poly
+        if len(members) != size or members[: len(head)] != head or members[tail : tail + len(middle)] != middle:
             raise LocalProtocolError("SEAL's seeded ciphertext is not in the layout this module rebuilds")
+        flat = np.frombuffer(members, dtype="<u8", count=poly, offset=len(head))
+        seed = members[-SEED_BYTES:]
         return self.pack(flat, 1, self.data_moduli) + seed, seed
 
     def export_chunk(self, vector: Any) -> bytes:

@@ -199,3 +199,40 @@ def test_only_fresh_uploads_are_seeded_the_sum_is_full_size():
     assert len(full.export_chunk(summed)) == 2 * 4096 * 7  # a sum has no seed: both polynomials travel
     expected = sum(quantize(params, x, weight=1.0, rounding_seed=bytes([i]) * 32) for i, x in enumerate(xs))
     assert (decrypt_words(params, [summed]) == expected).all()
+
+
+def test_the_client_refuses_its_own_seal_output_unless_it_is_a_fresh_seeded_ciphertext(tmp_path):
+    import tenseal.sealapi as sealapi
+
+    params = _params(d=8190)
+    ctx = make_context(params)
+    shape = layout(params)
+    real = SeededEncryptor(params, ctx.seal_context().data, ctx.data.secret_key())
+    good, _ = real.encrypt(list(range(4096)), str(tmp_path / "ct"))
+    assert len(good) == shape.chunk_bytes
+    full = sealapi.Ciphertext(ctx.seal_context().data)  # an unseeded encryption, saved the same way
+    plain = sealapi.Plaintext()
+    sealapi.BatchEncoder(ctx.seal_context().data).encode(list(range(4096)), plain)
+    sealapi.Encryptor(ctx.seal_context().data, ctx.data.secret_key()).encrypt_symmetric(plain, full)
+    full.save(str(tmp_path / "full"))
+    saved = (tmp_path / "full").read_bytes()
+    with pytest.raises(LocalProtocolError, match="does not decompress"):  # c1 in full: larger than a seeded one
+        shape.export_seeded(saved)
+    seeded_file = str(tmp_path / "seeded")
+    real._encryptor.encrypt_symmetric(plain).save(seeded_file)
+    body = bytearray(open(seeded_file, "rb").read())
+    with pytest.raises(LocalProtocolError, match="does not decompress"):
+        shape.export_seeded(bytes(body[:-8]))  # a truncated zstd frame
+    from protocols.he._wire import _zstd_decompress
+
+    members = _zstd_decompress()(bytes(body[16:]), 1 << 16)
+    plain_saved = bytes(body[:5]) + b"\0" + bytes(body[6:16]) + members  # the same, uncompressed
+    assert shape.export_seeded(plain_saved)[0][-SEED_BYTES:] == members[-SEED_BYTES:]
+    flipped = bytearray(plain_saved)
+    flipped[16 + 32] = 1  # the is_ntt_form byte: not a fresh BFV ciphertext
+    with pytest.raises(LocalProtocolError, match="not in the layout"):
+        shape.export_seeded(bytes(flipped))
+    with pytest.raises(LocalProtocolError, match="no SEAL header"):
+        shape.export_seeded(b"\0" * 64)
+    with pytest.raises(LocalProtocolError, match="compression mode"):
+        shape.export_seeded(saved[:5] + bytes([7]) + saved[6:])
