@@ -15,6 +15,10 @@ configuration's own. Implementations:
   each fresh ciphertext travels as c0 and the 64-byte seed of its uniform half (about 3.5 B/param).
 * `ckks-nvflare`: CKKS N=8192, [60, 40, 40], scale 2^40, one value per slot: NVFlare's `HEBuilder`
   defaults, encrypting the flattened update as NVFlare's `model_encryptor` does.
+* `ckks-tenseal`: NVFlare's own client path at the same defaults, outside our protocol: the flat update
+  as one `ts.ckks_vector` (TenSEAL chunks it), then `serialize()` (zstd), as NVFlare's model_encryptor
+  does; the server deserializes and adds, the key holder decrypts floats (nothing is rounded or
+  checked, so `exact` is false). This is the CKKS anchor without our bare-polynomial export.
 * `secagg+`: our pairwise masking (k derived for n = 10 at 10% dropout), the whole client protocol.
 
 Modes: `symmetric` is NVFlare's (every client holds the secret key); `public-key` is reported beside
@@ -136,12 +140,85 @@ def _secagg(d: int, n: int) -> dict[str, Any]:
     }
 
 
+def _ckks_tenseal(mode: str, d: int, n: int) -> dict[str, Any]:
+    import tenseal as ts
+
+    kind = ts.ENCRYPTION_TYPE.SYMMETRIC if mode == "symmetric" else ts.ENCRYPTION_TYPE.ASYMMETRIC
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40], encryption_type=kind
+    )
+    ctx.generate_relin_keys()
+    ctx.global_scale = 2.0**40
+    client = ctx
+    if mode == "public-key":
+        client = ts.context_from(ctx.serialize(save_secret_key=False))
+    server = ts.context_from(ctx.serialize(save_public_key=False, save_secret_key=False, save_relin_keys=False))
+    xs = _inputs(n, d)
+    client_s, server_s, upload, total = [], 0.0, 0, None
+    for x in xs:
+        t = time.perf_counter()
+        blob = ts.ckks_vector(client, x).serialize()
+        client_s.append(time.perf_counter() - t)
+        upload = len(blob)
+        t = time.perf_counter()
+        vector = ts.ckks_vector_from(server, blob)
+        total = vector if total is None else total + vector
+        server_s += time.perf_counter() - t
+    assert total is not None
+    total.link_context(ctx)
+    t = time.perf_counter()
+    summed = np.asarray(total.decrypt())
+    decrypt_s = time.perf_counter() - t
+    return {
+        "client_us_per_param": statistics.median(client_s) / d * 1e6,
+        "server_s": server_s,
+        "decrypt_s": decrypt_s,
+        "upload_bytes_per_param": upload / d,
+        "exact": False,
+        "max_abs_error": float(np.abs(summed - sum(xs)).max()),
+    }
+
+
 def _single(spec: str) -> None:
     impl, mode, d, n = spec.split(":")
     row = {"impl": impl, "mode": mode, "d": int(d), "n": int(n)}
-    row.update(_secagg(int(d), int(n)) if impl == "secagg+" else _he(impl, mode, int(d), int(n)))
+    if impl == "secagg+":
+        row.update(_secagg(int(d), int(n)))
+    elif impl == "ckks-tenseal":
+        row.update(_ckks_tenseal(mode, int(d), int(n)))
+    else:
+        row.update(_he(impl, mode, int(d), int(n)))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(row))
+
+
+def _summary(rows: list[dict[str, Any]], dims: list[int]) -> dict[str, dict[str, float]]:
+    """Speed-ups and byte ratios of the BFV rows against both CKKS anchors, per d and mode."""
+
+    def find(impl: str, mode: str, d: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["impl"] == impl and r["mode"] == mode and r["d"] == d), None)
+
+    summary: dict[str, dict[str, float]] = {}
+    for d in dims:
+        for mode in ("symmetric", "public-key"):
+            ckks = find("ckks-nvflare", mode, d)
+            if ckks is None:
+                continue
+            entry = summary.setdefault(f"{d}/{mode}", {})
+            native = find("ckks-tenseal", mode, d)
+            for impl, tag in (("bfv-packed", ""), ("bfv-seeded", "seeded_")):
+                bfv = find(impl, mode, d)
+                if bfv is None:
+                    continue
+                entry[f"{tag}client_speedup_vs_ckks"] = ckks["client_us_per_param"] / bfv["client_us_per_param"]
+                if native is not None:
+                    ratio = native["client_us_per_param"] / bfv["client_us_per_param"]
+                    entry[f"{tag}client_speedup_vs_ckks_tenseal"] = ratio
+                entry[f"{tag}bytes_ratio_ckks_over_bfv"] = (
+                    ckks["upload_bytes_per_param"] / bfv["upload_bytes_per_param"]
+                )
+                entry[f"{tag}bfv_bytes_per_param"] = bfv["upload_bytes_per_param"]
+    return summary
 
 
 def main() -> None:
@@ -162,8 +239,10 @@ def main() -> None:
             ("bfv-packed", "symmetric"),
             ("bfv-seeded", "symmetric"),
             ("ckks-nvflare", "symmetric"),
+            ("ckks-tenseal", "symmetric"),
             ("bfv-packed", "public-key"),
             ("ckks-nvflare", "public-key"),
+            ("ckks-tenseal", "public-key"),
             ("secagg+", "-"),
         ):
             if (args.impls and impl not in args.impls) or (args.modes and mode != "-" and mode not in args.modes):
@@ -180,25 +259,7 @@ def main() -> None:
                 f"{row['upload_bytes_per_param']:.2f} B/param  rss {row['peak_rss_mb']:.0f} MB  exact {row['exact']}"
             )
 
-    def find(impl: str, mode: str, d: int) -> dict[str, Any] | None:
-        return next((r for r in rows if r["impl"] == impl and r["mode"] == mode and r["d"] == d), None)
-
-    summary: dict[str, dict[str, float]] = {}
-    for d in args.dims:
-        for mode in ("symmetric", "public-key"):
-            ckks = find("ckks-nvflare", mode, d)
-            if ckks is None:
-                continue
-            entry = summary.setdefault(f"{d}/{mode}", {})
-            for impl, tag in (("bfv-packed", ""), ("bfv-seeded", "seeded_")):
-                bfv = find(impl, mode, d)
-                if bfv is None:
-                    continue
-                entry[f"{tag}client_speedup_vs_ckks"] = ckks["client_us_per_param"] / bfv["client_us_per_param"]
-                entry[f"{tag}bytes_ratio_ckks_over_bfv"] = (
-                    ckks["upload_bytes_per_param"] / bfv["upload_bytes_per_param"]
-                )
-                entry[f"{tag}bfv_bytes_per_param"] = bfv["upload_bytes_per_param"]
+    summary = _summary(rows, args.dims)
     result = {
         "benchmark": "he",
         "n": args.n,
