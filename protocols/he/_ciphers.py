@@ -208,17 +208,21 @@ def encrypt_update(
     """
     ts = _ts()
     shape = layout(params)
-    out = []
     words = quantize(params, x, weight=weight, rounding_seed=rounding_seed, rng=rng)
     if params.seeded:
         return _encrypt_seeded(params, SeededEncryptor(params, ctx.seal_context().data, ctx.data.secret_key()), words)
-    if params.scheme == "bfv":
+    out = []
+    with tempfile.TemporaryDirectory(prefix="he-upload-", dir=_scratch_dir()) as scratch:
+        path = os.path.join(scratch, "ciphertext")  # this client's own ciphertexts, read back by `export_chunk`
+        if params.scheme == "bfv":
+            packed = _pack_all(params, words)
+            for c in range(params.chunks):
+                out.append(shape.export_chunk(ts.bfv_vector(ctx, packed[c].tolist()), path))
+            return out
+        step = params.values_per_chunk
         for c in range(params.chunks):
-            out.append(shape.export_chunk(ts.bfv_vector(ctx, _pack(params, words, c))))
-        return out
-    step = params.values_per_chunk
-    for c in range(params.chunks):
-        out.append(shape.export_chunk(ts.ckks_vector(ctx, words[c * step : (c + 1) * step].astype(float).tolist())))
+            values = words[c * step : (c + 1) * step].astype(float).tolist()
+            out.append(shape.export_chunk(ts.ckks_vector(ctx, values), path))
     return out
 
 
