@@ -204,7 +204,11 @@ def encrypt_update(
 ) -> list[bytes]:  # fmt: skip
     """Quantize one update (both schemes: the same words) and encrypt it, one serialized ciphertext per chunk.
 
-    BFV packs `fields_per_slot` words per slot; CKKS carries one word per slot, as a float.
+    BFV packs `fields_per_slot` words per slot; CKKS carries one word per slot, as a float. Seeded
+    parameters send c0 and the seed of c1 (`SeededEncryptor`). Each ciphertext is read back from SEAL's
+    own save of it, in a private temporary directory (memory-backed /dev/shm where it exists): one C++
+    call and one zstd pass per chunk instead of a Python call per coefficient. The files hold this
+    client's ciphertexts only, which it uploads anyway.
     """
     ts = _ts()
     shape = layout(params)
@@ -227,7 +231,7 @@ def encrypt_update(
 
 
 def _scratch_dir() -> str | None:
-    """Where the seeded client's own ciphertext file goes: memory-backed /dev/shm when it exists."""
+    """Where a client's own ciphertext files go: memory-backed /dev/shm when it exists and is writable."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 

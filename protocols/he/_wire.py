@@ -75,8 +75,8 @@ def _varint(value: int) -> bytes:
 def _zstd_decompress() -> Any:
     """ZSTD_decompress of the zstd that TenSEAL's own SEAL build links (it wrote the bytes; nothing else reads them).
 
-    `tenseal.sealapi` saves a seeded ciphertext only to a file path and only zstd-compressed, so the client
-    reads its own file back through this one function; no peer byte is ever decompressed.
+    `tenseal.sealapi` saves a ciphertext (and a seeded one at all) only to a file path, zstd-compressed, so
+    the client reads its own files back through this one function; no peer byte is ever decompressed.
     """
     import ctypes
     import importlib
