@@ -71,6 +71,15 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def _zstd_available() -> bool:
+    """Whether `_zstd_decompress` works here (else full ciphertexts are exported coefficient by coefficient)."""
+    try:
+        _zstd_decompress()
+    except LocalProtocolError:
+        return False
+    return True
+
+
 @functools.cache
 def _zstd_decompress() -> Any:
     """ZSTD_decompress of the zstd that TenSEAL's own SEAL build links (it wrote the bytes; nothing else reads them).
@@ -424,18 +433,21 @@ class Layout:
         """One local ciphertext vector in the wire layout.
 
         With a `scratch` file path (`encrypt_update`), SEAL saves the ciphertext there and its members are
-        read back: one C++ save and one zstd pass instead of a Python call per coefficient.
+        read back: one C++ save and one zstd pass instead of a Python call per coefficient (without
+        TenSEAL's zstd, or with another compression, it falls back to the coefficients).
 
         Raises:
             LocalProtocolError: (with `scratch`) SEAL's output is not a fresh ciphertext of these parameters.
         """
         (cipher,) = vector.ciphertext()
         count = 2 * self.degree * len(self.data_moduli)
-        if scratch is None:
+        if scratch is None or not _zstd_available():
             return self.pack(self.coefficients(cipher, count), 2, self.data_moduli)
         cipher.save(scratch)
         with open(scratch, "rb") as file:
             saved = file.read()
+        if saved[5:6] not in (bytes([_COMPR_ZSTD]), bytes([_COMPR_NONE])):  # a SEAL built with zlib only
+            return self.pack(self.coefficients(cipher, count), 2, self.data_moduli)
         head = self._fresh_head
         members = self._saved_members(saved, len(head) + 8 * count)
         if members[: len(head)] != head:

@@ -251,3 +251,23 @@ def test_the_saved_file_export_of_a_full_ciphertext_equals_the_coefficient_expor
     assert fast == shape.export_chunk(vector)  # one SEAL save + zstd == a Python call per coefficient
     summed = vector + vector  # not fresh: still a full ciphertext of the same level, exported the same way
     assert shape.export_chunk(summed, str(tmp_path / "ct")) == shape.export_chunk(summed)
+
+
+def test_without_tenseals_zstd_full_uploads_still_work_and_seeded_ones_refuse_with_the_fix(monkeypatch):
+    from protocols.he import _wire
+
+    def missing() -> None:
+        raise LocalProtocolError("seeded uploads need the zstd ...; set HEParams.seeded=False")
+
+    monkeypatch.setattr(_wire, "_zstd_decompress", missing)
+    full = HEParams.bfv_packed(4, dimension=8190, clip_range=0.05)
+    ctx = make_context(full)
+    (chunk,) = encrypt_update(full, ctx, _update(8190, 6), weight=1.0, rounding_seed=b"w" * 32)
+    total = ChunkSum(full, ctx)
+    total.add([chunk], sender=0)  # the coefficient export: the same bytes, just slower
+    assert (
+        decrypt_words(full, total.vectors()) == quantize(full, _update(8190, 6), weight=1.0, rounding_seed=b"w" * 32)
+    ).all()
+    seeded = _params(d=8190)
+    with pytest.raises(LocalProtocolError, match="seeded=False"):
+        encrypt_update(seeded, make_context(seeded), _update(8190, 6), weight=1.0)
