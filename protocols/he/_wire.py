@@ -88,10 +88,11 @@ def _zstd_decompress() -> Any:
     the client reads its own files back through this one function; no peer byte is ever decompressed.
     """
     import ctypes
-    import importlib
 
     try:
-        lib = ctypes.CDLL(importlib.import_module("_sealapi_cpp").__file__)
+        import _sealapi_cpp  # type: ignore[import-not-found, unused-ignore]
+
+        lib = ctypes.CDLL(_sealapi_cpp.__file__)
         fn, is_error = lib.ZSTD_decompress, lib.ZSTD_isError
     except (ImportError, OSError, AttributeError) as exc:
         raise LocalProtocolError(

@@ -156,9 +156,11 @@ def test_a_bound_between_grid_points_is_quoted_at_the_next_point_up(tmp_path):
     assert "at most 0.08 at FPR 1.0%, 0.004 at FPR 0.1%." in report.read_text()
 
 
-def test_the_console_script_adds_evaluate_without_secure_fedllm_importing_threat_models(capsys):
+def test_the_console_script_adds_evaluate_without_secure_fedllm_importing_threat_models(capsys, monkeypatch):
+    # monkeypatch puts the modules back afterwards: a later test's `except ThreatModelError` must still
+    # match the class that secure_fedllm_cli.USER_ERRORS holds
     for name in [m for m in sys.modules if m.startswith("threat_models")]:
-        del sys.modules[name]
+        monkeypatch.delitem(sys.modules, name)
     import secure_fedllm.cli  # noqa: F401
 
     assert not any(m.startswith("threat_models") for m in sys.modules)
