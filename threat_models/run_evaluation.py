@@ -751,16 +751,16 @@ def _membership_finding(report: ScoreReport, members: int, nonmembers: int,
     consistent = None
     if guarantee is not None and not math.isinf(guarantee.epsilon):
         check = point.dp_consistency(epsilon=guarantee.epsilon, delta=guarantee.delta)
-        consistent = check.consistent
-        if check.consistent and check.bound >= 0.999:
-            tpr_words += (
-                f"; epsilon {guarantee.epsilon:.3g} would allow up to {check.bound:.0%}, so it does not limit this"
-            )
-        elif check.consistent:
-            tpr_words += f"; within the bound {check.bound:.1%} that epsilon {guarantee.epsilon:.3g} allows"
+        # the client's privacy-profile bound at this FPR where it has one (never above the one-pair check's)
+        bound = min(check.bound, guarantee.tpr_bounds.get(_fpr_label(point.target_fpr), check.bound))
+        consistent = check.consistent and point.tpr_ci_low <= bound
+        if consistent and bound >= 0.999:
+            tpr_words += f"; epsilon {guarantee.epsilon:.3g} would allow up to {bound:.0%}, so it does not limit this"
+        elif consistent:
+            tpr_words += f"; within the bound {bound:.1%} that epsilon {guarantee.epsilon:.3g} allows"
         else:
             tpr_words += (
-                f"; ABOVE the bound {check.bound:.1%} that epsilon {guarantee.epsilon:.3g} allows even at the "
+                f"; ABOVE the bound {bound:.1%} that epsilon {guarantee.epsilon:.3g} allows even at the "
                 f"interval's ends: the run's privacy accounting or its implementation is broken (empirical epsilon >= "
                 f"{check.epsilon_lower_bound:.2f})"
             )
