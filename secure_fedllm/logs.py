@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, nullco
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["LIBRARY_LOGGERS", "RunLog", "quiet_libraries"]
+__all__ = ["LIBRARY_LOGGERS", "RunLog", "json_safe", "quiet_libraries"]
 
 LIBRARY_LOGGERS = ("transformers", "peft", "opacus", "accelerate", "huggingface_hub", "datasets", "flwr")
 """Loggers `quiet_libraries` raises to ERROR (restored afterwards)."""
@@ -96,7 +96,7 @@ class RunLog:
         """
         if self._json is None:
             return
-        record = _strict({"event": kind, "time": round(time.time(), 3), **fields})
+        record = json_safe({"event": kind, "time": round(time.time(), 3), **fields})
         self._json.write(json.dumps(record, default=str, allow_nan=False) + "\n")
         self._json.flush()
 
@@ -154,14 +154,14 @@ class _LazyBar:
             self.bars.stop()
 
 
-def _strict(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """`value` with NaN and infinities made null: JSON has no such numbers, and strict parsers refuse them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

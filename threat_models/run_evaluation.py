@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from secure_fedllm import RunConfig
 from secure_fedllm.data import ChatTemplate, TextRecord, TokenizedDataset
+from secure_fedllm.logs import json_safe
 
 from .attacks.canary_exposure import (
     MIN_REFERENCES,
@@ -1077,17 +1078,6 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _strict(value: Any) -> Any:
-    """JSON has no infinity: an epsilon without DP is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    return value
-
-
 def _fmt(value: float | None, digits: str = ".3g") -> str:
     if value is None:
         return "-"
@@ -1098,8 +1088,8 @@ def _fmt(value: float | None, digits: str = ".3g") -> str:
 
 def _write(evaluation: RunEvaluation, config: RunConfig, small: bool) -> None:
     out = Path(evaluation.out)
-    payload = _strict(evaluation.model_dump(mode="python"))
-    payload["rows"] = [_strict(r.model_dump()) for r in evaluation.rows()]
+    payload = json_safe(evaluation.model_dump(mode="python"))
+    payload["rows"] = [json_safe(r.model_dump()) for r in evaluation.rows()]
     Path(evaluation.results).write_text(json.dumps(payload, indent=1, allow_nan=False))
     plotted = _plot_roc(evaluation, out / "roc.png")
     Path(evaluation.report).write_text(_report(evaluation, config, small, plotted))
