@@ -197,6 +197,9 @@ def round_params(
     take `secagg_params`. HE ("he-bfv", "he-ckks") takes `HEParams` with n_max = max(16, the next power
     of two >= federation.clients), min_contributions = secure_aggregation.threshold or min(3, n),
     mode = secure_aggregation.he_mode, and the members' identity keys (signed hellos) when given.
+    Symmetric BFV uploads are seeded (`HEParams.bfv_seeded`: c0 and a 64-byte seed, half the bytes):
+    the same moduli and noise, only the wire format changes, so it is not a security parameter a
+    site checks; every HE session is refused by a site whose n_C > 0 (`SecurityPolicy.check_he`).
 
     Args:
         config: the run configuration.
@@ -210,7 +213,7 @@ def round_params(
     """
     sa = config.secure_aggregation
     if sa.protocol.startswith("he-"):
-        make_he = HEParams.bfv_packed if sa.protocol == "he-bfv" else HEParams.ckks_nvflare
+        make_he = HEParams.ckks_nvflare if sa.protocol == "he-ckks" else HEParams.bfv_packed
         return make_he(
             n,
             dimension=dimension,
@@ -218,6 +221,7 @@ def round_params(
             max_parties=max(16, 1 << (config.federation.clients - 1).bit_length()),
             min_contributions=sa.threshold or min(3, n),
             mode=sa.he_mode,
+            seeded=sa.protocol == "he-bfv" and sa.he_mode == "symmetric",
             identity_keys=tuple(identity_keys) if identity_keys is not None else None,
         )
     if sa.protocol == "none":

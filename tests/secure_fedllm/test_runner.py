@@ -13,10 +13,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from protocols import InsecureParameterError, decode_message
+from protocols.he import HEParams
 from secure_fedllm import ConfigError, PlanRefusedError, PrivacyBudgetExhaustedError, RunConfig, run
 from secure_fedllm.adapters import SIDECAR
 from secure_fedllm.config import ModelConfig
 from secure_fedllm.federation import aggregate_updates
+from secure_fedllm.federation.aggregation import round_params
 from secure_fedllm.models import load_base_model, model_fingerprint
 
 
@@ -378,3 +380,8 @@ def test_he_bfv_mean_is_within_the_quantization_bound():
     assert outcome.mean is not None and outcome.included == [0, 1, 2, 3, 4]
     exact = sum(np.clip(u.astype(np.float64), -0.1, 0.1) for u in updates) / 5
     assert np.abs(outcome.mean - exact).max() <= outcome.max_abs_error
+    # the round above ran seeded uploads (c0 and a seed per chunk: tests/protocols/test_he_seeded.py)
+    params = round_params(config, 5, 2000)
+    assert isinstance(params, HEParams) and params.seeded
+    public = round_params(config.with_overrides(["secure_aggregation.he_mode='public-key'"]), 5, 2000)
+    assert isinstance(public, HEParams) and not public.seeded  # public-key ciphertexts have no seedable half

@@ -117,7 +117,7 @@ def test_a_site_that_assumes_a_corrupt_client_refuses_he_before_training(tmp_pat
     roster = tuple(ed25519_public(k) for k in _keys().values())
     policy = SecurityPolicy(protocol="he", roster=roster, corrupt_fraction=corrupt_fraction)
     grid = _grid(tmp_path, policy=policy)
-    params = _params(EVERYONE)
+    params = _params(EVERYONE, seeded=True)  # what a run announces in symmetric mode: seeded uploads
     if corrupt_fraction > 0:
         with pytest.raises(AbortError):
             _run(grid, params, EVERYONE)

@@ -84,6 +84,12 @@ def test_bad_setups_are_refused_naming_the_field() -> None:
     weak["coeff_mod_bit_sizes"] = [60, 60, 60]
     with pytest.raises(InsecureParameterError, match=r"params: coeff_mod_bit_sizes"):
         RoundSetup.from_record(_record(bfv, raw=json.dumps(weak).encode()))
+    seeded = HEParams.bfv_seeded(N, dimension=D, clip_range=0.1)
+    assert RoundSetup.from_record(_record(seeded)).params == seeded  # control: symmetric BFV may be seeded
+    public = json.loads(seeded.model_dump_json())
+    public["mode"] = "public-key"  # a seeded public-key ciphertext has no uniform half a seed could replace
+    with pytest.raises(InsecureParameterError, match=r"params: seeded=True needs scheme='bfv' and mode='symmetric'"):
+        RoundSetup.from_record(_record(bfv, raw=json.dumps(public).encode()))
     noisy = json.loads(HEParams.ckks_nvflare(N, dimension=D, clip_range=0.1).model_dump_json())
     noisy["scale_bits"] = 25  # CKKS rounding would no longer be exact
     with pytest.raises(InsecureParameterError, match=r"scale_bits=25"):
