@@ -73,6 +73,7 @@ Threat model (read before choosing HE over masking):
 # decrypt ciphertexts themselves; never needed to run a round
 from ._ciphers import decode_words, decrypt_ckks_values, decrypt_words, load_chunk, round_ckks, self_test
 from ._client import HEClient, HEClientState, key_holder
+from ._export import export_chunk
 from ._family import HEFamily
 from ._messages import (
     HEAck,
@@ -111,6 +112,7 @@ __all__ = [
     "decrypt_ckks_values",
     "decrypt_words",
     "encode_he_message",
+    "export_chunk",
     "key_holder",
     "layout",
     "load_chunk",

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from ..encoding import DecodedSum
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..randomness import OsRandom, SecretSource
+from . import _export
 from ._params import SEED_BYTES, HEParams
 from ._wire import layout
 
@@ -76,7 +77,7 @@ def make_context(params: HEParams) -> Any:
 
 def export_key(params: HEParams, ctx: Any) -> bytes:
     """The key the holder delivers, as bare polynomials: the secret key (symmetric) or the public key."""
-    return layout(params).export_key(ctx)
+    return _export.export_key(layout(params), ctx)
 
 
 def load_key(params: HEParams, data: bytes, *, peer_id: int | None = None) -> Any:
@@ -221,12 +222,12 @@ def encrypt_update(
         if params.scheme == "bfv":
             packed = _pack_all(params, words)
             for c in range(params.chunks):
-                out.append(shape.export_chunk(ts.bfv_vector(ctx, packed[c].tolist()), path))
+                out.append(_export.export_chunk(shape, ts.bfv_vector(ctx, packed[c].tolist()), path))
             return out
         step = params.values_per_chunk
         for c in range(params.chunks):
             values = words[c * step : (c + 1) * step].astype(float).tolist()
-            out.append(shape.export_chunk(ts.ckks_vector(ctx, values), path))
+            out.append(_export.export_chunk(shape, ts.ckks_vector(ctx, values), path))
     return out
 
 
@@ -264,7 +265,7 @@ class SeededEncryptor:
         self._encryptor.encrypt_symmetric(self._plain).save(path)
         with open(path, "rb") as file:
             saved = file.read()
-        return self.shape.export_seeded(saved)
+        return _export.export_seeded(self.shape, saved)
 
 
 def _encrypt_seeded(params: HEParams, encryptor: SeededEncryptor, words: npt.NDArray[np.int64]) -> list[bytes]:

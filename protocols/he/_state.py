@@ -24,6 +24,7 @@ from ..encoding import DecodedSum
 from ..errors import DecodeError, LocalProtocolError, ProtocolError
 from ..primitives import ed25519_public, x25519_public
 from ._ciphers import self_test
+from ._export import export_public, export_secret
 from ._messages import HEHello, HERoster, decode_he_message, encode_he_message
 from ._wire import layout
 
@@ -106,9 +107,9 @@ def dump_he_client(client: HEClient, order: tuple[Any, ...]) -> bytes:
         rec.append((_HOLDER, struct.pack("<I", client.holder)))
     if client._ctx is not None:
         shape = layout(client.params)
-        rec.append((_SECRET, shape.export_secret(client._ctx)))
+        rec.append((_SECRET, export_secret(shape, client._ctx)))
         if client.params.mode == "public-key":
-            rec.append((_PUBLIC, shape.export_public(client._ctx)))
+            rec.append((_PUBLIC, export_public(shape, client._ctx)))
     if client._own_digest is not None and client.state.name == "INPUT_SENT":
         rec.append((_DIGEST, client._own_digest))
     if client._input is not None:

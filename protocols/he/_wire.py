@@ -25,9 +25,8 @@ the 64-byte seed from which SEAL expands c1 (Blake2xb, SEAL's default generator)
 parameter. The receiver checks c0 like any polynomial; the seed is opaque bytes. The key holder writes
 SEAL's seeded format itself (c0, then a UniformRandomGeneratorInfo of type blake2xb and the seed) and
 SEAL's loader expands c1, so peer bytes still reach SEAL only as checked coefficients and a seed. The
-client gets c0 and the seed from SEAL's own save of its ciphertext (`export_seeded`), the only output
-`tenseal.sealapi` offers for a seeded ciphertext: a zstd-compressed file, decompressed with the zstd
-of TenSEAL's own SEAL build and checked to be byte for byte the format this module rebuilds.
+client gets c0 and the seed from SEAL's own save of its ciphertext (`_export.py`), checked to be byte
+for byte the frame this module rebuilds (`Layout.seeded_frame`).
 """
 
 from __future__ import annotations
@@ -40,17 +39,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import DecodeError, LocalProtocolError
+from ..errors import DecodeError
 from ._params import SEED_BYTES, HEParams
 
 __all__ = ["Layout", "layout"]
 
-_SEAL_MAGIC = 0xA15E
+SEAL_MAGIC = 0xA15E
 _MAX_LAYOUTS = 16
 _BLAKE2XB = 1
 """SEAL's `prng_type::blake2xb`: the generator of its default factory, which expands the seed of a fresh
 secret-key ciphertext into the uniform polynomial (the only type this layout writes)."""
-_COMPR_NONE, _COMPR_ZSTD = 0, 2
+COMPR_NONE, COMPR_ZSTD = 0, 2
+"""SEAL's compr_mode_type values (none, zstd) in a saved object's header."""
 
 
 def _ts() -> Any:
@@ -69,47 +69,6 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
-
-
-def _zstd_available() -> bool:
-    """Whether `_zstd_decompress` works here (else full ciphertexts are exported coefficient by coefficient)."""
-    try:
-        _zstd_decompress()
-    except LocalProtocolError:
-        return False
-    return True
-
-
-@functools.cache
-def _zstd_decompress() -> Any:
-    """ZSTD_decompress of the zstd that TenSEAL's own SEAL build links (it wrote the bytes; nothing else reads them).
-
-    `tenseal.sealapi` saves a ciphertext (and a seeded one at all) only to a file path, zstd-compressed, so
-    the client reads its own files back through this one function; no peer byte is ever decompressed.
-    """
-    import ctypes
-
-    try:
-        import _sealapi_cpp  # type: ignore[import-not-found, unused-ignore]
-
-        lib = ctypes.CDLL(_sealapi_cpp.__file__)
-        fn, is_error = lib.ZSTD_decompress, lib.ZSTD_isError
-    except (ImportError, OSError, AttributeError) as exc:
-        raise LocalProtocolError(
-            "seeded uploads need the zstd that TenSEAL's SEAL build exports (ZSTD_decompress in _sealapi_cpp), "
-            "which this TenSEAL lacks; set HEParams.seeded=False"
-        ) from exc
-    fn.restype, fn.argtypes = ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
-    is_error.restype, is_error.argtypes = ctypes.c_uint, [ctypes.c_size_t]
-
-    def decompress(data: bytes, capacity: int) -> bytes:
-        out = ctypes.create_string_buffer(capacity)
-        got = fn(out, capacity, data, len(data))
-        if is_error(got):
-            raise LocalProtocolError("SEAL's seeded ciphertext does not decompress (zstd error)")
-        return out.raw[:got]
-
-    return decompress
 
 
 def _pb_bytes(number: int, payload: bytes) -> bytes:
@@ -260,7 +219,7 @@ class Layout:
     # -- SEAL and TenSEAL objects, written here from checked coefficients -----------------------
 
     def _header(self, body: bytes) -> bytes:
-        return struct.pack("<HB", _SEAL_MAGIC, 16) + self.version + struct.pack("<BHQ", 0, 0, 16 + len(body)) + body
+        return struct.pack("<HB", SEAL_MAGIC, 16) + self.version + struct.pack("<BHQ", 0, 0, 16 + len(body)) + body
 
     def _dynarray(self, flat: npt.NDArray[np.uint64]) -> bytes:
         return self._header(struct.pack("<Q", flat.size) + flat.astype("<u8").tobytes())
@@ -344,55 +303,13 @@ class Layout:
         proto = _pb_bytes(1, self.encryption_parameters) + _pb_bytes(2, shown) + private + self.encryption_type
         return ts.context_from(proto)
 
-    def export_secret(self, ctx: Any) -> bytes:
-        """The secret key of a local context in the wire layout (for the site's own state folder only)."""
-        n, big = self.degree, len(self.key_moduli)
-        return self.pack(self.coefficients(ctx.data.secret_key().data(), n * big), 1, self.key_moduli)
-
-    def export_public(self, ctx: Any) -> bytes:
-        """The public key of a local context in the wire layout."""
-        n, big = self.degree, len(self.key_moduli)
-        return self.pack(self.coefficients(ctx.data.public_key().data(), 2 * n * big), 2, self.key_moduli)
-
     def keyless_context(self) -> Any:
         """The local context without any key (the server adds nothing; this is for parsing only)."""
         proto = _pb_bytes(1, self.encryption_parameters) + _pb_bytes(2, self.public_fields) + self.encryption_type
         return _ts().context_from(proto)
 
-    # -- reading our own objects -----------------------------------------------------------------
-
-    @staticmethod
-    def coefficients(obj: Any, count: int) -> npt.NDArray[np.uint64]:
-        """The flat coefficient array of a local SEAL ciphertext or plaintext (our own, never a peer's)."""
-        return np.fromiter(map(obj.__getitem__, range(count)), dtype=np.uint64, count=count)
-
-    def export_key(self, ctx: Any) -> bytes:
-        """The key the holder delivers: its secret key (symmetric) or public key, in the wire layout."""
-        n, big = self.degree, len(self.key_moduli)
-        if self.params.mode == "symmetric":
-            plain = ctx.data.secret_key().data()
-            return self.pack(self.coefficients(plain, n * big), 1, self.key_moduli)
-        cipher = ctx.data.public_key().data()
-        return self.pack(self.coefficients(cipher, 2 * n * big), 2, self.key_moduli)
-
-    def _saved_members(self, saved: bytes, size: int) -> bytes:
-        """The members of a ciphertext SEAL saved for this process (zstd or uncompressed), exactly `size` bytes."""
-        if len(saved) < 16 or struct.unpack_from("<H", saved)[0] != _SEAL_MAGIC:
-            raise LocalProtocolError("SEAL's saved ciphertext has no SEAL header")
-        compr = saved[5]
-        members: bytes
-        if compr == _COMPR_ZSTD:
-            members = _zstd_decompress()(saved[16:], size + 1)
-        elif compr == _COMPR_NONE:
-            members = saved[16:]
-        else:
-            raise LocalProtocolError(f"SEAL saved a ciphertext with compression mode {compr}")
-        if len(members) != size:
-            raise LocalProtocolError(f"SEAL's saved ciphertext has {len(members)} bytes of members; {size} expected")
-        return members
-
     @functools.cached_property
-    def _fresh_head(self) -> bytes:
+    def fresh_head(self) -> bytes:
         """SEAL's members of a fresh full ciphertext before its coefficients (as `_members` writes them)."""
         count = 2 * self.degree * len(self.data_moduli)
         ckks = self.params.scheme == "ckks"
@@ -401,7 +318,7 @@ class Layout:
         return self._members(self.first_parms_id, self.data_moduli, zeros, ntt=ckks, scale=scale)[: -8 * count]
 
     @functools.cached_property
-    def _seeded_frame(self) -> tuple[bytes, bytes]:
+    def seeded_frame(self) -> tuple[bytes, bytes]:
         """What surrounds c0 and the seed in SEAL's members of a fresh seeded ciphertext (as `_members` writes it)."""
         poly = self.degree * len(self.data_moduli)
         members = self._members(
@@ -410,50 +327,6 @@ class Layout:
         )  # fmt: skip
         head = len(members) - 8 * poly - 17 - SEED_BYTES
         return members[:head], members[head + 8 * poly : -SEED_BYTES]
-
-    def export_seeded(self, saved: bytes) -> tuple[bytes, bytes]:
-        """A fresh seeded ciphertext as SEAL saved it (our own file) to the wire layout; also returns its seed.
-
-        Everything around c0 and the seed must equal what `_members` writes, so the key holder's
-        reconstruction (`vector` with the seed) is byte for byte what SEAL wrote.
-
-        Raises:
-            LocalProtocolError: SEAL's output is not a fresh seeded ciphertext of these parameters.
-        """
-        poly = self.degree * len(self.data_moduli)
-        head, middle = self._seeded_frame
-        members = self._saved_members(saved, len(head) + 8 * poly + len(middle) + SEED_BYTES)
-        tail = len(head) + 8 * poly
-        if members[: len(head)] != head or members[tail : tail + len(middle)] != middle:
-            raise LocalProtocolError("SEAL's seeded ciphertext is not in the layout this module rebuilds")
-        flat = np.frombuffer(members, dtype="<u8", count=poly, offset=len(head))
-        seed = members[-SEED_BYTES:]
-        return self.pack(flat, 1, self.data_moduli) + seed, seed
-
-    def export_chunk(self, vector: Any, scratch: str | None = None) -> bytes:
-        """One local ciphertext vector in the wire layout.
-
-        With a `scratch` file path (`encrypt_update`), SEAL saves the ciphertext there and its members are
-        read back: one C++ save and one zstd pass instead of a Python call per coefficient (without
-        TenSEAL's zstd, or with another compression, it falls back to the coefficients).
-
-        Raises:
-            LocalProtocolError: (with `scratch`) SEAL's output is not a fresh ciphertext of these parameters.
-        """
-        (cipher,) = vector.ciphertext()
-        count = 2 * self.degree * len(self.data_moduli)
-        if scratch is None or not _zstd_available():
-            return self.pack(self.coefficients(cipher, count), 2, self.data_moduli)
-        cipher.save(scratch)
-        with open(scratch, "rb") as file:
-            saved = file.read()
-        if saved[5:6] not in (bytes([_COMPR_ZSTD]), bytes([_COMPR_NONE])):  # a SEAL built with zlib only
-            return self.pack(self.coefficients(cipher, count), 2, self.data_moduli)
-        head = self._fresh_head
-        members = self._saved_members(saved, len(head) + 8 * count)
-        if members[: len(head)] != head:
-            raise LocalProtocolError("SEAL's ciphertext is not in the layout this module rebuilds")
-        return self.pack(np.frombuffer(members, dtype="<u8", count=count, offset=len(head)), 2, self.data_moduli)
 
 
 _CACHE: dict[bytes, Layout] = {}

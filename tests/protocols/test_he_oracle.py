@@ -24,6 +24,7 @@ from protocols import AbortError, ProtocolError, RemoteProtocolError
 from protocols.he import HEAck, HEClient, HEClientState, HEParams, HEServer, HESum, decode_he_message, encode_he_message
 from protocols.he._ciphers import decode_words, decrypt_words, load_chunk, quantize
 from protocols.he._client import he_transcript, key_holder
+from protocols.he._export import export_chunk
 from protocols.he._wire import layout
 
 N_PARTIES, DIM, ROUND = 4, 6, 3
@@ -117,7 +118,7 @@ def _crafted(state: dict[str, Any], coordinate: int, offset: int) -> HESum:
     plain = [0] * n
     plain[slot] = offset << (field * w)
     vector.data.add_plain_(plain)
-    chunks[chunk] = shape.export_chunk(vector)
+    chunks[chunk] = export_chunk(shape, vector)
     honest: HESum = state["sum"]
     return honest.model_copy(update={"inputs": tuple(chunks)})
 

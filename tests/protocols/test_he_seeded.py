@@ -27,6 +27,7 @@ from protocols.he._ciphers import (
     make_context,
     quantize,
 )
+from protocols.he._export import export_chunk, export_seeded
 from protocols.he._params import SEED_BYTES
 from protocols.he._wire import layout
 
@@ -196,7 +197,7 @@ def test_only_fresh_uploads_are_seeded_the_sum_is_full_size():
         total.add(encrypt_update(params, ctx, x, weight=1.0, rounding_seed=bytes([i]) * 32), sender=i)
     (summed,) = total.vectors()
     full = layout(HEParams.bfv_packed(4, dimension=8190, clip_range=0.05))
-    assert len(full.export_chunk(summed)) == 2 * 4096 * 7  # a sum has no seed: both polynomials travel
+    assert len(export_chunk(full, summed)) == 2 * 4096 * 7  # a sum has no seed: both polynomials travel
     expected = sum(quantize(params, x, weight=1.0, rounding_seed=bytes([i]) * 32) for i, x in enumerate(xs))
     assert (decrypt_words(params, [summed]) == expected).all()
 
@@ -217,25 +218,25 @@ def test_the_client_refuses_its_own_seal_output_unless_it_is_a_fresh_seeded_ciph
     full.save(str(tmp_path / "full"))
     saved = (tmp_path / "full").read_bytes()
     with pytest.raises(LocalProtocolError, match="does not decompress"):  # c1 in full: larger than a seeded one
-        shape.export_seeded(saved)
+        export_seeded(shape, saved)
     seeded_file = str(tmp_path / "seeded")
     real._encryptor.encrypt_symmetric(plain).save(seeded_file)
     body = bytearray(open(seeded_file, "rb").read())
     with pytest.raises(LocalProtocolError, match="does not decompress"):
-        shape.export_seeded(bytes(body[:-8]))  # a truncated zstd frame
-    from protocols.he._wire import _zstd_decompress
+        export_seeded(shape, bytes(body[:-8]))  # a truncated zstd frame
+    from protocols.he._export import _zstd_decompress
 
     members = _zstd_decompress()(bytes(body[16:]), 1 << 16)
     plain_saved = bytes(body[:5]) + b"\0" + bytes(body[6:16]) + members  # the same, uncompressed
-    assert shape.export_seeded(plain_saved)[0][-SEED_BYTES:] == members[-SEED_BYTES:]
+    assert export_seeded(shape, plain_saved)[0][-SEED_BYTES:] == members[-SEED_BYTES:]
     flipped = bytearray(plain_saved)
     flipped[16 + 32] = 1  # the is_ntt_form byte: not a fresh BFV ciphertext
     with pytest.raises(LocalProtocolError, match="not in the layout"):
-        shape.export_seeded(bytes(flipped))
+        export_seeded(shape, bytes(flipped))
     with pytest.raises(LocalProtocolError, match="no SEAL header"):
-        shape.export_seeded(b"\0" * 64)
+        export_seeded(shape, b"\0" * 64)
     with pytest.raises(LocalProtocolError, match="compression mode"):
-        shape.export_seeded(saved[:5] + bytes([7]) + saved[6:])
+        export_seeded(shape, saved[:5] + bytes([7]) + saved[6:])
 
 
 @pytest.mark.parametrize("make", [HEParams.bfv_packed, HEParams.ckks_nvflare])
@@ -247,19 +248,19 @@ def test_the_saved_file_export_of_a_full_ciphertext_equals_the_coefficient_expor
     shape = layout(params)
     values = list(range(1, 40))
     vector = ts.bfv_vector(ctx, values) if params.scheme == "bfv" else ts.ckks_vector(ctx, [float(v) for v in values])
-    fast = shape.export_chunk(vector, str(tmp_path / "ct"))
-    assert fast == shape.export_chunk(vector)  # one SEAL save + zstd == a Python call per coefficient
+    fast = export_chunk(shape, vector, str(tmp_path / "ct"))
+    assert fast == export_chunk(shape, vector)  # one SEAL save + zstd == a Python call per coefficient
     summed = vector + vector  # not fresh: still a full ciphertext of the same level, exported the same way
-    assert shape.export_chunk(summed, str(tmp_path / "ct")) == shape.export_chunk(summed)
+    assert export_chunk(shape, summed, str(tmp_path / "ct")) == export_chunk(shape, summed)
 
 
 def test_without_tenseals_zstd_full_uploads_still_work_and_seeded_ones_refuse_with_the_fix(monkeypatch):
-    from protocols.he import _wire
+    from protocols.he import _export
 
     def missing() -> None:
         raise LocalProtocolError("seeded uploads need the zstd ...; set HEParams.seeded=False")
 
-    monkeypatch.setattr(_wire, "_zstd_decompress", missing)
+    monkeypatch.setattr(_export, "_zstd_decompress", missing)
     full = HEParams.bfv_packed(4, dimension=8190, clip_range=0.05)
     ctx = make_context(full)
     (chunk,) = encrypt_update(full, ctx, _update(8190, 6), weight=1.0, rounding_seed=b"w" * 32)

@@ -55,6 +55,7 @@ from protocols.he import (
     decode_words,
     decrypt_words,
     encode_he_message,
+    export_chunk,
     key_holder,
     layout,
     load_chunk,
@@ -258,7 +259,7 @@ class HEOracle:
         plain = [0] * n
         plain[slot] = offset << (field * w)
         chunks = list(upload.chunks)
-        chunks[chunk] = shape.export_chunk(vector + plain)  # plaintext addition: no key needed
+        chunks[chunk] = export_chunk(shape, vector + plain)  # plaintext addition: no key needed
         if not whole_list:
             return honest.model_copy(update={"inputs": tuple(chunks)})
         per = params.chunks
