@@ -13,11 +13,23 @@ for n at 10% dropout and 5% corruption; k = n - 1 is full SecAgg. Flower's SecAg
 same inputs, the same k and the same threshold when `flwr` is installed, once at its default
 clipping/quantization and once at our clip range.
 
-Reported per row (medians over surviving clients; for ours also over --repeats rounds): client_s
-(all client stages, training excluded), server_s (server stages, client time excluded), upload_bytes_per_param (all of a
-client's uploads over d), rel_l2_error (against the exact float sum of the survivors' inputs), and
-keystream_limit_s: the time AES-256-CTR takes to produce the client's mask bytes ((k + 1)
-vectors of d + 1 words) with `update_into` a preallocated buffer, the physical floor.
+Reported per row (medians over surviving clients; for ours also over --repeats rounds, default 5):
+client_s, server_s (server stages, client time excluded), upload_bytes_per_param (all of a client's
+uploads over d), rel_l2_error (against the exact float sum of the survivors' inputs),
+keystream_limit_s: the time AES-256-CTR takes to produce the client's mask bytes ((k + 1) vectors of
+d + 1 words) with `update_into` a preallocated buffer, the physical floor, and client_to_limit =
+client_s / keystream_limit_s.
+
+client_s is everything a client does in the round, as the in-process driver times it: `set_input`
+(checking the update; ours encodes it later, inside the masking pass) and every stage, each counted
+from decoding the server's message off the wire to encoding the reply onto it: key generation and
+agreement, Shamir sharing, signing and sealing the share boxes, opening and verifying the boxes it
+receives, encoding and masking the input, and the unmask answer. Training is excluded.
+
+For ours the limit is measured right before each round (best of 3), and client_to_limit is the
+median over rounds of that round's median client time over its own limit: on a shared machine the
+keystream rate drifts by up to 2x within a minute, and a ratio against a limit measured at another
+time would measure the drift. keystream_limit_s is the median of those limits.
 """
 
 from __future__ import annotations
@@ -115,11 +127,20 @@ def make_params(d: int, n: int, k: int) -> SecAggParams:
 
 
 def run_ours(params: SecAggParams, inputs: list[np.ndarray], drop: set[int], repeats: int) -> dict[str, Any]:
-    """Median over `repeats` rounds of the per-round medians (our rounds are cheap to repeat)."""
+    """Median over `repeats` rounds of the per-round medians (our rounds are cheap to repeat).
+
+    The keystream limit is measured before each round, and each round's client median is set
+    against its own limit (see the module docstring).
+    """
     silent = dict.fromkeys(drop, RoundStep.INPUT)  # they never send a masked input
-    reports = [run_round(params, inputs, drop_at=silent, clock=time.perf_counter) for _ in range(repeats)]
+    nbytes = (params.neighbours + 1) * (params.dimension + 1) * 4
+    limits, reports = [], []
+    for _ in range(repeats):
+        limits.append(keystream_seconds(nbytes))
+        reports.append(run_round(params, inputs, drop_at=silent, clock=time.perf_counter))
     survivors = reports[0].result.included
-    client = float(np.median([np.median([r.client_seconds[p] for p in survivors]) for r in reports]))
+    per_round = [float(np.median([r.client_seconds[p] for p in survivors])) for r in reports]
+    client = float(np.median(per_round))
     server = float(np.median([r.server_seconds for r in reports]))
     report = reports[-1]
     truth = np.sum([inputs[p] for p in survivors], axis=0)
@@ -128,6 +149,9 @@ def run_ours(params: SecAggParams, inputs: list[np.ndarray], drop: set[int], rep
     return {
         "client_s": client,
         "server_s": server,
+        "keystream_limit_s": float(np.median(limits)),
+        "client_to_limit": float(np.median([c / lim for c, lim in zip(per_round, limits, strict=True)])),
+        "client_to_limit_per_round": [c / lim for c, lim in zip(per_round, limits, strict=True)],
         "repeats": repeats,
         "upload_bytes_per_param": float(np.median([report.upload_bytes[p] for p in survivors])) / d,
         "rel_l2_error": float(err),
@@ -171,7 +195,7 @@ def main() -> int:
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--configs", help="comma-separated d:n:k, k an integer, 'auto' or 'full'")
     parser.add_argument("--quick", action="store_true", help="small configs, for a smoke test")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of ours per config (median); Flower runs once")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of ours per config (median); Flower runs once")
     parser.add_argument("--no-flower", action="store_true", help="skip the Flower anchor")
     parser.add_argument(
         "--flower-skip",
@@ -190,15 +214,22 @@ def main() -> int:
         inputs = [rng.normal(0.0, SIGMA, d) for _ in range(n)]
         drop = set(range(0, n, 10)) if n >= 10 else {0}
         base = {"d": d, "n": n, "k": params.neighbours, "dropped": len(drop)}
-        limit = keystream_seconds((params.neighbours + 1) * (d + 1) * 4)
-        row = {"impl": "ours", **base, **run_ours(params, inputs, drop, args.repeats), "keystream_limit_s": limit}
+        row = {"impl": "ours", **base, **run_ours(params, inputs, drop, args.repeats)}
         results.append(row)
         print(json.dumps(row), flush=True)
         if with_flower and text not in args.flower_skip.split(","):
             # Flower's cost is dominated by pure-Python Shamir over n * (k + 1) shares: run its
             # second variant (our clip range) only where that stays cheap.
             for clip in (None, 7 * SIGMA) if n * (k + 1) <= 2000 else (None,):
-                row = {"impl": "flower", **base, **run_flower(params, inputs, drop, clip), "keystream_limit_s": limit}
+                limit = keystream_seconds((params.neighbours + 1) * (d + 1) * 4)
+                flower = run_flower(params, inputs, drop, clip)
+                row = {
+                    "impl": "flower",
+                    **base,
+                    **flower,
+                    "keystream_limit_s": limit,
+                    "client_to_limit": flower["client_s"] / limit,
+                }
                 results.append(row)
                 print(json.dumps(row), flush=True)
         elif with_flower:

@@ -32,11 +32,12 @@ from .errors import InsecureParameterError, LocalProtocolError
 from .primitives.prg import CHUNK_WORDS, ring_dtype
 from .randomness import OsRandom, SecretSource
 
-__all__ = ["ChunkEncoder", "DecodedSum", "FixedPointEncoding"]
+__all__ = ["ChunkEncoder", "DecodedSum", "FixedPointEncoding", "PendingInput"]
 
 _MIN_LEVEL = 2**8
 _EXACT_SUM = 2**53  # float64 represents every integer up to 2^53 exactly: sums must stay below it
 _U32_SCALE = 2.0**-32
+_TWO_32 = 2.0**32
 
 
 class DecodedSum(BaseModel):
@@ -104,21 +105,51 @@ class FixedPointEncoding(BaseModel):
 
     def encoder(
         self,
-        x: npt.NDArray[np.floating],
+        x: npt.NDArray[np.floating] | npt.NDArray[np.integer],
         *,
         weight: float = 1.0,
         rounding_seed: bytes | None = None,
         rng: SecretSource | None = None,
     ) -> ChunkEncoder:
-        """Validate the parameters and return a streaming encoder for `x` (see `encode`).
+        """Validate the parameters and return a streaming encoder for `x` (`encode` or `encode_ring` by dtype).
 
-        The encoder reads `x` as it goes, a chunk at a time (finiteness is checked per chunk), so
+        The encoder reads `x` as it goes, a chunk at a time (finiteness is checked again per chunk), so
         `x` must not change until encoding has finished.
         """
-        x = np.asarray(x)
-        if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
-            raise LocalProtocolError(f"x must be a 1-D float vector, got shape {x.shape} dtype {x.dtype}")
-        return ChunkEncoder(self, x, weight, self._seed(weight, rounding_seed, rng))
+        return ChunkEncoder(self, self.prepare(x, weight=weight, rounding_seed=rounding_seed, rng=rng))
+
+    def prepare(
+        self,
+        x: npt.NDArray[np.floating] | npt.NDArray[np.integer],
+        *,
+        weight: float = 1.0,
+        rounding_seed: bytes | None = None,
+        rng: SecretSource | None = None,
+        dimension: int | None = None,
+    ) -> PendingInput:
+        """Check `x` and fix how it will be encoded (weight, rounding seed) without encoding it yet.
+
+        The result holds a reference to `x`, not a copy, so that a masking client can encode it later
+        straight into its message buffer (`ChunkEncoder`); the rounding seed is drawn here (one
+        32-byte draw from `rng`, as `encode` makes), so the encoding is fixed at this call.
+
+        Raises:
+            LocalProtocolError: `x` is not a 1-D float or integer vector (of length `dimension` when
+                given), a float `x` holds NaN or infinity, or `weight` / `rounding_seed` is invalid.
+        """
+        arr: npt.NDArray[Any] = np.asarray(x)
+        if np.issubdtype(arr.dtype, np.integer):
+            if arr.ndim != 1:
+                raise LocalProtocolError(
+                    f"x must be a 1-D integer vector of ring elements, got shape {arr.shape} dtype {arr.dtype}"
+                )
+        elif arr.ndim != 1 or not np.issubdtype(arr.dtype, np.floating):
+            raise LocalProtocolError(f"x must be a 1-D float vector, got shape {arr.shape} dtype {arr.dtype}")
+        if dimension is not None and arr.shape != (dimension,):
+            raise LocalProtocolError(f"x must have shape ({dimension},), got {arr.shape}")
+        if np.issubdtype(arr.dtype, np.floating) and not _all_finite(arr):
+            raise LocalProtocolError("x contains NaN or infinity; fix the update before encoding")
+        return PendingInput(arr, weight, self._seed(weight, rounding_seed, rng))
 
     def _seed(self, weight: float, rounding_seed: bytes | None, rng: SecretSource | None) -> bytes:
         """Check the weight, then the rounding seed (drawn from `rng` when omitted: one 32-byte draw)."""
@@ -159,6 +190,9 @@ class FixedPointEncoding(BaseModel):
         Raises:
             LocalProtocolError: if `x` is not a finite 1-D float vector or `weight` is out of range.
         """
+        x = np.asarray(x)
+        if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
+            raise LocalProtocolError(f"x must be a 1-D float vector, got shape {x.shape} dtype {x.dtype}")
         stream = self.encoder(x, weight=weight, rounding_seed=rounding_seed, rng=rng)
         out = np.empty(stream.length, dtype=ring_dtype(self.ring_bits))
         for start in range(0, stream.length, CHUNK_WORDS):
@@ -204,13 +238,8 @@ class FixedPointEncoding(BaseModel):
         d = z.shape[0]
         out = np.empty(d + 1, dtype=ring_dtype(self.ring_bits))
         out[:d] = z.astype(out.dtype, casting="unsafe")  # integer casts wrap mod 2^b (two's complement)
-        # The rounding word `encode` uses is bytes [4d, 4d + 4) of the AES-CTR stream (one word per
-        # data coordinate comes first): start the counter at that block rather than run through it.
-        block, offset = divmod(4 * d, 16)
-        stream = Cipher(algorithms.AES(seed), modes.CTR(block.to_bytes(16, "big"))).encryptor()
-        word = int.from_bytes(stream.update(bytes(offset + 4))[offset:], "little")
         signed = out.view(out.dtype.str.replace("u", "i"))
-        signed[d] = self._weight_word(weight, word)
+        signed[d] = self._weight_word(weight, _rounding_word_at(seed, d))
         return out
 
     def encode_input(
@@ -256,52 +285,133 @@ class FixedPointEncoding(BaseModel):
         )
 
 
-class ChunkEncoder:
-    """Encodes one input chunk by chunk; chunks must be requested in order (the rounding stream)."""
+def _all_finite(x: npt.NDArray[np.floating]) -> bool:
+    """Whether every value is finite, in one summing pass where it is.
 
-    def __init__(self, encoding: FixedPointEncoding, x: npt.NDArray[np.floating], weight: float, seed: bytes):
-        self.encoding, self.x, self.weight, self.seed = encoding, x, weight, seed
-        self.length = x.shape[0] + 1
-        self._stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    Any NaN or infinity makes the sum NaN or infinite; only a sum that is not finite (it may just have
+    overflowed) needs the exact, slower check.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(np.add.reduce(x, dtype=np.float64))
+    return math.isfinite(total) or bool(np.isfinite(x).all())
+
+
+def _rounding_word_at(seed: bytes, index: int) -> int:
+    """Word `index` of the rounding stream of `seed`, the counter started at its block (no run-through)."""
+    block, offset = divmod(4 * index, 16)
+    stream = Cipher(algorithms.AES(seed), modes.CTR(block.to_bytes(16, "big"))).encryptor()
+    return int.from_bytes(stream.update(bytes(offset + 4))[offset:], "little")
+
+
+class PendingInput:
+    """A checked update waiting to be encoded: a reference to `x` (not a copy), its weight and rounding seed.
+
+    Float `x` is encoded as `FixedPointEncoding.encode` does, integer `x` as `encode_ring`; the words
+    are the same whenever they are produced, provided `x` has not changed in between.
+    """
+
+    __slots__ = ("seed", "weight", "x")
+
+    def __init__(self, x: npt.NDArray[Any], weight: float, seed: bytes) -> None:
+        self.x, self.weight, self.seed = x, weight, seed
+
+    @property
+    def ring(self) -> bool:
+        """True for ring elements (integer dtype), taken unclipped."""
+        return bool(np.issubdtype(self.x.dtype, np.integer))
+
+    @property
+    def length(self) -> int:
+        """Words of the encoding: one per coordinate, plus the weight word."""
+        return int(self.x.shape[0]) + 1
+
+
+class ChunkEncoder:
+    """Encodes one pending input chunk by chunk; chunks must be requested in order (the rounding stream).
+
+    Float chunks take the arithmetic of `encode` step for step (bit-identical for every chunking); integer
+    chunks are cast mod 2^b as `encode_ring` does, and only the weight word reads the rounding stream.
+    """
+
+    def __init__(self, encoding: FixedPointEncoding, pending: PendingInput, *, chunk_words: int = CHUNK_WORDS):
+        self.encoding, self.pending = encoding, pending
+        self.x, self.weight, self.seed = pending.x, pending.weight, pending.seed
+        self.length = pending.length
+        self.chunk_words = chunk_words
         self._next = 0
-        self._ubuf = bytearray(CHUNK_WORDS * 4 + 15)
-        self._uwords = np.frombuffer(self._ubuf, dtype="<u4", count=CHUNK_WORDS)
-        self._work = np.empty(CHUNK_WORDS, dtype=np.float64)
-        self._noise = np.empty(CHUNK_WORDS, dtype=np.float64)
-        self._floor = np.empty(CHUNK_WORDS, dtype=np.float64)
-        self._bits = np.empty(CHUNK_WORDS, dtype=np.bool_)
-        self._zeros = bytes(CHUNK_WORDS * 4)
+        self._ring = pending.ring
+        if self._ring:
+            return
+        self._stream = Cipher(algorithms.AES(self.seed), modes.CTR(bytes(16))).encryptor()
+        self._ubuf = bytearray(chunk_words * 4 + 15)
+        self._uwords = np.frombuffer(self._ubuf, dtype="<u4", count=chunk_words)
+        self._work = np.empty(chunk_words, dtype=np.float64)
+        self._floor = np.empty(chunk_words, dtype=np.float64)
+        self._bits = np.empty(chunk_words, dtype=np.bool_)
+        self._zeros = bytes(chunk_words * 4)
 
     def fill(self, out: npt.NDArray[np.unsignedinteger], start: int) -> None:
-        """Write the words [start, start + len(out)) into `out` (at most CHUNK_WORDS at a time)."""
-        if start != self._next or len(out) > CHUNK_WORDS:
+        """Write the words [start, start + len(out)) into `out` (at most `chunk_words` at a time).
+
+        Raises:
+            LocalProtocolError: a chunk out of order or too long, or a float `x` that holds NaN or
+                infinity in this chunk (it changed after it was checked).
+        """
+        if start != self._next or len(out) > self.chunk_words:
             raise LocalProtocolError("chunks must be encoded in order, at most CHUNK_WORDS at a time")
-        enc, d = self.encoding, self.x.shape[0]
+        d = self.x.shape[0]
         signed = out.view(out.dtype.str.replace("u", "i"))
         stop = min(start + len(out), d)
         w = max(stop - start, 0)
-        if w:
-            y, u = self._work[:w], self._noise[:w]
-            # Scale, then clip to the scaled range; capping at `level` guards against the product
-            # c * factor landing one ulp above it.
-            factor = self.weight * enc.scale
-            bound = min(float(enc.level), enc.clip_range * factor)
-            chunk = self.x[start:stop]
-            if not np.isfinite(chunk).all():
-                raise LocalProtocolError("x contains NaN or infinity; fix the update before encoding")
-            np.multiply(chunk, factor, out=y)
-            np.clip(y, -bound, bound, out=y)
-            self._stream.update_into(self._zeros[: w * 4], self._ubuf)
-            np.multiply(self._uwords[:w], _U32_SCALE, out=u)
-            # q = floor(y) + [u < y - floor(y)]: unbiased, and never beyond +-level (y - floor(y)
-            # is exact in float64, unlike y + u, which could round up past an integer).
-            f = self._floor[:w]
-            np.floor(y, out=f)
-            y -= f
-            np.less(u, y, out=self._bits[:w])
-            f += self._bits[:w]
-            signed[:w] = f  # |f| <= level, so the cast is exact; the view wraps mod 2^b
+        if w and self._ring:
+            np.copyto(out[:w], self.x[start:stop], casting="unsafe")  # integer casts wrap mod 2^b
+        elif w:
+            self._fill_floats(signed[:w], start, stop)
         if start + len(out) > d:  # the weight word
-            word: bytes = self._stream.update(bytes(4))
-            signed[d - start] = enc._weight_word(self.weight, int.from_bytes(word, "little"))
+            if self._ring:
+                word = _rounding_word_at(self.seed, d)
+            else:
+                word = int.from_bytes(self._stream.update(bytes(4)), "little")
+            signed[d - start] = self.encoding._weight_word(self.weight, word)
         self._next = start + len(out)
+
+    def _fill_floats(self, signed: npt.NDArray[np.signedinteger], start: int, stop: int) -> None:
+        enc, w = self.encoding, stop - start
+        y = self._work[:w]
+        # Scale, then clip to the scaled range; capping at `level` guards against the product
+        # c * factor landing one ulp above it.
+        factor = self.weight * enc.scale
+        bound = min(float(enc.level), enc.clip_range * factor)
+        chunk = self.x[start:stop]
+        # The product in float64 whatever the input's precision: numpy would otherwise multiply a
+        # float32 (float16) chunk by the Python float in float32 (float16), rounding y to 24 (11)
+        # bits before the stochastic rounding (float16 overflows to inf).
+        # NaN or infinity in x (or 0 * inf) makes the sum of y non-finite; a finite sum proves the
+        # chunk finite, and only a sum that overflowed needs the exact check. (A product that
+        # overflows is clipped below like any other.)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(chunk, factor, out=y, dtype=np.float64)
+            total = float(np.add.reduce(y))
+        if not math.isfinite(total) and not np.isfinite(chunk).all():
+            raise LocalProtocolError("x contains NaN or infinity; fix the update before encoding")
+        np.clip(y, -bound, bound, out=y)
+        self._stream.update_into(self._zeros[: w * 4], self._ubuf)
+        # q = floor(y) + [u < y - floor(y)] with u = U * 2^-32 for the 32-bit rounding word U:
+        # unbiased, and never beyond +-level (y - floor(y) is exact in float64 for y >= 0 and
+        # y <= -1/2, unlike y + u, which could round up past an integer). For -1/2 < y < 0 it rounds
+        # (to the 2^-53 grid); that rounding is part of the format, so any faster formula must
+        # reproduce it (tests/protocols/test_fused_masking.py).
+        # The compare is taken as U < (y - floor(y)) * 2^32, the same predicate: both scalings by
+        # powers of two are exact on [0, 1] (no overflow; a subnormal scaled up loses no bits) and
+        # monotone, and numpy converts the uint32 U to float64 exactly. It saves the pass that
+        # converted U to float64 into a separate vector.
+        f, bits = self._floor[:w], self._bits[:w]
+        np.floor(y, out=f)
+        y -= f
+        y *= _TWO_32
+        np.less(self._uwords[:w], y, out=bits)
+        # |f| <= level, so the cast is exact, and f + 1 <= level where the bit is set (y = level
+        # has no fraction); adding the bit as an integer is cheaper than in float64. The view wraps
+        # mod 2^b.
+        np.copyto(signed, f, casting="unsafe")
+        signed += bits.view(np.int8)

@@ -119,8 +119,12 @@ class PlaintextClient:
         """The plaintext protocol has no second stage."""
         raise RemoteProtocolError(f"{type(message).__name__} is not expected in state {self.state.name}", field="stage")
 
-    def export_state(self) -> bytes:
-        """The session as bytes: holds the encoded update in the clear (as sensitive as the update)."""
+    def export_state(self, *, include_input: bool = True) -> bytes:
+        """The session as bytes: holds the encoded update in the clear (as sensitive as the update).
+
+        `include_input` is accepted for the common `ClientSession` interface and has no effect: the
+        encoded update is the whole session, so it is always in the blob.
+        """
         head = _HEAD.pack(_VERSION, self.state.value, self._party, self.session, self.round_number)
         return head + (b"" if self._input is None else self._input.tobytes())
 
@@ -316,8 +320,9 @@ class PlaintextFamily:
         identity_key: bytes | None = None,
         rng: SecretSource | None = None,
         min_stage: enum.Enum | None = None,
+        input: npt.NDArray[np.floating] | npt.NDArray[np.integer] | None = None,
     ) -> PlaintextClient:
-        """`PlaintextClient.from_state`."""
+        """`PlaintextClient.from_state`; `input` is ignored (the blob always holds the encoded input)."""
         if min_stage is not None and not isinstance(min_stage, PlaintextClientStage):
             raise LocalProtocolError(f"min_stage={min_stage!r} is not a PlaintextClientStage")
         return PlaintextClient.from_state(blob, self.params, policy=self.policy, rng=rng, min_stage=min_stage)

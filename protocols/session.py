@@ -129,6 +129,10 @@ class ClientSession(Protocol):
         elements the client produced itself (distributed DP: its quantized update plus its share of
         integer noise); the masking families (SecAgg, SecAgg+, plaintext) take it unclipped, mod
         2^b, and HE refuses it (`LocalProtocolError`), since HE encodes its own plaintexts.
+
+        SecAgg and SecAgg+ keep a reference to `x` and encode it only when they mask it (no defensive
+        copy of a multi-megabyte update): the caller must not modify `x` until the input step's
+        message has been produced.
         """
         ...
 
@@ -140,8 +144,14 @@ class ClientSession(Protocol):
         """Consume one server message and return the reply; a refused one raises a `ProtocolError`."""
         ...
 
-    def export_state(self) -> bytes:
-        """The whole session as bytes: SECRET (keys, seeds, shares or the HE secret key)."""
+    def export_state(self, *, include_input: bool = True) -> bytes:
+        """The whole session as bytes: SECRET (keys, seeds, shares or the HE secret key).
+
+        With `include_input=False` a family may leave a pending input (set, not yet consumed) out of
+        the blob, recording only what identifies it, for a host that stores the update itself and
+        passes it back as `SessionFamily.restore_client(..., input=x)`. SecAgg and SecAgg+ do so; HE
+        and plaintext always keep their input in the blob (the flag is accepted and has no effect).
+        """
         ...
 
 
@@ -227,12 +237,17 @@ class SessionFamily(Protocol):
         identity_key: bytes | None = None,
         rng: SecretSource | None = None,
         min_stage: enum.Enum | None = None,
+        input: npt.NDArray[np.floating] | npt.NDArray[np.integer] | None = None,
     ) -> ClientSession:
         """A client rebuilt from `export_state()`; refuses a blob older than `min_stage`.
 
+        `input` is the pending update of a blob exported with `include_input=False` (the same array
+        that was set); families whose blobs always hold their input ignore it.
+
         Raises:
             DecodeError: the blob is malformed, truncated or inconsistent with its stage.
-            LocalProtocolError: it belongs to other parameters, another context or key, or is older than min_stage.
+            LocalProtocolError: it belongs to other parameters, another context or key, or is older than
+                min_stage; or `input` is missing where the blob left it out, or does not match it.
         """
         ...
 

@@ -214,11 +214,13 @@ class HEClient:
         """The first message (`ClientSession` interface): `advertise_keys()`."""
         return self.advertise_keys()
 
-    def export_state(self) -> bytes:
+    def export_state(self, *, include_input: bool = True) -> bytes:
         """The session as bytes: SECRET; keep it in the site's own state folder (see `_state`).
 
         It holds the session keys, the plaintext update until it is encrypted, and the HE secret key
-        until the one decryption.
+        until the one decryption. `include_input` is accepted for the common `ClientSession`
+        interface and has no effect: the update is always in the blob (so `input` is never needed
+        to restore it).
         """
         return dump_he_client(self, _CLIENT_ORDER)
 

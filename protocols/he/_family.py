@@ -5,6 +5,9 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from ..errors import LocalProtocolError
 from ..randomness import SecretSource
 from ..session import RoundStep
@@ -77,8 +80,9 @@ class HEFamily:
         identity_key: bytes | None = None,
         rng: SecretSource | None = None,
         min_stage: enum.Enum | None = None,
+        input: npt.NDArray[np.floating] | npt.NDArray[np.integer] | None = None,
     ) -> HEClient:
-        """`HEClient.from_state`."""
+        """`HEClient.from_state`; `input` is ignored (an HE blob always holds its pending input)."""
         if min_stage is not None and not isinstance(min_stage, HEClientState):
             raise LocalProtocolError(f"min_stage={min_stage!r} is not an HEClientState")
         return HEClient.from_state(

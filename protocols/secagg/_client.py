@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from ..encoding import ChunkEncoder, PendingInput
 from ..errors import (
     AbortError,
     DecodeError,
@@ -39,8 +40,16 @@ from ..errors import (
 )
 from ..primitives.aead import open_sealed, seal
 from ..primitives.kdf import LABEL_PAIRWISE_MASK, LABEL_SHARE_ENCRYPTION, derive_key
-from ..primitives.keys import ed25519_public, ed25519_sign, ed25519_verify, x25519_agree_all, x25519_generate
-from ..primitives.prg import MaskAccumulator
+from ..primitives.keys import (
+    ed25519_public,
+    ed25519_sign,
+    ed25519_sign_many,
+    ed25519_verify,
+    ed25519_verify_many,
+    x25519_agree_all,
+    x25519_generate,
+)
+from ..primitives.prg import CHUNK_WORDS, MaskAccumulator, ring_dtype
 from ..primitives.shamir import PRIME, SHARE_BYTES, split
 from ..randomness import OsRandom, SecretSource
 from ._client_state import dump_client_state, load_client_state, peek_identity
@@ -215,19 +224,32 @@ class SecAggClient:
         weight: float = 1.0,
         rounding_seed: bytes | None = None,
     ) -> None:
-        """Encode this party's update; allowed any time before the share bundle arrives.
+        """Take this party's update; allowed any time before the share bundle arrives.
 
         A float `x` is clipped, scaled and rounded (`FixedPointEncoding.encode`); an integer `x` is
         taken as ring elements, unclipped (`FixedPointEncoding.encode_ring`): a distributed-DP client
         that quantized its update and added its share of integer noise itself.
+
+        `x` is checked now (shape, dtype, finite) and its weight and rounding seed are fixed now (the
+        seed drawn from the session's source when not given), but it is neither encoded nor copied:
+        the session keeps a reference and encodes it when the share bundle arrives, a cache-sized
+        chunk at a time straight into the masked message, because a defensive copy of a
+        multi-megabyte update costs about as much as masking it. **Do not modify `x` until `handle()`
+        has returned the `MaskedInput`** (or the session has ended): the masked input encodes `x` as
+        it is then. A session exported with `export_state(include_input=False)` does not hold `x`
+        at all; pass the same array back to `from_state(..., input=x)`.
+
+        Raises:
+            LocalProtocolError: `x` is not a finite 1-D float vector or integer vector of shape
+                (dimension,), or the weight or rounding seed is invalid.
+            InvalidTransitionError: the share bundle was already handled.
         """
         if self.state not in (ClientState.IDLE, ClientState.ADVERTISED, ClientState.SHARED):
             raise InvalidTransitionError(f"set_input is not allowed in state {self.state.name}")
         if np.asarray(x).shape != (self.params.dimension,):
             raise LocalProtocolError(f"x must have shape ({self.params.dimension},), got {np.asarray(x).shape}")
-        # Encoded now, so the session holds a snapshot of the update (4 bytes per coordinate).
-        self._s["input"] = self.params.encoding.encode_input(
-            x, weight=weight, rounding_seed=rounding_seed, rng=self._rng
+        self._s["input"] = self.params.encoding.prepare(
+            x, weight=weight, rounding_seed=rounding_seed, rng=self._rng, dimension=self.params.dimension
         )
 
     def advertise_keys(self) -> AdvertiseKeys:
@@ -281,6 +303,8 @@ class SecAggClient:
                 box that fails is not an error: the reply is a `Complaint` and the session ends.)
             AbortError: the server misbehaved or too few parties remain; the session is over.
             InvalidTransitionError: the session is already over, or the input is missing.
+            LocalProtocolError: the input was changed to hold NaN or infinity after `set_input`
+                (see there); nothing changed.
         """
         if self.state in (ClientState.ABORTED, ClientState.CLOSED, ClientState.COMPLAINED):
             raise InvalidTransitionError(f"the session is over ({self.state.name})")
@@ -297,9 +321,16 @@ class SecAggClient:
             )
         return handler(self, message)
 
-    def export_state(self) -> bytes:
-        """The session as bytes (SECRET), for hosts that persist it; see `from_state` and `_client_state`."""
-        return dump_client_state(self)
+    def export_state(self, *, include_input: bool = True) -> bytes:
+        """The session as bytes (SECRET), for hosts that persist it; see `from_state` and `_client_state`.
+
+        Args:
+            include_input: with False, an input set but not yet masked is left out of the blob (only its
+                dtype, length, weight and rounding seed are kept), for a host that stores the update
+                itself and hands it back to `from_state(..., input=x)`; with True (the default) the
+                blob holds its raw bytes, so the restored session produces the identical masked input.
+        """
+        return dump_client_state(self, include_input=include_input)
 
     @classmethod
     def from_state(
@@ -312,6 +343,7 @@ class SecAggClient:
         rng: SecretSource | None = None,
         min_stage: ClientState | None = None,
         beacon: bytes | None = None,
+        input: npt.NDArray[np.floating] | npt.NDArray[np.integer] | None = None,
     ) -> SecAggClient:
         """Rebuild a session from `export_state()`; params and context must be the original ones.
 
@@ -319,12 +351,19 @@ class SecAggClient:
         last persisted as `min_stage`: a session rolled back to an earlier stage could sign a
         second survivor set or answer a second unmask request.
 
+        `input` gives back the pending update of a blob exported with `include_input=False`: the same
+        array, unmodified (its dtype and length are checked against the blob; its values cannot be).
+        For a blob that holds its input it may be given only if identical; once the input is masked
+        (MASKED and later stages) it is not needed and is ignored.
+
         Raises:
             DecodeError: malformed, truncated or tampered blob: a record its stage needs is missing,
                 one it never holds is present, or one has the wrong type, size or a party id out of
                 range (checked here, so nothing fails later with an untyped error).
             LocalProtocolError: the blob belongs to another party, session, round, params or context,
-                or is older than `min_stage`.
+                or is older than `min_stage`; or `input` is missing where the blob left it out, of
+                another dtype or length than the one exported, not finite, or given for a blob that
+                has no pending input or holds a different one.
         """
         party, session, round_number = peek_identity(data)
         if party >= params.num_parties:
@@ -339,7 +378,7 @@ class SecAggClient:
             rng=rng,
             beacon=beacon,
         )
-        load_client_state(client, data, min_stage=None if min_stage is None else min_stage.value)
+        load_client_state(client, data, min_stage=None if min_stage is None else min_stage.value, input=input)
         return client
 
     def erase(self) -> None:
@@ -435,12 +474,12 @@ class SecAggClient:
         self_mask_seed = self._rng.token_bytes(32)
         b_shares = split(self_mask_seed, holders, params.threshold, self._rng)
         s_shares = split(self._s["mask_sk"], holders, params.threshold, self._rng)
-        sign_sk = self._signing_key()
-        signed: Held = {}
+        statements = []
         for h in holders:
-            b_sig = ed25519_sign(sign_sk, share_statement(self.transcript, SHARE_KIND_SELF_MASK, me, h, b_shares[h]))
-            s_sig = ed25519_sign(sign_sk, share_statement(self.transcript, SHARE_KIND_MASK_KEY, me, h, s_shares[h]))
-            signed[h] = (b_shares[h], s_shares[h], b_sig, s_sig)
+            statements.append(share_statement(self.transcript, SHARE_KIND_SELF_MASK, me, h, b_shares[h]))
+            statements.append(share_statement(self.transcript, SHARE_KIND_MASK_KEY, me, h, s_shares[h]))
+        sigs = ed25519_sign_many(self._signing_key(), statements)  # the key parsed once, not 2|holders| times
+        signed: Held = {h: (b_shares[h], s_shares[h], sigs[2 * i], sigs[2 * i + 1]) for i, h in enumerate(holders)}
         peers = [p for p in holders if p != me]
         secrets = x25519_agree_all(self._s["share_sk"], {p: roster[p][0] for p in peers})
         boxes = []
@@ -476,11 +515,12 @@ class SecAggClient:
         dealer_key = self._s["roster"][env.peer][2]
         try:
             # Checked now, so that this party never returns a share the server would take for its forgery.
-            ed25519_verify(
-                dealer_key, b_sig, share_statement(self.transcript, SHARE_KIND_SELF_MASK, env.peer, me, b_share)
-            )
-            ed25519_verify(
-                dealer_key, s_sig, share_statement(self.transcript, SHARE_KIND_MASK_KEY, env.peer, me, s_share)
+            ed25519_verify_many(
+                dealer_key,
+                (
+                    (b_sig, share_statement(self.transcript, SHARE_KIND_SELF_MASK, env.peer, me, b_share)),
+                    (s_sig, share_statement(self.transcript, SHARE_KIND_MASK_KEY, env.peer, me, s_share)),
+                ),
             )
         except IntegrityError:
             return None
@@ -517,8 +557,13 @@ class SecAggClient:
             lo, hi = min(me, peer), max(me, peer)
             seed = derive_key(secret, label=LABEL_PAIRWISE_MASK, transcript=self.transcript, a=lo, b=hi)
             (plus if me < peer else minus).append(seed)
-        masked = self._s["input"]  # masked in place, a cache-sized chunk at a time
-        MaskAccumulator(params.encoding.ring_bits).apply(masked, plus=plus, minus=minus)
+        # Encode x straight into the message buffer, a chunk at a time, then add the masks into it in
+        # place (see MaskAccumulator.fill for why two passes); the buffer becomes the payload as it is.
+        pending: PendingInput = self._s["input"]
+        bits = params.encoding.ring_bits
+        masked = np.empty(pending.length, dtype=ring_dtype(bits))
+        encoder = ChunkEncoder(params.encoding, pending, chunk_words=CHUNK_WORDS)
+        MaskAccumulator(bits, CHUNK_WORDS).fill(masked, encoder.fill, plus=plus, minus=minus)
         for name in ("share_sk", "mask_sk", "self_mask_seed", "own_shares", "input", "sign_sk"):
             self._s.pop(name, None)
         self._s["held"] = held
@@ -527,8 +572,8 @@ class SecAggClient:
             session=self.session,
             round=self.round_number,
             sender=me,
-            ring_bits=params.encoding.ring_bits,
-            data=masked.tobytes(),
+            ring_bits=bits,
+            data=masked.data.cast("B").toreadonly(),
         )
 
     def _complain(self, accused: list[int]) -> MaskedInput | Complaint:

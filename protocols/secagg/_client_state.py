@@ -11,18 +11,26 @@ commitments until the toss result arrives, then the graph seed it rebuilds the g
 
 Layout: `version (u8) | stage (u8) | party (u32) | session (16) | round (u64) | transcript (32)`,
 then records `name id (u8) | length (u32) | value`. Every length is checked before it is read.
+
+The pending input (set, not yet masked) is the update itself, not its encoding (the session encodes
+it only when it masks it): `dtype (8, numpy's little-endian str) | length (u64) | weight (f64) |
+has data (u8) | rounding seed (32)`, then, when `has data` is 1, the raw little-endian values.
+`export_state(include_input=False)` writes `has data` 0: the host keeps the update and passes it back
+to `from_state(..., input=x)`, which checks it against the recorded dtype and length.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
+from ..encoding import PendingInput
 from ..errors import DecodeError, LocalProtocolError
-from ..primitives.prg import ring_dtype
 from ..primitives.shamir import SHARE_BYTES
 from ._codec import decode_message, encode_message
 from ._graph import GraphMode, NeighbourGraph
@@ -41,12 +49,15 @@ __all__ = [
     "unpack_ids",
 ]
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+"""3: the pending input is the update (any float or integer dtype) with its weight and rounding seed."""
 _HEAD = struct.Struct("<BBI16sQ32s")
 _SIGNED_PAIR = struct.Struct(f"<{SHARE_BYTES}s{SHARE_BYTES}s64s64s")
 _PAIR = struct.Struct(f"<I{SHARE_BYTES}s{SHARE_BYTES}s64s64s")
 _ROSTER = struct.Struct("<I32s32s32s")
 _COMMITMENT = struct.Struct("<I32s")
+_PENDING = struct.Struct("<8sQdB32s")
+_MAX_ITEMSIZE = 16
 
 
 def pack_ids(values: Iterable[int]) -> bytes:
@@ -113,6 +124,67 @@ def _commitments_in(raw: bytes) -> dict[int, bytes]:
     return out
 
 
+def _dtype_str(dtype: np.dtype[Any]) -> str:
+    return dtype.newbyteorder("<").str
+
+
+def _pending_out(pending: PendingInput, *, include_input: bool) -> bytes:
+    x = pending.x
+    dtype = _dtype_str(x.dtype)
+    head = _PENDING.pack(dtype.encode(), x.shape[0], pending.weight, int(include_input), pending.seed)
+    if not include_input:
+        return head
+    return head + np.ascontiguousarray(x, dtype=np.dtype(dtype)).tobytes()
+
+
+def _pending_head(raw: bytes, dimension: int) -> tuple[np.dtype[Any], float, bool, bytes]:
+    """(dtype, weight, has data, seed) of a pending-input record; the sizes are checked here."""
+    if len(raw) < _PENDING.size:
+        raise DecodeError("bad input record in state")
+    name, length, weight, has_data, seed = _PENDING.unpack_from(raw)
+    try:
+        dtype = np.dtype(name.rstrip(b"\0").decode("ascii"))
+    except (TypeError, ValueError, UnicodeDecodeError):
+        raise DecodeError("the input record in state names no numpy dtype") from None
+    if dtype.kind not in "fiu" or dtype.itemsize > _MAX_ITEMSIZE or _dtype_str(dtype).encode() != name.rstrip(b"\0"):
+        raise DecodeError(f"the input record in state holds dtype {dtype}, not a little-endian float or integer")
+    if length != dimension or has_data not in (0, 1) or not math.isfinite(weight):
+        raise DecodeError("bad input record in state: another length, flag or weight")
+    expected = _PENDING.size + (length * dtype.itemsize if has_data else 0)
+    if len(raw) != expected:
+        raise DecodeError(f"the input record in state has {len(raw)} bytes, expected {expected}")
+    return dtype, weight, bool(has_data), seed
+
+
+def _pending_in(client: SecAggClient, raw: bytes, given: npt.NDArray[Any] | None) -> PendingInput:
+    """The pending input of a record, its values from the blob or from `given` (the host's copy)."""
+    encoding = client.params.encoding
+    dtype, weight, has_data, seed = _pending_head(raw, client.params.dimension)
+    stored = np.frombuffer(raw, dtype=dtype, offset=_PENDING.size) if has_data else None
+    if given is None:
+        if stored is None:
+            raise LocalProtocolError(
+                "input: this state was exported with include_input=False and its stage still needs the "
+                "update; pass the same array as from_state(..., input=x)"
+            )
+        x = stored
+    else:
+        x = np.asarray(given)
+        if x.shape != (client.params.dimension,) or _dtype_str(x.dtype) != _dtype_str(dtype):
+            raise LocalProtocolError(
+                f"input has shape {x.shape} dtype {x.dtype}; the state was exported with shape "
+                f"({client.params.dimension},) dtype {dtype}: pass the update that was set"
+            )
+        if stored is not None and not np.array_equal(stored, x):
+            raise LocalProtocolError("input differs from the update this state holds; pass input=None")
+    try:
+        return encoding.prepare(x, weight=weight, rounding_seed=seed, dimension=client.params.dimension)
+    except LocalProtocolError as exc:
+        if given is None:  # values from the blob: a tampered record
+            raise DecodeError(f"the input record in state is invalid: {exc}") from None
+        raise LocalProtocolError(f"input: {exc}") from None
+
+
 def _key32(raw: bytes) -> bytes:
     if len(raw) != 32:
         raise DecodeError(f"a key record in state has {len(raw)} bytes, not 32")
@@ -130,7 +202,7 @@ _FIELDS: dict[str, tuple[int, Any, Any]] = {
     "signed": (8, pack_ids, lambda r: frozenset(unpack_ids(r))),
     "answered": (9, pack_ids, lambda r: frozenset(unpack_ids(r))),
     "reply": (10, encode_message, decode_message),
-    "input": (11, lambda v: v.tobytes(), None),  # decoded with the ring dtype, see load
+    "input": (11, None, None),  # the pending input: see _pending_out / _pending_in
     "sign_sk": (12, bytes, _key32),
     "complaint": (13, encode_message, decode_message),
     "graph_nonce": (14, bytes, _key32),
@@ -166,8 +238,12 @@ _ORDER = {0: 0.0, 1: 1.0, 9: 1.5, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0, 6: 6.0, 7: 7.0
 """Protocol order of the stage values (REVEALED sits between ADVERTISED and SHARED)."""
 
 
-def dump_client_state(client: SecAggClient) -> bytes:
-    """Serialize a client session (see module docstring: the result is secret)."""
+def dump_client_state(client: SecAggClient, *, include_input: bool = True) -> bytes:
+    """Serialize a client session (see module docstring: the result is secret).
+
+    With `include_input=False` a pending input is recorded by dtype, length, weight and rounding seed
+    only (the host passes the values back to `load_client_state`).
+    """
     out = [
         _HEAD.pack(
             STATE_VERSION,
@@ -178,7 +254,14 @@ def dump_client_state(client: SecAggClient) -> bytes:
             client.transcript,
         )
     ]
-    out.append(pack_records([(_FIELDS[name][0], _FIELDS[name][1](value)) for name, value in client._s.items()]))
+    records = [
+        (
+            _FIELDS[name][0],
+            _pending_out(value, include_input=include_input) if name == "input" else _FIELDS[name][1](value),
+        )
+        for name, value in client._s.items()
+    ]
+    out.append(pack_records(records))
     return b"".join(out)
 
 
@@ -278,8 +361,17 @@ def _records_of(client: SecAggClient, stage: int) -> tuple[frozenset[str], froze
     return required, optional
 
 
-def load_client_state(client: SecAggClient, data: bytes, *, min_stage: int | None = None) -> None:
+def load_client_state(
+    client: SecAggClient,
+    data: bytes,
+    *,
+    min_stage: int | None = None,
+    input: npt.NDArray[Any] | None = None,
+) -> None:
     """Restore `client` (freshly built with the same params and context) from `dump_client_state`.
+
+    `input` is the host's copy of a pending input the blob was exported without (see
+    `SecAggClient.from_state`); it is ignored at stages that no longer hold an input.
 
     Every record the stage needs must be there, each of the right type and size with its party ids
     in range, and no other: a tampered or truncated blob is refused here, with a `DecodeError`,
@@ -287,7 +379,8 @@ def load_client_state(client: SecAggClient, data: bytes, *, min_stage: int | Non
 
     Raises:
         DecodeError: the blob is malformed, of another version, or not what its stage holds.
-        LocalProtocolError: the blob belongs to another party, session, round, params or context.
+        LocalProtocolError: the blob belongs to another party, session, round, params or context;
+            `input` is missing, mismatched, or given where the blob has no pending input.
     """
     from ._client import ClientState
 
@@ -310,13 +403,13 @@ def load_client_state(client: SecAggClient, data: bytes, *, min_stage: int | Non
     if min_stage is not None and _ORDER[stage] < _ORDER.get(min_stage, min_stage):
         raise LocalProtocolError(f"stale state: stage {state.name} is older than the host's last persisted stage")
     values: dict[str, Any] = {}
+    pending_raw: bytes | None = None
     for fid, raw in read_records(data, _HEAD.size, set(_BY_ID)).items():
         name = _BY_ID[fid]
         if name == "input":
-            dtype = ring_dtype(client.params.encoding.ring_bits)
-            if len(raw) != (client.params.dimension + 1) * dtype.itemsize:
-                raise DecodeError("bad input record in state")
-            values[name] = np.frombuffer(raw, dtype=dtype).copy()
+            _pending_head(raw, client.params.dimension)  # sizes first; values once the stage is known
+            pending_raw = raw
+            values[name] = None
         else:
             values[name] = _FIELDS[name][2](raw)
     required, optional = _records_of(client, stage)
@@ -326,6 +419,13 @@ def load_client_state(client: SecAggClient, data: bytes, *, min_stage: int | Non
             f"state at stage {state.name} lacks {sorted(missing)} or holds {sorted(extra)}: tampered or truncated"
         )
     _check_values(client, values)
+    if pending_raw is not None:
+        values["input"] = _pending_in(client, pending_raw, input)
+    elif input is not None and "input" in optional:
+        raise LocalProtocolError(
+            f"input was given, but the state at stage {state.name} holds no pending input (set_input was not "
+            "called before it was exported): restore without input, then call set_input"
+        )
     client.state = state
     client._s = values
     if "graph_seed" in values:

@@ -5,6 +5,7 @@ Layout: `version (u8) | tag (u8) | fields`, fields in declaration order, all int
     u32 / u64      fixed-width unsigned integers (party ids, ring bits / session round)
     b16, b32       fixed-length byte strings (session id, public keys)
     bytes          u32 length, then the bytes
+    payload        as bytes; decoded as a read-only view into the message (MaskedInput.data, no copy)
     ids            u32 count, then count u32 party ids
     envelopes      u32 count, then per item: u32 peer, u32 length, bytes
     shares         u32 count, then per item: u32 dealer, 33-byte share, 64-byte dealer signature
@@ -65,7 +66,7 @@ _LAYOUT: dict[type[Any], tuple[tuple[str, str], ...]] = {
     GraphSeed: (*_HEADER, ("reveals", "envelopes")),
     EncryptedShares: (*_HEADER, ("sender", "u32"), ("boxes", "envelopes")),
     ShareBundle: (*_HEADER, ("recipient", "u32"), ("boxes", "envelopes")),
-    MaskedInput: (*_HEADER, ("sender", "u32"), ("ring_bits", "u32"), ("data", "bytes")),
+    MaskedInput: (*_HEADER, ("sender", "u32"), ("ring_bits", "u32"), ("data", "payload")),
     Complaint: (*_HEADER, ("sender", "u32"), ("accused", "ids"), ("signature", "bytes")),
     SurvivorSet: (*_HEADER, ("survivors", "ids")),
     SurvivorSignature: (*_HEADER, ("sender", "u32"), ("signature", "bytes")),
@@ -90,9 +91,9 @@ def _encode_fields(message: Any, out: list[bytes]) -> None:
             out.append(struct.pack("<I", value))
         elif kind == "u64":
             out.append(struct.pack("<Q", value))
-        elif kind == "bytes":
+        elif kind in ("bytes", "payload"):
             out.append(struct.pack("<I", len(value)))
-            out.append(value)
+            out.append(value)  # a buffer as it is: the join below is its only copy
         elif kind == "ids":
             out.append(struct.pack(f"<I{len(value)}I", len(value), *value))
         elif kind == "envelopes":
@@ -128,12 +129,16 @@ class _Reader:
         self.data = memoryview(data)
         self.pos = 0
 
-    def take(self, n: int, field: str) -> bytes:
+    def view(self, n: int, field: str) -> memoryview:
+        """The next `n` bytes as a view into the message (read-only when the message is bytes)."""
         if n < 0 or self.pos + n > len(self.data):
             raise DecodeError(f"truncated message: field {field!r} needs {n} bytes", field=field)
-        chunk = bytes(self.data[self.pos : self.pos + n])
+        chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
+
+    def take(self, n: int, field: str) -> bytes:
+        return bytes(self.view(n, field))
 
     def u32(self, field: str) -> int:
         value: int = struct.unpack("<I", self.take(4, field))[0]
@@ -188,6 +193,8 @@ def _decode_fields(cls: type[Any], reader: _Reader) -> Any:
             values[name] = struct.unpack("<Q", reader.take(8, name))[0]
         elif kind == "bytes":
             values[name] = reader.take(reader.u32(name), name)
+        elif kind == "payload":
+            values[name] = reader.view(reader.u32(name), name)
         else:
             values[name] = _decode_list(kind, name, reader)
     return cls(**values)
@@ -214,7 +221,7 @@ def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -
     cls = _BY_TAG.get(data[1])
     if cls is None:
         raise DecodeError(f"unknown message tag {data[1]}")
-    reader = _Reader(bytes(data))
+    reader = _Reader(bytes(data))  # bytes stay as they are (views into them are read-only); others are copied
     reader.pos = 2
     try:
         message = _decode_fields(cls, reader)

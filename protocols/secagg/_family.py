@@ -5,6 +5,9 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from ..errors import LocalProtocolError
 from ..randomness import SecretSource
 from ..session import RoundStep
@@ -93,8 +96,9 @@ class SecAggFamily:
         identity_key: bytes | None = None,
         rng: SecretSource | None = None,
         min_stage: enum.Enum | None = None,
+        input: npt.NDArray[np.floating] | npt.NDArray[np.integer] | None = None,
     ) -> SecAggClient:
-        """`SecAggClient.from_state` (see there for what a rollback guard covers)."""
+        """`SecAggClient.from_state` (see there for what a rollback guard covers and what `input` gives back)."""
         if min_stage is not None and not isinstance(min_stage, ClientState):
             raise LocalProtocolError(f"min_stage={min_stage!r} is not a SecAgg ClientState")
         return SecAggClient.from_state(
@@ -105,6 +109,7 @@ class SecAggFamily:
             rng=rng,
             min_stage=min_stage,
             beacon=self.beacon,
+            input=input,
         )
 
     def restore_server(self, blob: bytes, *, context: bytes = b"") -> SecAggServer:

@@ -33,11 +33,11 @@ passed in by the host, the toss is skipped and `graph_commitment` carries a bind
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, field_validator
 
 from ..primitives.prg import ring_dtype
 from ..primitives.shamir import SHARE_BYTES
@@ -208,13 +208,42 @@ class ShareBundle(_Base):
     _boxes = field_validator("boxes")(_unique_envelopes)
 
 
+def _payload(value: Any) -> bytes | memoryview:
+    """Bytes as they are; a bytearray or memoryview as a read-only, flat byte view of the same memory.
+
+    A masked input is megabytes: the client builds it in one buffer and the decoder slices it out of
+    the wire bytes, and neither copies it again. The view is read-only, so the frozen message stays
+    frozen for every holder of the message (the buffer's owner, the session, keeps no other handle).
+    """
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        view = memoryview(value)
+        if not view.c_contiguous:
+            raise ValueError("data must be a contiguous buffer")
+        return view.cast("B").toreadonly() if view.format != "B" or view.ndim != 1 else view.toreadonly()
+    raise ValueError(f"data must be bytes, bytearray or memoryview, got {type(value).__name__}")
+
+
+Payload = Annotated[
+    bytes | memoryview,
+    PlainValidator(_payload),
+    PlainSerializer(bytes, return_type=bytes),
+]
+"""Bytes, or a read-only byte view of one buffer (see `_payload`); `len()` counts bytes either way."""
+
+
 class MaskedInput(_Base):
-    """Round 2: the masked, encoded input, little-endian words of Z_(2^ring_bits)."""
+    """Round 2: the masked, encoded input, little-endian words of Z_(2^ring_bits).
+
+    `data` is bytes or a read-only byte view (the client's message buffer, or a slice of the wire
+    bytes it was decoded from), compared by content; `vector()` reads it without a copy.
+    """
 
     TAG: ClassVar[int] = 5
     sender: PartyId
     ring_bits: Annotated[int, Field(ge=16, le=64)]
-    data: bytes
+    data: Payload
 
     @field_validator("ring_bits")
     @classmethod

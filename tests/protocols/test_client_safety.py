@@ -287,7 +287,7 @@ def test_server_rejects_masked_input_of_wrong_shape() -> None:
     hand = HandRound(params, seed=8)
     hand.advance(2)
     masked = hand.respond()
-    for data, bits in ((masked[0].data[:-4], 32), (masked[0].data + bytes(4), 32), (masked[0].data, 64)):
+    for data, bits in ((masked[0].data[:-4], 32), (bytes(masked[0].data) + bytes(4), 32), (masked[0].data, 64)):
         bad = MaskedInput(session=hand.session, round=0, sender=0, ring_bits=bits, data=data)
         with unchanged(hand.server), pytest.raises(RemoteProtocolError):
             hand.server.receive(bad)
@@ -551,14 +551,18 @@ def test_server_with_another_context_does_not_return_a_wrong_sum() -> None:
     assert np.array_equal(result.ring_sum, expected_ring_sum(params, hand.inputs, result.included, 23))
 
 
-def test_set_input_is_a_snapshot_of_the_update() -> None:
+def test_set_input_keeps_a_reference_the_masked_input_encodes_x_as_it_is_at_the_bundle() -> None:
+    """No defensive copy (issue 17): set_input checks x and fixes its rounding seed, and the share bundle
+    encodes x as it is then. The docstring tells the host not to modify x until the masked input exists;
+    this pins what happens if it does, so the contract is not mistaken for a snapshot."""
     params = semi_honest_params(5)
     hand = HandRound(params, seed=24)
     original = [x.copy() for x in hand.inputs]
     hand.advance(1)  # set_input has been called for everyone
-    hand.inputs[0][:] = 0.75  # the host reuses its buffer
+    hand.inputs[0][:] = 0.75  # the host reuses its buffer before the bundle
     result = hand.run()
-    assert np.array_equal(result.ring_sum, expected_ring_sum(params, original, result.included, 24))
+    assert np.array_equal(result.ring_sum, expected_ring_sum(params, hand.inputs, result.included, 24))
+    assert not np.array_equal(result.ring_sum, expected_ring_sum(params, original, result.included, 24))
 
 
 # -- the server's checks on shares and unmask responses -------------------------------------------------------
