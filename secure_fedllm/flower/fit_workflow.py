@@ -29,7 +29,7 @@ differences, on purpose:
 
 As in Flower, the strategy's `aggregate_fit` receives one `FitRes` per included client, each holding
 the securely aggregated mean (so FedAvg returns it unchanged), with that client's metrics and
-example count.
+example count. The mean comes back in the model's own float dtypes (a float32 model stays float32).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import numpy as np
 from protocols import AbortError, FixedPointEncoding, SecAggParams, SecurityPolicy
 
 from .grid_round import collect_identity_keys, secure_aggregate
-from .records import split_vector
+from .records import npy_layout, split_vector
 
 if TYPE_CHECKING:
     from flwr.app import Context
@@ -149,7 +149,7 @@ class SecureFitWorkflow:
         """Run one fit round: configure_fit, secure aggregation, aggregate_fit, history."""
         import flwr.compat.common.recorddict_compat as compat
         from flwr.app import ArrayRecord
-        from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+        from flwr.common import FitRes, ndarrays_to_parameters
         from flwr.server.compat.legacy_context import LegacyContext
         from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
         from flwr.server.workflow.constant import Key as WorkflowKey
@@ -165,7 +165,8 @@ class SecureFitWorkflow:
             return
         proxies = {proxy.node_id: proxy for proxy, _ in chosen}
         instructions = {proxy.node_id: compat.fitins_to_recorddict(fitins, True) for proxy, fitins in chosen}
-        shapes = [a.shape for a in parameters_to_ndarrays(parameters)]
+        layouts = [_layout(t, parameters.tensor_type) for t in parameters.tensors]  # headers only, no copy
+        shapes, dtypes = [shape for shape, _ in layouts], [dtype for _, dtype in layouts]
         keys = None
         if self.malicious:  # the keys come from the nodes, never from the server's own configuration
             keys, unidentified = collect_identity_keys(
@@ -191,7 +192,7 @@ class SecureFitWorkflow:
         except AbortError as exc:
             log(WARNING, "secure aggregation aborted, nothing revealed: %s", exc)
             return
-        aggregated = ndarrays_to_parameters(split_vector(outcome.mean(), shapes))
+        aggregated = ndarrays_to_parameters(split_vector(outcome.mean(), shapes, dtypes))  # the model's own dtypes
         results = []
         for node in outcome.included_nodes:
             content = outcome.replies[node]
@@ -205,3 +206,15 @@ class SecureFitWorkflow:
         if params_aggregated:
             context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params_aggregated, True)
             context.history.add_metrics_distributed_fit(server_round=current_round, metrics=metrics)
+
+
+def _layout(tensor: bytes, tensor_type: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Shape and dtype of one model tensor, from its `.npy` header when it has one (the rest is not read)."""
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.constant import SType
+
+    if tensor_type == SType.NUMPY:
+        shape, dtype, _, _ = npy_layout(tensor)
+        return shape, dtype
+    array = bytes_to_ndarray(tensor)
+    return array.shape, array.dtype

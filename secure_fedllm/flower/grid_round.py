@@ -34,7 +34,7 @@ from protocols import (
 )
 from protocols.he import HEParams
 
-from .records import IDENTIFY, PROTOCOL_RECORD, STEP, FlowerIntegrationError, RoundFamily, RoundSetup
+from .records import IDENTIFY, PROTOCOL_RECORD, STEP, FlowerIntegrationError, RoundFamily, RoundSetup, config_record
 
 if TYPE_CHECKING:
     from flwr.app import Message, RecordDict
@@ -214,7 +214,7 @@ def collect_identity_keys(
         if reply.has_error():
             failures[node] = f"error reply: {reply.error.reason}"
             continue
-        record = reply.content.config_records.get(PROTOCOL_RECORD)
+        record = config_record(reply.content, PROTOCOL_RECORD)
         key = None if record is None else record.get("identity_public_key")
         if not isinstance(key, bytes) or len(key) != 32:
             failures[node] = "no 32-byte identity_public_key in the identify reply"
@@ -227,7 +227,7 @@ def _payload(reply: Message, node: int, failures: dict[int, str]) -> bytes | Non
     if reply.has_error():
         failures[node] = f"error reply: {reply.error.reason}"
         return None
-    record = reply.content.config_records.get(PROTOCOL_RECORD)
+    record = config_record(reply.content, PROTOCOL_RECORD)
     if record is None or not isinstance(record.get("payload"), bytes):
         failures[node] = f"reply without {PROTOCOL_RECORD}.payload: is secure_aggregation_mod in the ClientApp's mods?"
         return None
