@@ -39,7 +39,7 @@ def render(data: dict[str, Any]) -> str:
                     str(n),
                     str(k),
                     cell(o["client_s"], ".4f"),
-                    cell(o["client_s"] / o["keystream_limit_s"], ".2f"),
+                    cell(o.get("client_to_limit", o["client_s"] / o["keystream_limit_s"]), ".2f"),
                     cell(f and f["client_s"], ".3f"),
                     cell(f and f["client_s"] / o["client_s"], ".0f") + ("x" if f else ""),
                     cell(o["server_s"], ".3f"),

@@ -25,7 +25,7 @@ from .keys import (
     x25519_public,
 )
 from .prg import CHUNK_WORDS, MaskAccumulator, expand_mask, ring_dtype
-from .shamir import PRIME, SHARE_BYTES, lagrange_at_zero, reconstruct, split
+from .shamir import PRIME, SHARE_BYTES, lagrange_at_zero, reconstruct, reconstruct_many, split
 
 __all__ = [
     "CHUNK_WORDS",
@@ -47,6 +47,7 @@ __all__ = [
     "lagrange_at_zero",
     "open_sealed",
     "reconstruct",
+    "reconstruct_many",
     "ring_dtype",
     "seal",
     "split",

@@ -47,11 +47,13 @@ from ._messages import (
     UnmaskResponse,
 )
 from ._params import ETA, SIGMA, SecAggParams, derive_secagg_plus
-from ._server import AggregateResult, SecAggServer, ServerState
+from ._server import HOLD_BYTES, AggregateResult, SecAggServer, ServerState
 from ._transcript import advertise_statement  # hazmat: what an AdvertiseKeys signature covers (threat models)
+from ._unmask import JobMap
 
 __all__ = [
     "ETA",
+    "HOLD_BYTES",
     "MAX_PARTIES",
     "SIGMA",
     "WIRE_VERSION",
@@ -64,6 +66,7 @@ __all__ = [
     "GraphMode",
     "GraphReveal",
     "GraphSeed",
+    "JobMap",
     "KeyRoster",
     "MaskedInput",
     "Message",

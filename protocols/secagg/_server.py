@@ -1,11 +1,24 @@
 """The server side of SecAgg / SecAgg+ as a sans-IO state machine.
 
 The host delivers client messages with `receive()` and decides, from its own clock, when a stage is
-over; `close_stage()` then returns the messages to send, addressed by party id. The masked inputs of
-one stage are held until it closes (a `Complaint` arriving late may still exclude a party whose
-input came first, and the sum must not depend on arrival order); they are then added into one ring
-accumulator and dropped, so from the unmask stage on the server's memory is O(d); the unmask step
-rebuilds the masks with the same streaming PRG.
+over; `close_stage()` then returns the messages to send, addressed by party id.
+
+Streaming: a masked input is accepted only after every check passed; it is then held, and once the
+held inputs exceed `hold_bytes` (64 MiB by default, 16 inputs at d = 1e6) the oldest are added into
+one ring accumulator and dropped, so the server's memory is one vector of d + 1 words plus that
+budget however many clients there are; only the set of summed senders is kept. The hold exists for
+`Complaint`s: a complaint arriving after its accused's input still excludes it while that input is
+held (the sum then does not depend on arrival order). The summed set never shrinks: a complaint
+accusing a party whose input is already in the sum is refused (the server could not take the input
+out again without holding it), so the accuser counts as a plain dropout and the accused stays in the
+sum. A malicious server may drop any complaint anyway, so the rule gives it nothing; the accuser
+never sent its input, so rebuilding its mask key reveals nothing of it. `hold_bytes=0` sums every
+input on arrival.
+
+Unmasking is split into independent jobs (`_unmask`): per-owner share checks and reconstructions,
+and per-coordinate-range mask regeneration. They run under the `map_jobs` callable the host passes
+(the builtin `map` by default): a host with several cores passes a pool's `map` and this module
+stays free of threads and processes.
 
 Safety rules enforced here: a message from the wrong session, round or stage, a duplicate, or a
 masked input from a party already declared dropped is rejected with the state unchanged; every
@@ -47,10 +60,8 @@ from ..errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from ..primitives.kdf import LABEL_PAIRWISE_MASK, derive_key
-from ..primitives.keys import ed25519_verify, x25519_agree_all, x25519_check_public, x25519_public
-from ..primitives.prg import MaskAccumulator, ring_dtype
-from ..primitives.shamir import reconstruct
+from ..primitives.keys import ed25519_verify, x25519_check_public
+from ..primitives.prg import ring_dtype
 from ._graph import GraphMode, NeighbourGraph, graph_mode
 from ._messages import (
     AdvertiseKeys,
@@ -86,8 +97,21 @@ from ._transcript import (
     toss_graph_seed,
     transcript_hash,
 )
+from ._unmask import (
+    JobMap,
+    MaskRange,
+    SecretBatch,
+    SecretJob,
+    SecretOutcome,
+    mask_ranges,
+    masks_over_range,
+    rebuild_secrets,
+)
 
-__all__ = ["AggregateResult", "SecAggServer", "ServerState"]
+__all__ = ["HOLD_BYTES", "AggregateResult", "SecAggServer", "ServerState"]
+
+HOLD_BYTES = 1 << 26
+"""Default bound on the masked inputs held unsummed (a late complaint can still exclude them)."""
 
 Outgoing = list[tuple[int, Message]]
 
@@ -125,7 +149,13 @@ class AggregateResult(BaseModel):
 
 
 class SecAggServer:
-    """The aggregator's session for one round (see module docstring; a `protocols.ServerSession`)."""
+    """The aggregator's session for one round (see module docstring; a `protocols.ServerSession`).
+
+    `map_jobs` is a `map`-like callable the unmask step runs its independent jobs under (default: the
+    builtin `map`; a thread or process pool's `map` uses several cores), and `jobs` how many jobs
+    each kind of unmask work is split into (about the pool's size). `hold_bytes` bounds the masked
+    inputs held unsummed (module docstring).
+    """
 
     TRANSITIONS: ClassVar[Mapping[tuple[Any, type[Any]], Any]]
 
@@ -137,7 +167,17 @@ class SecAggServer:
         round_number: int,
         context: bytes = b"",
         beacon: bytes | None = None,
+        map_jobs: JobMap | None = None,
+        jobs: int = 1,
+        hold_bytes: int = HOLD_BYTES,
     ) -> None:
+        if jobs < 1:
+            raise LocalProtocolError(f"jobs={jobs} must be at least 1")
+        if hold_bytes < 0:
+            raise LocalProtocolError(f"hold_bytes={hold_bytes} must be >= 0")
+        self._hold_bytes = hold_bytes
+        self._map: JobMap = map_jobs if map_jobs is not None else map
+        self._jobs = jobs
         check_round_identity(session, round_number)
         if beacon is not None and (not isinstance(beacon, bytes) or len(beacon) < MIN_BEACON_BYTES):
             raise LocalProtocolError(f"beacon must be at least {MIN_BEACON_BYTES} bytes of public randomness")
@@ -162,7 +202,9 @@ class SecAggServer:
         self._keys: dict[int, AdvertiseKeys] = {}
         self._boxes: dict[int, tuple[Envelope, ...]] = {}
         self._masked: set[int] = set()
-        self._inputs: dict[int, MaskedInput] = {}
+        self._inputs: dict[int, MaskedInput] = {}  # held, not yet summed, in arrival order
+        self._held = 0  # bytes of self._inputs
+        self._summed: set[int] = set()  # senders whose masked input is in self._acc
         self._complaints: dict[int, Complaint] = {}
         self._misbehaving: set[int] = set()
         self._signatures: dict[int, bytes] = {}
@@ -242,7 +284,15 @@ class SecAggServer:
 
     @classmethod
     def from_state(
-        cls, data: bytes, params: SecAggParams, *, context: bytes = b"", beacon: bytes | None = None
+        cls,
+        data: bytes,
+        params: SecAggParams,
+        *,
+        context: bytes = b"",
+        beacon: bytes | None = None,
+        map_jobs: JobMap | None = None,
+        jobs: int = 1,
+        hold_bytes: int = HOLD_BYTES,
     ) -> SecAggServer:
         """Rebuild a session from `export_state()`; params and context must be the original ones.
 
@@ -254,7 +304,16 @@ class SecAggServer:
         if len(data) < 26:
             raise DecodeError("server state blob is truncated")
         session, round_number = struct.unpack_from("<16sQ", data, 2)
-        server = cls(params, session=session, round_number=round_number, context=context, beacon=beacon)
+        server = cls(
+            params,
+            session=session,
+            round_number=round_number,
+            context=context,
+            beacon=beacon,
+            map_jobs=map_jobs,
+            jobs=jobs,
+            hold_bytes=hold_bytes,
+        )
         load_server_state(server, data)
         return server
 
@@ -271,6 +330,7 @@ class SecAggServer:
         self._acc = None
         self._boxes.clear()
         self._inputs.clear()
+        self._held = 0
         self._responses.clear()
         return AbortError(reason)
 
@@ -384,9 +444,27 @@ class SecAggServer:
                 peer_id=m.sender,
                 field="data",
             )
+        # every check passed: a refused message never reaches the hold or the sum
         self._masked.add(m.sender)
-        if m.sender not in self._excluded():  # an accused party's input is never summed
-            self._inputs[m.sender] = m
+        if m.sender in self._excluded():
+            return  # an accused party's input is never summed
+        self._inputs[m.sender] = m
+        self._held += len(m.data)
+        while self._held > self._hold_bytes:
+            self._fold(next(iter(self._inputs)))
+
+    def _fold(self, sender: int) -> None:
+        """Add a held masked input into the running sum and drop it."""
+        m = self._inputs.pop(sender)
+        self._held -= len(m.data)
+        if self._acc is None:
+            self._acc = np.zeros(self.params.dimension + 1, dtype=ring_dtype(self.params.encoding.ring_bits))
+        np.add(self._acc, m.vector(), out=self._acc)
+        self._summed.add(sender)
+
+    def _already_summed(self, accused: tuple[int, ...]) -> list[int]:
+        """The accused whose masked inputs are already in the running sum (it cannot give them back)."""
+        return sorted(set(accused) & self._summed)
 
     def _on_complaint(self, m: Complaint) -> None:
         self._new_sender(m.sender, self._u2, self._masked | set(self._complaints))
@@ -399,13 +477,23 @@ class SecAggServer:
             )
         statement = complaint_statement(self.transcript, m.sender, m.accused)
         ed25519_verify(signer_key(self.params, self._keys[m.sender]), m.signature, statement, peer_id=m.sender)
+        if summed := self._already_summed(m.accused):
+            # The sum never shrinks (module docstring): the accuser stays out as a plain dropout.
+            raise RemoteProtocolError(
+                f"complaint accuses parties {summed} whose masked inputs are already in the sum; "
+                "the accuser counts as dropped and the accused stay in",
+                peer_id=m.sender,
+                field="accused",
+            )
         self._complaints[m.sender] = m
         for accused in m.accused:
-            self._inputs.pop(accused, None)
+            if (held := self._inputs.pop(accused, None)) is not None:
+                self._held -= len(held.data)
 
     def _close_masked(self) -> Outgoing:
-        excluded = self._excluded()
-        survivors = sorted(p for p in self._inputs if p not in excluded)
+        for sender in list(self._inputs):
+            self._fold(sender)
+        survivors = sorted(self._summed - self._excluded())  # the refusal in _on_complaint keeps these equal
         self._require(len(survivors), self.params.threshold, "masked input collection")
         params = self.params
         if not params.complete and len(survivors) < params.num_parties - params.max_dropped:
@@ -414,11 +502,6 @@ class SecAggServer:
                 f"{len(survivors)} survivors (after {len(self._complaints)} complaints) imply more than "
                 f"d_max={params.max_dropped} dropouts; round aborted"
             )
-        acc = np.zeros(params.dimension + 1, dtype=ring_dtype(params.encoding.ring_bits))
-        for p in survivors:
-            np.add(acc, self._inputs[p].vector(), out=acc)
-        self._inputs.clear()
-        self._acc = acc
         self._u3 = tuple(survivors)
         if params.malicious:
             self.state = ServerState.COLLECT_SIGNATURES
@@ -470,61 +553,95 @@ class SecAggServer:
             return False
         return True
 
-    def _collect(self, owner: int, kind: str) -> bytes:
-        code = SHARE_KIND_SELF_MASK if kind == "self_mask_shares" else SHARE_KIND_MASK_KEY
-        shares: dict[int, bytes] = {}
-        for holder, resp in self._responses.items():
-            for signed in getattr(resp, kind):
-                if signed.peer != owner:
-                    continue
-                if self._share_is_valid(code, holder, signed):
-                    shares[holder] = signed.share
-                else:
-                    self._misbehaving.add(holder)  # a forgery: discarded, never reconstructed from
-        t = self.params.threshold
-        if len(shares) < t:
-            raise self._abort(
-                f"unmasking party {owner}: {len(shares)} valid shares, {t} needed "
-                f"(forged shares from {sorted(self._misbehaving) or 'nobody'} were discarded); round aborted"
+    @property
+    def _verify_in_jobs(self) -> bool:
+        """Signatures are checked inside the jobs when the host gave a pool; serially here otherwise."""
+        return self._map is not map
+
+    def _secret_jobs(self) -> list[SecretJob]:
+        """One job per secret to rebuild, in abort-message order: survivors' self masks, then dropped mask keys."""
+        alive = set(self._u3)
+        in_jobs = self._verify_in_jobs
+        jobs = []
+        for kind, owners in (("self_mask_shares", self._u3), ("mask_key_shares", sorted(self._u2 - alive))):
+            code = SHARE_KIND_SELF_MASK if kind == "self_mask_shares" else SHARE_KIND_MASK_KEY
+            returned: dict[int, list[tuple[int, bytes, bytes]]] = {owner: [] for owner in owners}
+            forged: dict[int, list[int]] = {owner: [] for owner in owners}
+            for holder in sorted(self._responses):
+                for signed in getattr(self._responses[holder], kind):
+                    if signed.peer not in returned:
+                        continue
+                    if in_jobs or self._share_is_valid(code, holder, signed):
+                        returned[signed.peer].append((holder, signed.share, signed.signature))
+                    else:
+                        forged[signed.peer].append(holder)
+            for owner in owners:
+                neighbours: tuple[tuple[int, bytes], ...] = ()
+                if code == SHARE_KIND_MASK_KEY:
+                    live = sorted(self.graph.neighbours_of(owner) & alive)
+                    neighbours = tuple((u, self._keys[u].mask_public_key) for u in live)
+                jobs.append(
+                    SecretJob(
+                        kind=code,
+                        owner=owner,
+                        dealer_key=signer_key(self.params, self._keys[owner]),
+                        shares=tuple(returned[owner]),
+                        mask_public_key=self._keys[owner].mask_public_key,
+                        neighbours=neighbours,
+                        forged=tuple(forged[owner]),
+                    )
+                )
+        return jobs
+
+    def _rebuild(self) -> tuple[list[bytes], list[bytes]]:
+        """Every secret, checked; the seeds to add and subtract, or an abort naming the first failing owner."""
+        jobs = self._secret_jobs()
+        per = -(-len(jobs) // (4 * self._jobs)) if self._jobs > 1 else max(1, len(jobs))
+        batches = [
+            SecretBatch(
+                transcript=self.transcript,
+                threshold=self.params.threshold,
+                jobs=tuple(jobs[i : i + per]),
+                verify=self._verify_in_jobs,
             )
-        try:
-            secret = reconstruct(shares, t)
-            if len(shares) > t:
-                # Every share here is one the dealer signed, so a second t-subset disagreeing means
-                # the dealer itself dealt shares of different polynomials (a malicious client).
-                top = sorted(shares)[-t:]
-                if reconstruct({h: shares[h] for h in top}, t) != secret:
-                    raise ValueError("inconsistent")
-        except ValueError:
-            raise self._abort(f"party {owner} dealt inconsistent shares (all signed by it)") from None
-        return secret
+            for i in range(0, len(jobs), per)
+        ]
+        outcomes: list[SecretOutcome] = [o for part in self._map(rebuild_secrets, batches) for o in part]
+        plus: list[bytes] = []
+        minus: list[bytes] = []
+        t = self.params.threshold
+        for outcome in outcomes:
+            self._misbehaving.update(outcome.forged)  # forgeries: discarded, never reconstructed from
+            owner = outcome.owner
+            if outcome.error == "few":
+                raise self._abort(
+                    f"unmasking party {owner}: {outcome.valid} valid shares, {t} needed "
+                    f"(forged shares from {sorted(self._misbehaving) or 'nobody'} were discarded); round aborted"
+                )
+            if outcome.error == "inconsistent":
+                raise self._abort(f"party {owner} dealt inconsistent shares (all signed by it)")
+            if outcome.error == "mismatch":
+                raise self._abort(f"rebuilt mask key of party {owner} does not match its public key")
+            if outcome.error.startswith("low-order:"):
+                raise self._abort(f"party {outcome.error.split(':', 1)[1]} advertised a low-order key")
+            plus.extend(outcome.plus)
+            minus.extend(outcome.minus)
+        return plus, minus
 
     def _close_unmask(self) -> Outgoing:
         assert self._acc is not None
+        plus, minus = self._rebuild()
+        acc = self._acc
+        bits = self.params.encoding.ring_bits
+        ranges = mask_ranges(acc.shape[0], self._jobs, bits)
+        work = [MaskRange(start=a, stop=b, ring_bits=bits, plus=tuple(plus), minus=tuple(minus)) for a, b in ranges]
+        for (a, b), delta in zip(ranges, self._map(masks_over_range, work), strict=True):
+            np.add(acc[a:b], delta, out=acc[a:b])
         alive = set(self._u3)
-        dropped = sorted(self._u2 - alive)
-        plus: list[bytes] = []
-        minus = [self._collect(u, "self_mask_shares") for u in self._u3]
-        for v in dropped:
-            mask_sk = self._collect(v, "mask_key_shares")
-            if x25519_public(mask_sk) != self._keys[v].mask_public_key:
-                raise self._abort(f"rebuilt mask key of party {v} does not match its public key")
-            neighbours = sorted(self.graph.neighbours_of(v) & alive)
-            try:
-                secrets = x25519_agree_all(mask_sk, {u: self._keys[u].mask_public_key for u in neighbours})
-            except IntegrityError as exc:
-                raise self._abort(f"party {exc.peer_id} advertised a low-order key") from None
-            for u, secret in secrets.items():
-                seed = derive_key(
-                    secret, label=LABEL_PAIRWISE_MASK, transcript=self.transcript, a=min(u, v), b=max(u, v)
-                )
-                # u added +mask when u < v and -mask when u > v; undo it.
-                (minus if u < v else plus).append(seed)
-        MaskAccumulator(self.params.encoding.ring_bits).apply(self._acc, plus=plus, minus=minus)
-        decoded = self.params.encoding.decode(self._acc, num_inputs=len(self._u3))
+        decoded = self.params.encoding.decode(acc, num_inputs=len(self._u3))
         self._result = AggregateResult(
             decoded=decoded,
-            ring_sum=self._acc,
+            ring_sum=acc,
             included=self._u3,
             dropped=tuple(sorted(set(self._keys) - alive)),
             insecure=self.params.insecure,

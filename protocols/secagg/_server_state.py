@@ -1,7 +1,8 @@
 """Server session state to bytes and back, for hosts that do not keep the session object alive.
 
-The blob holds the advertised keys, the share boxes in transit (ciphertexts only), the masked inputs
-and complaints of the current stage (then the ring sum of the survivors' masked inputs), the
+The blob holds the advertised keys, the share boxes in transit (ciphertexts only), the complaints,
+the masked inputs still held (at most the server's `hold_bytes`), the running ring sum of the ones
+already summed with the set of their senders (so the blob's size does not grow with n), the
 survivor signatures and the unmask responses received so far. It
 contains no client secret in the clear, but it does contain Shamir shares during the unmask stage:
 store it as confidentially as the server's own memory. It carries the stage (`ServerState` value).
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["dump_server_state", "load_server_state"]
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+"""3: record 13 holds the ids of the summed senders (the running sum, record 8, exists from the first)."""
 _HEAD = struct.Struct("<BB16sQ32s")
 
 
@@ -89,7 +91,8 @@ def dump_server_state(server: SecAggServer) -> bytes:
         ),
         (7, _messages_out(s._responses[p] for p in sorted(s._responses))),
         (9, _messages_out(s._complaints[p] for p in sorted(s._complaints))),
-        (10, _messages_out(s._inputs[p] for p in sorted(s._inputs))),
+        (10, _messages_out(s._inputs.values())),  # arrival order: the oldest is folded first
+        (13, pack_ids(s._summed)),
         (11, pack_ids(s._misbehaving)),
         (
             12,
@@ -105,8 +108,8 @@ def dump_server_state(server: SecAggServer) -> bytes:
     return head + pack_records(records)
 
 
-_ALWAYS = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12})
-"""The records `dump_server_state` writes at every stage (8, the ring sum, once the masked stage closed)."""
+_ALWAYS = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13})
+"""The records `dump_server_state` writes at every stage (8, the ring sum, once a masked input was summed)."""
 
 
 def _typed(raw: bytes, cls: type[Any], server: SecAggServer, what: str) -> dict[int, Any]:
@@ -129,21 +132,43 @@ def _subset(inner: Any, outer: Any, what: str) -> None:
 
 
 def _check_stage(state: ServerState, params: SecAggParams, *, has_sum: bool, later: bool) -> None:
-    """The ring sum exists exactly from the consistency check on; no stage holds a later one's records."""
+    """The running sum exists only from the masked-input stage on; no stage holds a later one's records."""
     from ._server import ServerState
 
-    early = {
-        ServerState.COLLECT_KEYS,
-        ServerState.COLLECT_REVEALS,
-        ServerState.COLLECT_SHARES,
-        ServerState.COLLECT_MASKED,
-    }
-    if state in early and (has_sum or later):
+    early = {ServerState.COLLECT_KEYS, ServerState.COLLECT_REVEALS, ServerState.COLLECT_SHARES}
+    if (state in early and has_sum) or (state in early | {ServerState.COLLECT_MASKED} and later):
         raise DecodeError(f"server state at {state.name} holds records of a later stage")
     if state in {ServerState.COLLECT_SIGNATURES, ServerState.COLLECT_UNMASK} and not (has_sum and later):
         raise DecodeError(f"server state at {state.name} lacks the ring sum or the survivor set")
     if state is ServerState.COLLECT_SIGNATURES and not params.malicious:
         raise DecodeError("server state is in the consistency check, which the semi-honest setting skips")
+
+
+def _held_inputs(raw: bytes, server: SecAggServer) -> dict[int, Any]:
+    """The held masked inputs, in arrival order, each of the round's size."""
+    params = server.params
+    words = (params.dimension + 1) * ring_dtype(params.encoding.ring_bits).itemsize
+    inputs = _typed(raw, MaskedInput, server, "masked inputs")
+    if any(m.ring_bits != params.encoding.ring_bits or len(m.data) != words for m in inputs.values()):
+        raise DecodeError("server state holds a masked input of the wrong size")
+    return inputs
+
+
+def _check_summed(
+    state: ServerState, summed: set[int], held: set[int], masked: set[int], complaints: dict[int, Any], has_sum: bool
+) -> None:
+    """Received inputs only, held or summed (not both), none a complaint excluded; the sum exists once one is."""
+    from ._server import ServerState
+
+    _subset(summed | held, masked, "a held or summed masked input that was never received")
+    if summed & held:
+        raise DecodeError("server state both holds and sums one masked input")
+    if (summed | held) & {p for c in complaints.values() for p in (c.sender, *c.accused)}:
+        raise DecodeError("server state keeps the masked input of a party excluded by a complaint")
+    if held and state is not ServerState.COLLECT_MASKED:
+        raise DecodeError(f"server state at {state.name} holds masked inputs")
+    if state is ServerState.COLLECT_MASKED and has_sum != bool(summed):
+        raise DecodeError("server state at COLLECT_MASKED: the running sum and the summed senders disagree")
 
 
 def _check_reveals(server: SecAggServer, state: ServerState, keys: dict[int, Any], reveals: dict[int, bytes]) -> bool:
@@ -207,7 +232,7 @@ def load_server_state(server: SecAggServer, data: bytes) -> None:
         state = ServerState(stage)
     except ValueError:
         raise DecodeError(f"unknown server stage {stage}") from None
-    rec = read_records(data, _HEAD.size, set(range(1, 13)))
+    rec = read_records(data, _HEAD.size, set(range(1, 14)))
     if missing := sorted(_ALWAYS - set(rec)):
         raise DecodeError(f"server state lacks records {missing}: truncated or tampered")
     params, n = server.params, server.params.num_parties
@@ -218,8 +243,8 @@ def load_server_state(server: SecAggServer, data: bytes) -> None:
     signatures = _typed(rec[6], SurvivorSignature, server, "signatures")
     responses = _typed(rec[7], UnmaskResponse, server, "unmask responses")
     complaints = _typed(rec[9], Complaint, server, "complaints")
-    inputs = _typed(rec[10], MaskedInput, server, "masked inputs")
-    u2, masked, u3 = (set(unpack_ids(rec[i], n)) for i in (3, 4, 5))
+    inputs = _held_inputs(rec[10], server)
+    u2, masked, u3, summed = (set(unpack_ids(rec[i], n)) for i in (3, 4, 5, 13))
     misbehaving = set(unpack_ids(rec[11], n))
     _subset(boxes, keys, "share boxes from a party without keys")
     if boxes and state is ServerState.COLLECT_REVEALS:
@@ -227,14 +252,15 @@ def load_server_state(server: SecAggServer, data: bytes) -> None:
     _subset(u2, keys, "U2 names a party without keys")
     _subset(masked, u2, "a masked input from outside U2")
     _subset(complaints, u2, "a complaint from outside U2")
-    _subset(inputs, masked, "a held masked input that was never received")
+    _check_summed(state, summed, set(inputs), masked, complaints, 8 in rec)
     _subset(u3, u2, "U3 names a party outside U2")
     _subset(signatures, u3, "a survivor signature from outside U3")
     _subset(responses, signatures if params.malicious else u3, "an unmask response from a party not asked")
     words = (params.dimension + 1) * ring_dtype(params.encoding.ring_bits).itemsize
-    if any(m.ring_bits != params.encoding.ring_bits or len(m.data) != words for m in inputs.values()):
-        raise DecodeError("server state holds a masked input of the wrong size")
-    _check_stage(state, params, has_sum=8 in rec, later=bool(u3 or signatures or responses))
+    later = bool(u3 or signatures or responses)
+    _check_stage(state, params, has_sum=8 in rec, later=later)
+    if later and summed != u3:
+        raise DecodeError("server state: the summed senders are not the survivor set U3")
     reveals = {p: m.nonce for p, m in _typed(rec[12], GraphReveal, server, "graph reveals").items()}
     toss_done = _check_reveals(server, state, keys, reveals)
     acc = None
@@ -251,7 +277,9 @@ def load_server_state(server: SecAggServer, data: bytes) -> None:
     server._signatures = {p: m.signature for p, m in signatures.items()}
     server._responses = responses
     server._complaints = complaints
+    server._summed = summed
     server._inputs = inputs
+    server._held = sum(len(m.data) for m in inputs.values())
     server._misbehaving = misbehaving
     server._acc = acc
     server._reveals = reveals
