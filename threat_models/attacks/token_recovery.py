@@ -164,8 +164,90 @@ class SpanCheck:
     singular_values: tuple[float, ...]
 
 
+class _GroundTruthScores:
+    """Precision, recall and precision@T of a recovery against its ground truth (both attacks' results).
+
+    Needs `recovered`, `ranking`, `top_t`, `true_tokens` and `vocab_size` on the subclass.
+    """
+
+    recovered: frozenset[int]
+    top_t: int
+    true_tokens: frozenset[int] | None
+    vocab_size: int
+
+    @property
+    def n_vis(self) -> int | None:
+        """Number of distinct tokens that received gradient (the size of the ground truth)."""
+        return None if self.true_tokens is None else len(self.true_tokens)
+
+    @property
+    def exact_hits(self) -> int | None:
+        """Recovered tokens that are in the ground truth."""
+        return None if self.true_tokens is None else len(self.recovered & self.true_tokens)
+
+    @property
+    def false_positives(self) -> int | None:
+        """Recovered tokens that are not in the ground truth."""
+        return None if self.true_tokens is None else len(self.recovered - self.true_tokens)
+
+    @property
+    def precision(self) -> float | None:
+        """Exact hits over recovered tokens; 0.0 when nothing was recovered (the attack claimed nothing)."""
+        if self.true_tokens is None:
+            return None
+        return len(self.recovered & self.true_tokens) / len(self.recovered) if self.recovered else 0.0
+
+    @property
+    def recall(self) -> float | None:
+        """Exact hits over the ground truth."""
+        if self.true_tokens is None:
+            return None
+        return len(self.recovered & self.true_tokens) / len(self.true_tokens)
+
+    @property
+    def top_hits(self) -> int | None:
+        """Ground-truth tokens among the T best-ranked candidates."""
+        if self.true_tokens is None:
+            return None
+        return len(set(self.ranking[: self.top_t].tolist()) & self.true_tokens)  # type: ignore[attr-defined]
+
+    @property
+    def precision_at_t(self) -> float | None:
+        """Fraction of the T best-ranked candidates that are in the ground truth."""
+        hits = self.top_hits
+        return None if hits is None else hits / self.top_t
+
+    @property
+    def chance_precision(self) -> float | None:
+        """Precision (exact or @T) of a guess drawn uniformly from the vocabulary: n_vis / |V|.
+
+        With the default T = n_vis this is T / |V|.
+        """
+        return None if self.true_tokens is None else len(self.true_tokens) / self.vocab_size
+
+    def _score_rows(self, attack: str) -> list[MatrixRow]:
+        """Precision, recall and precision@T as matrix rows, with chance levels and 95% Wilson intervals.
+
+        Chance: precision and precision@T of uniform guessing is n_vis/|V|; the recall of a uniform guess of as
+        many tokens as were recovered is |recovered|/|V|.
+
+        Raises:
+            AttackConfigError: the attack was run without ground truth.
+        """
+        if self.true_tokens is None:
+            raise AttackConfigError(f"rows() needs the ground truth: pass true_tokens to {attack}.run")
+        hits = len(self.recovered & self.true_tokens)
+        n_vis = len(self.true_tokens)
+        chance = n_vis / self.vocab_size
+        return [
+            _row("precision", hits, len(self.recovered), chance),
+            _row("recall", hits, n_vis, len(self.recovered) / self.vocab_size),
+            _row("precision_at_T", self.top_hits or 0, self.top_t, chance),
+        ]
+
+
 @dataclass(frozen=True)
-class TokenRecoveryResult:
+class TokenRecoveryResult(_GroundTruthScores):
     """Recovered tokens, the soft ranking and, with ground truth, how well they match it.
 
     Attributes:
@@ -212,76 +294,13 @@ class TokenRecoveryResult:
         """All candidate tokens, most likely present first (stable sort of `scores`)."""
         return np.argsort(self.scores, kind="stable").astype(np.int64)
 
-    @property
-    def n_vis(self) -> int | None:
-        """Number of distinct tokens that received gradient (the size of the ground truth)."""
-        return None if self.true_tokens is None else len(self.true_tokens)
-
-    @property
-    def exact_hits(self) -> int | None:
-        """Recovered tokens that are in the ground truth."""
-        return None if self.true_tokens is None else len(self.recovered & self.true_tokens)
-
-    @property
-    def false_positives(self) -> int | None:
-        """Recovered tokens that are not in the ground truth."""
-        return None if self.true_tokens is None else len(self.recovered - self.true_tokens)
-
-    @property
-    def precision(self) -> float | None:
-        """Exact hits over recovered tokens; 0.0 when nothing was recovered (the attack claimed nothing)."""
-        if self.true_tokens is None:
-            return None
-        return len(self.recovered & self.true_tokens) / len(self.recovered) if self.recovered else 0.0
-
-    @property
-    def recall(self) -> float | None:
-        """Exact hits over the ground truth."""
-        if self.true_tokens is None:
-            return None
-        return len(self.recovered & self.true_tokens) / len(self.true_tokens)
-
-    @property
-    def top_hits(self) -> int | None:
-        """Ground-truth tokens among the T best-ranked candidates."""
-        if self.true_tokens is None:
-            return None
-        return len(set(self.ranking[: self.top_t].tolist()) & self.true_tokens)
-
-    @property
-    def precision_at_t(self) -> float | None:
-        """Fraction of the T best-ranked candidates that are in the ground truth."""
-        hits = self.top_hits
-        return None if hits is None else hits / self.top_t
-
-    @property
-    def chance_precision(self) -> float | None:
-        """Precision (exact or @T) of a guess drawn uniformly from the vocabulary: n_vis / |V|.
-
-        With the default T = n_vis this is T / |V|.
-        """
-        return None if self.true_tokens is None else len(self.true_tokens) / self.vocab_size
-
     def rows(self) -> list[MatrixRow]:
-        """Precision, recall and precision@T as matrix rows, with chance levels and 95% Wilson intervals.
-
-        Chance: precision and precision@T of uniform guessing is n_vis/|V|; the recall of a uniform guess of as
-        many tokens as were recovered is |recovered|/|V|.
+        """Precision, recall and precision@T as matrix rows (see `_GroundTruthScores._score_rows`).
 
         Raises:
             AttackConfigError: the attack was run without ground truth.
         """
-        if self.true_tokens is None:
-            raise AttackConfigError("rows() needs the ground truth: pass true_tokens to TokenRecovery.run")
-        hits = len(self.recovered & self.true_tokens)
-        n_vis = len(self.true_tokens)
-        chance = n_vis / self.vocab_size
-        top_hits = self.top_hits or 0
-        return [
-            _row("precision", hits, len(self.recovered), chance),
-            _row("recall", hits, n_vis, len(self.recovered) / self.vocab_size),
-            _row("precision_at_T", top_hits, self.top_t, chance),
-        ]
+        return self._score_rows("TokenRecovery")
 
 
 class TokenRecovery:
@@ -460,7 +479,7 @@ class SparseRecoveryConfig(BaseModel):
 
 
 @dataclass(frozen=True)
-class SparseRecoveryResult:
+class SparseRecoveryResult(_GroundTruthScores):
     """The recovered token set, how the greedy search got there and, with ground truth, how well it matches.
 
     Attributes:
@@ -492,55 +511,14 @@ class SparseRecoveryResult:
     top_t: int
     true_tokens: frozenset[int] | None = None
 
-    @property
-    def n_vis(self) -> int | None:
-        """Size of the ground truth."""
-        return None if self.true_tokens is None else len(self.true_tokens)
-
-    @property
-    def precision(self) -> float | None:
-        """Recovered tokens that are true over recovered tokens (0.0 when nothing was recovered)."""
-        if self.true_tokens is None:
-            return None
-        return len(self.recovered & self.true_tokens) / len(self.recovered) if self.recovered else 0.0
-
-    @property
-    def recall(self) -> float | None:
-        """True tokens recovered over the ground truth."""
-        if self.true_tokens is None:
-            return None
-        return len(self.recovered & self.true_tokens) / len(self.true_tokens)
-
-    @property
-    def precision_at_t(self) -> float | None:
-        """Fraction of the T best-ranked candidates in the ground truth."""
-        if self.true_tokens is None:
-            return None
-        return len(set(self.ranking[: self.top_t].tolist()) & self.true_tokens) / self.top_t
-
-    @property
-    def chance_precision(self) -> float | None:
-        """Precision of a uniform guess from the vocabulary: n_vis / |V|."""
-        return None if self.true_tokens is None else len(self.true_tokens) / self.vocab_size
-
     def rows(self) -> list[MatrixRow]:
         """Precision, recall and precision@T (chance levels as in `TokenRecoveryResult.rows`) and `certified`.
 
         Raises:
             AttackConfigError: the attack was run without ground truth.
         """
-        if self.true_tokens is None:
-            raise AttackConfigError("rows() needs the ground truth: pass true_tokens to SparseTokenRecovery.run")
-        hits = len(self.recovered & self.true_tokens)
-        n_vis = len(self.true_tokens)
-        chance = n_vis / self.vocab_size
-        top_hits = len(set(self.ranking[: self.top_t].tolist()) & self.true_tokens)
-        return [
-            _row("precision", hits, len(self.recovered), chance),
-            _row("recall", hits, n_vis, len(self.recovered) / self.vocab_size),
-            _row("precision_at_T", top_hits, self.top_t, chance),
-            MatrixRow(attack=ATTACK, metric="certified", value=float(self.certified)),
-        ]
+        certified = MatrixRow(attack=ATTACK, metric="certified", value=float(self.certified))
+        return [*self._score_rows("SparseTokenRecovery"), certified]
 
 
 class SparseTokenRecovery:
