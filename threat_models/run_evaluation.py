@@ -34,7 +34,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -533,6 +533,25 @@ def _text(record: TextRecord) -> tuple[str, str, str]:
     return (record.instruction, record.input, record.output)
 
 
+def _distinct(
+    records: Iterable[TextRecord],
+    leave_out: Callable[[TextRecord], str | None],
+    repeated: str,
+    excluded: dict[str, int],
+) -> tuple[list[TextRecord], set[tuple[str, str, str]]]:
+    """The records `leave_out` keeps, each text once, counting every left-out record under its reason."""
+    kept: list[TextRecord] = []
+    seen: set[tuple[str, str, str]] = set()
+    for record in records:
+        reason = leave_out(record) or (repeated if _text(record) in seen else None)
+        if reason is not None:
+            excluded[reason] += 1
+        else:
+            seen.add(_text(record))
+            kept.append(record)
+    return kept, seen
+
+
 def _samples(data: _Data, template: ChatTemplate, seed: int) -> _Samples:
     """Members (training records less canaries) and non-members (held-out), deduplicated, fitting, balanced.
 
@@ -546,30 +565,23 @@ def _samples(data: _Data, template: ChatTemplate, seed: int) -> _Samples:
     canary_outputs = {c["prefix"] + c["secret"] for c in data.canaries}
     excluded = {"canary records": 0, "records data.max_length dropped": 0, "repeated training texts": 0,
                 "repeated held-out texts": 0, "held-out records also in training": 0}  # fmt: skip
-    members: list[TextRecord] = []
-    seen: set[tuple[str, str, str]] = set()
-    for record in (r for records in data.clients for r in records):
-        if record.output in canary_outputs:
-            excluded["canary records"] += 1
-        elif template.example(record.instruction, record.input, record.output) is None:
-            excluded["records data.max_length dropped"] += 1
-        elif _text(record) in seen:
-            excluded["repeated training texts"] += 1
-        else:
-            seen.add(_text(record))
-            members.append(record)
-    nonmembers: list[TextRecord] = []
-    held: set[tuple[str, str, str]] = set()
-    for record in data.heldout:
-        if _text(record) in seen:
-            excluded["held-out records also in training"] += 1
-        elif template.example(record.instruction, record.input, record.output) is None:
-            excluded["records data.max_length dropped"] += 1
-        elif _text(record) in held:
-            excluded["repeated held-out texts"] += 1
-        else:
-            held.add(_text(record))
-            nonmembers.append(record)
+
+    def dropped(record: TextRecord) -> str | None:
+        too_long = template.example(record.instruction, record.input, record.output) is None
+        return "records data.max_length dropped" if too_long else None
+
+    members, seen = _distinct(
+        (r for records in data.clients for r in records),
+        lambda r: "canary records" if r.output in canary_outputs else dropped(r),
+        "repeated training texts",
+        excluded,
+    )
+    nonmembers, _ = _distinct(
+        data.heldout,
+        lambda r: "held-out records also in training" if _text(r) in seen else dropped(r),
+        "repeated held-out texts",
+        excluded,
+    )
     if not members or not nonmembers:
         raise RunDataUnavailableError(
             f"membership needs records on both sides: {len(members)} training and {len(nonmembers)} held-out records "
